@@ -1,0 +1,254 @@
+//! The command line: argument definitions, logging set-up, and dispatch to
+//! each subcommand. Flags are parsed into raw values here and merged into the
+//! configuration once ([`AwsFlags::apply`]); the subcommands receive checked
+//! settings. This module never talks to S3 itself.
+
+mod push;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{ConfigError, RawConfig, RawRole};
+
+/// Exit status: everything asked for was done.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: some files failed (the rest were uploaded).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status: usage or configuration error; nothing was sent.
+pub const EXIT_USAGE: u8 = 2;
+
+const ABOUT: &str = "Ship files into an S3 bucket you may only write to.";
+
+const LONG_ABOUT: &str = "\
+Ship files into an S3 bucket you may only write to.
+
+putonly uploads files into someone else's bucket with write-only permissions: \
+it assumes an IAM role with STS (renewing the temporary credentials before \
+they expire), checks every key against the prefixes it is allowed to write, \
+and sends only PutObject and multipart-upload requests. It never reads the \
+bucket: no HeadObject, ListBucket, HeadBucket or CreateBucket, so it works \
+where `aws s3 sync`, rclone or s5cmd are refused.
+
+Every part and every object carries a CRC the server verifies, and a file \
+that changes while it is read is not completed.";
+
+const AFTER_HELP: &str = "\
+Exit status: 0 when every file was uploaded, 1 when some failed, 2 for a \
+usage or configuration error (nothing was sent).
+
+The standard AWS environment applies: AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE, \
+AWS_CONFIG_FILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_REGION, \
+AWS_ENDPOINT_URL. Settings in the configuration file and flags take precedence.
+
+Logging: -v, -vv, or PUTONLY_LOG (a tracing filter, e.g. PUTONLY_LOG=debug).
+
+Configuration reference: agent.toml.example; documentation: docs/.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "putonly",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// More log output on standard error (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Upload the named files and folders once, with progress.
+    #[command(
+        long_about = "\
+Upload the named files and folders once, with progress, and exit.
+
+A file goes to PREFIX + its file name (or to exactly --key). A folder's \
+files go to PREFIX + their path relative to that folder, as `aws s3 cp \
+--recursive` and `rclone copy` do: `putonly push --prefix foo/ data` sends \
+data/a/b.csv to foo/a/b.csv. Symbolic links are followed; FIFOs, sockets and \
+devices are skipped with a warning.
+
+Files up to the multipart threshold go in one PutObject; larger ones are \
+streamed from disk as a multipart upload, parts in parallel, never whole in \
+memory (peak memory is about part_size x concurrency). Throttling, server \
+errors and network failures are retried with backoff; access denied and keys \
+outside the allowed prefixes are not.
+
+Everything the configuration file holds can be given as flags instead, so a \
+one-shot push needs no file:
+
+  putonly push --bucket account-b-bucket \\
+      --role-arn arn:aws:iam::123456789012:role/account-a-s3-role \\
+      --profile s3-test --prefix foo/ report.csv",
+        after_long_help = AFTER_HELP
+    )]
+    Push(PushArgs),
+}
+
+/// Where the configuration comes from, and the flags that override it.
+#[derive(Debug, Args)]
+pub struct AwsFlags {
+    /// Configuration file (TOML; see agent.toml.example). Optional for push.
+    #[arg(short, long, env = "PUTONLY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Bucket to write into (overrides [bucket] name).
+    #[arg(long, value_name = "BUCKET")]
+    pub bucket: Option<String>,
+
+    /// Prefix putonly may write into; repeat for several (overrides
+    /// [bucket] allowed_prefixes). Without it and without a configuration
+    /// file, the --prefix given is the only one allowed.
+    #[arg(long = "allowed-prefix", value_name = "PREFIX")]
+    pub allowed_prefixes: Vec<String>,
+
+    /// Role to assume with STS (overrides [role] arn).
+    #[arg(long, value_name = "ARN")]
+    pub role_arn: Option<String>,
+
+    /// External id the role's trust policy requires (overrides [role] external_id).
+    #[arg(long, value_name = "ID")]
+    pub external_id: Option<String>,
+
+    /// Profile holding the base credentials (overrides [aws] profile).
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// AWS region (overrides [aws] region).
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// S3 and STS endpoint, for S3-compatible stores (overrides [aws] endpoint_url).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+}
+
+impl AwsFlags {
+    /// Loads the configuration file, if any, and lays the flags over it.
+    pub fn apply(&self) -> Result<RawConfig, ConfigError> {
+        let mut raw = match &self.config {
+            Some(path) => RawConfig::load(path)?,
+            None => RawConfig::default(),
+        };
+        if let Some(b) = &self.bucket {
+            raw.bucket.name = Some(b.clone());
+        }
+        if !self.allowed_prefixes.is_empty() {
+            raw.bucket.allowed_prefixes = Some(self.allowed_prefixes.clone());
+        }
+        if self.role_arn.is_some() || self.external_id.is_some() {
+            let role = raw.role.get_or_insert_with(RawRole::default);
+            if let Some(arn) = &self.role_arn {
+                role.arn = Some(arn.clone());
+            }
+            if let Some(id) = &self.external_id {
+                role.external_id = Some(id.clone());
+            }
+        }
+        if let Some(p) = &self.profile {
+            raw.aws.profile = Some(p.clone());
+        }
+        if let Some(r) = &self.region {
+            raw.aws.region = Some(r.clone());
+        }
+        if let Some(u) = &self.endpoint_url {
+            raw.aws.endpoint_url = Some(u.clone());
+        }
+        Ok(raw)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub aws: AwsFlags,
+
+    /// Key prefix for the files (a '/' is added if missing). Defaults to the
+    /// only allowed prefix when there is exactly one.
+    #[arg(short, long, value_name = "PREFIX", conflicts_with = "key")]
+    pub prefix: Option<String>,
+
+    /// Exact key for a single file.
+    #[arg(short, long, value_name = "KEY")]
+    pub key: Option<String>,
+
+    /// Part size for multipart uploads, e.g. 16MiB (overrides [upload] part_size).
+    #[arg(long, value_name = "SIZE")]
+    pub part_size: Option<String>,
+
+    /// Requests in flight at once (overrides [upload] concurrency).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+
+    /// Cap on upload bytes per second, e.g. 50MiB/s (overrides [upload] bandwidth_limit).
+    #[arg(long, value_name = "RATE")]
+    pub bandwidth_limit: Option<String>,
+
+    /// Canned ACL for each object, e.g. bucket-owner-full-control (overrides [bucket] acl).
+    #[arg(long, value_name = "ACL")]
+    pub acl: Option<String>,
+
+    /// Print one JSON object per file on standard output (and no progress bars).
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress bars, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Files and folders to upload.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
+/// Sets up logging on standard error. `PUTONLY_LOG` (a tracing filter)
+/// overrides the level chosen by `-v`.
+pub fn init_logging(verbose: u8, format: LogFormat) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "warn,putonly=info",
+        2 => "info,putonly=debug",
+        _ => "debug,putonly=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PUTONLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs the parsed command line; the exit status follows [`EXIT_OK`],
+/// [`EXIT_FAILED`] and [`EXIT_USAGE`].
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Push(args) => push::run(args).await,
+    }
+}
+
+/// Prints an error with its whole chain, prefixed with the program name.
+pub(crate) fn report_error(e: &dyn std::error::Error) {
+    eprintln!("putonly: {}", crate::credentials::error_chain(e));
+}

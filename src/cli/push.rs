@@ -1,0 +1,380 @@
+//! `putonly push`: plan keys for the named paths, refuse what the prefix
+//! guard refuses before any request, then send the rest through the upload
+//! engine with progress bars, plain lines or JSON, and a summary.
+//!
+//! Planning is local only: no request leaves before every key is known and
+//! checked, and if nothing is left to send no credentials are even asked
+//! for. This module never talks to S3 except through the engine.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, PushArgs, report_error};
+use crate::config::{ConfigError, Settings};
+use crate::credentials::{CredentialSource, load_sdk_config};
+use crate::keys::{folder_prefix, key_for};
+use crate::s3::WriteOnlyBucket;
+use crate::upload::{Engine, Job, ProgressFn, UploadError, Uploaded};
+
+/// A path that could not become a job, and why.
+struct Skipped {
+    path: PathBuf,
+    reason: String,
+}
+
+pub async fn run(args: PushArgs) -> ExitCode {
+    let settings = match resolve(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let prefix = match choose_prefix(&args, &settings) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("putonly: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if args.key.is_some() && (args.paths.len() != 1 || args.paths[0].is_dir()) {
+        eprintln!(
+            "putonly: --key names one object: give exactly one file (use --prefix for several)"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+
+    let (jobs, mut failed) = plan(&args, &prefix, &settings);
+    let out = Output::new(&args, &settings.bucket.name);
+    for f in &failed {
+        out.failed(&f.path, None, &f.reason);
+    }
+    let started = Instant::now();
+    let mut done: Vec<Uploaded> = Vec::new();
+    if !jobs.is_empty() {
+        match send(jobs, &settings, &out).await {
+            Ok((ok, bad)) => {
+                done = ok;
+                failed.extend(bad);
+            }
+            Err(e) => {
+                report_error(e.as_ref());
+                out.finish();
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
+    out.finish();
+    out.summary(&done, failed.len(), started.elapsed());
+    ExitCode::from(if failed.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
+
+fn resolve(args: &PushArgs) -> Result<Settings, ConfigError> {
+    let mut raw = args.aws.apply()?;
+    if raw.bucket.allowed_prefixes.is_none() {
+        // A one-shot push without a file: the prefix asked for is the one allowed.
+        if let Some(p) = &args.prefix {
+            raw.bucket.allowed_prefixes = Some(vec![folder_prefix(p)]);
+        }
+    }
+    if let Some(v) = &args.part_size {
+        raw.upload.part_size = Some(v.clone());
+    }
+    if let Some(v) = args.concurrency {
+        raw.upload.concurrency = Some(v);
+    }
+    if let Some(v) = &args.bandwidth_limit {
+        raw.upload.bandwidth_limit = Some(v.clone());
+    }
+    if let Some(v) = &args.acl {
+        raw.bucket.acl = Some(v.clone());
+    }
+    Settings::resolve(&raw)
+}
+
+/// The prefix files go under: --prefix, or the only allowed prefix.
+fn choose_prefix(args: &PushArgs, settings: &Settings) -> Result<String, String> {
+    if args.key.is_some() {
+        return Ok(String::new());
+    }
+    match &args.prefix {
+        Some(p) => Ok(folder_prefix(p)),
+        None => match settings.bucket.guard.prefixes() {
+            [only] => Ok(only.clone()),
+            many => Err(format!(
+                "choose where the files go with --prefix (allowed: {})",
+                many.join(", ")
+            )),
+        },
+    }
+}
+
+/// Turns paths into jobs with checked keys; what cannot be sent is listed
+/// with its reason. Local work only.
+fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Skipped>) {
+    let mut jobs = Vec::new();
+    let mut failed = Vec::new();
+    let guard = &settings.bucket.guard;
+    let mut add = |path: PathBuf, key: Result<String, String>| match key
+        .and_then(|k| guard.check(&k).map(|()| k).map_err(|e| e.to_string()))
+    {
+        Ok(key) => jobs.push(Job { path, key }),
+        Err(reason) => failed.push(Skipped {
+            path,
+            reason: format!("not uploaded: {reason}"),
+        }),
+    };
+    for root in &args.paths {
+        let meta = match std::fs::metadata(root) {
+            Ok(m) => m,
+            Err(e) => {
+                add(root.clone(), Err(format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        if meta.is_file() {
+            let key = match &args.key {
+                Some(k) => Ok(k.clone()),
+                None => match root.file_name() {
+                    Some(name) => key_for(prefix, Path::new(name)).map_err(|e| e.to_string()),
+                    None => Err("it names no file".to_string()),
+                },
+            };
+            add(root.clone(), key);
+        } else if meta.is_dir() {
+            for entry in walkdir::WalkDir::new(root)
+                .follow_links(true)
+                .sort_by_file_name()
+            {
+                match entry {
+                    Err(e) => {
+                        let path = e.path().unwrap_or(root).to_path_buf();
+                        add(path, Err(format!("cannot read: {e}")));
+                    }
+                    Ok(entry) if entry.file_type().is_dir() => {}
+                    Ok(entry) if entry.file_type().is_file() => {
+                        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+                        let key = key_for(prefix, rel).map_err(|e| e.to_string());
+                        add(entry.path().to_path_buf(), key);
+                    }
+                    Ok(entry) => tracing::warn!(
+                        path = %entry.path().display(),
+                        "skipped: not a regular file (FIFO, socket or device)"
+                    ),
+                }
+            }
+        } else {
+            add(root.clone(), Err("not a regular file or folder".into()));
+        }
+    }
+    (jobs, failed)
+}
+
+type SendResult = (Vec<Uploaded>, Vec<Skipped>);
+
+async fn send(
+    jobs: Vec<Job>,
+    settings: &Settings,
+    out: &Output,
+) -> Result<SendResult, Box<dyn std::error::Error>> {
+    let sdk = load_sdk_config(&settings.aws).await;
+    let credentials = CredentialSource::start(&sdk, settings.role.as_ref()).await?;
+    let bucket = Arc::new(WriteOnlyBucket::new(&sdk, credentials, &settings.bucket));
+    let engine = Engine::new(bucket, settings.upload.clone());
+    out.begin(&jobs);
+    let files_at_once = settings.upload.concurrency;
+    let results: Vec<(Job, Result<Uploaded, UploadError>, Duration)> = futures::stream::iter(jobs)
+        .map(|job| {
+            let engine = engine.clone();
+            let progress = out.progress_for(&job);
+            async move {
+                let t = Instant::now();
+                let r = engine.upload(&job, progress).await;
+                out.file_done(&job, &r, t.elapsed());
+                (job, r, t.elapsed())
+            }
+        })
+        .buffer_unordered(files_at_once)
+        .collect()
+        .await;
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for (job, r, _) in results {
+        match r {
+            Ok(u) => ok.push(u),
+            Err(e) => bad.push(Skipped {
+                path: job.path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok((ok, bad))
+}
+
+/// How results are shown: bars on a terminal, plain lines, or JSON lines.
+struct Output {
+    bucket: String,
+    json: bool,
+    bars: Option<MultiProgress>,
+    total: std::sync::OnceLock<ProgressBar>,
+}
+
+impl Output {
+    fn new(args: &PushArgs, bucket: &str) -> Self {
+        let bars = (!args.json && !args.no_progress && std::io::stderr().is_terminal())
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Output {
+            bucket: bucket.to_string(),
+            json: args.json,
+            bars,
+            total: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn begin(&self, jobs: &[Job]) {
+        let Some(bars) = &self.bars else { return };
+        let bytes: u64 = jobs
+            .iter()
+            .filter_map(|j| std::fs::metadata(&j.path).ok())
+            .map(|m| m.len())
+            .sum();
+        let total = bars.add(ProgressBar::new(bytes));
+        total.set_style(
+            ProgressStyle::with_template(
+                "{msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        total.set_message(format!("{} files", jobs.len()));
+        let _ = self.total.set(total);
+    }
+
+    fn progress_for(&self, job: &Job) -> ProgressFn {
+        let Some(bars) = &self.bars else {
+            return Arc::new(|_| {});
+        };
+        let size = std::fs::metadata(&job.path).map(|m| m.len()).unwrap_or(0);
+        let bar = bars.add(ProgressBar::new(size));
+        bar.set_style(
+            ProgressStyle::with_template("{wide_msg} {bytes:>10}/{total_bytes:<10} {percent:>3}%")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(job.key.clone());
+        let total = self.total.get().cloned();
+        Arc::new(move |n| {
+            bar.inc(n);
+            if let Some(t) = &total {
+                t.inc(n);
+            }
+            if bar.position() >= bar.length().unwrap_or(0) {
+                bar.finish_and_clear();
+            }
+        })
+    }
+
+    fn file_done(&self, job: &Job, r: &Result<Uploaded, UploadError>, took: Duration) {
+        match r {
+            Ok(u) => self.uploaded(job, u, took),
+            Err(e) => self.failed(&job.path, Some(&job.key), &e.to_string()),
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.println(line);
+            }
+            None => {
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{line}");
+            }
+        }
+    }
+
+    fn uploaded(&self, job: &Job, u: &Uploaded, took: Duration) {
+        if self.json {
+            self.println(
+                &json!({
+                    "path": job.path.to_string_lossy(),
+                    "bucket": self.bucket,
+                    "key": u.key,
+                    "status": "uploaded",
+                    "size": u.size,
+                    "parts": u.parts,
+                    "checksum": format!("{}:{}", u.crc.kind, u.crc.to_base64()),
+                    "etag": u.etag.trim_matches('"'),
+                    "seconds": took.as_secs_f64(),
+                })
+                .to_string(),
+            );
+        } else {
+            self.println(&format!(
+                "uploaded {} -> s3://{}/{} ({}, {:.1}s)",
+                job.path.display(),
+                self.bucket,
+                u.key,
+                bytesize::ByteSize(u.size).display().iec(),
+                took.as_secs_f64()
+            ));
+        }
+    }
+
+    fn failed(&self, path: &Path, key: Option<&str>, reason: &str) {
+        if self.json {
+            self.println(
+                &json!({
+                    "path": path.to_string_lossy(),
+                    "bucket": self.bucket,
+                    "key": key,
+                    "status": "failed",
+                    "error": reason,
+                })
+                .to_string(),
+            );
+        } else {
+            let line = format!("putonly: failed: {}: {reason}", path.display());
+            match &self.bars {
+                Some(bars) => {
+                    let _ = bars.println(&line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bars) = &self.bars {
+            let _ = bars.clear();
+        }
+    }
+
+    fn summary(&self, done: &[Uploaded], failed: usize, took: Duration) {
+        let bytes: u64 = done.iter().map(|u| u.size).sum();
+        let rate = bytes as f64 / took.as_secs_f64().max(0.001);
+        let line = format!(
+            "{} uploaded ({} in {:.1}s, {}/s), {} failed",
+            done.len(),
+            bytesize::ByteSize(bytes).display().iec(),
+            took.as_secs_f64(),
+            bytesize::ByteSize(rate as u64).display().iec(),
+            failed
+        );
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}

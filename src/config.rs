@@ -1,0 +1,711 @@
+//! Configuration: the TOML file, the command-line overrides, and the one
+//! checked [`Settings`] value the rest of putonly trusts.
+//!
+//! Parsing is strict: an unknown key, a wrong type or an unparsable size or
+//! duration is an error that names the key, its line and the fix. Raw values
+//! ([`RawConfig`]) are resolved once into [`Settings`]; no other module reads
+//! the file or re-validates. This module never touches the network or the
+//! credentials themselves (a profile is only a name here).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::keys::{PrefixError, PrefixGuard};
+
+/// The largest object S3 accepts (5 TiB).
+pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+/// The smallest part S3 accepts, except for the last one.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// The largest part S3 accepts.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// The most parts one multipart upload may have.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// A configuration problem: what is wrong, where, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{setting}: {problem}; {fix}")]
+    Invalid {
+        setting: String,
+        problem: String,
+        fix: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(setting: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            setting: setting.to_string(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// The file as written, before defaults and checks.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub aws: RawAws,
+    pub role: Option<RawRole>,
+    #[serde(default)]
+    pub bucket: RawBucket,
+    #[serde(default)]
+    pub upload: RawUpload,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    pub arn: Option<String>,
+    pub session_name: Option<String>,
+    pub external_id: Option<String>,
+    pub duration: Option<String>,
+    pub refresh_before: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucket {
+    pub name: Option<String>,
+    pub allowed_prefixes: Option<Vec<String>>,
+    pub acl: Option<String>,
+    pub storage_class: Option<String>,
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpload {
+    pub part_size: Option<String>,
+    pub multipart_threshold: Option<String>,
+    pub concurrency: Option<usize>,
+    pub bandwidth_limit: Option<String>,
+    pub checksum: Option<String>,
+    pub max_attempts: Option<u32>,
+}
+
+impl RawConfig {
+    /// Reads and strictly parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses configuration text; the error names the key and the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+}
+
+/// Where base credentials and endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsSettings {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// The role to assume with STS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleSettings {
+    pub arn: String,
+    pub session_name: String,
+    pub external_id: Option<String>,
+    /// Asked of STS as is; STS may refuse values outside its own limits.
+    pub duration: Duration,
+    /// Renew this long before the credentials expire.
+    pub refresh_before: Duration,
+}
+
+/// Server-side encryption of uploaded objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    Aes256,
+    Kms { key_id: Option<String> },
+}
+
+/// The bucket and what each object is written with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSettings {
+    pub name: String,
+    pub guard: PrefixGuard,
+    pub acl: Option<String>,
+    pub storage_class: Option<String>,
+    pub sse: Option<Sse>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The checksum every part and every object carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumKind {
+    Crc64Nvme,
+    Crc32C,
+    Crc32,
+}
+
+impl ChecksumKind {
+    pub const NAMES: &'static str = "crc64nvme, crc32c, crc32";
+
+    fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().replace('-', "").as_str() {
+            "crc64nvme" => Some(Self::Crc64Nvme),
+            "crc32c" => Some(Self::Crc32C),
+            "crc32" => Some(Self::Crc32),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ChecksumKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Crc64Nvme => "crc64nvme",
+            Self::Crc32C => "crc32c",
+            Self::Crc32 => "crc32",
+        })
+    }
+}
+
+/// How files are cut and sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSettings {
+    pub part_size: u64,
+    pub multipart_threshold: u64,
+    pub concurrency: usize,
+    /// Bytes per second; `None` is unlimited.
+    pub bandwidth_limit: Option<u64>,
+    pub checksum: ChecksumKind,
+    /// Attempts per request before a transient failure fails the file;
+    /// `None` retries forever (the agent).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        Self {
+            part_size: default_part_size(),
+            multipart_threshold: default_part_size(),
+            concurrency: default_concurrency(),
+            bandwidth_limit: None,
+            checksum: ChecksumKind::Crc64Nvme,
+            max_attempts: Some(default_max_attempts()),
+        }
+    }
+}
+
+pub fn default_part_size() -> u64 {
+    8 * 1024 * 1024
+}
+pub fn default_concurrency() -> usize {
+    8
+}
+pub fn default_max_attempts() -> u32 {
+    10
+}
+pub fn default_session_name() -> String {
+    "putonly".to_string()
+}
+pub fn default_role_duration() -> Duration {
+    Duration::from_secs(3600)
+}
+pub fn default_refresh_before() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// The checked settings every other module trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub aws: AwsSettings,
+    pub role: Option<RoleSettings>,
+    pub bucket: BucketSettings,
+    pub upload: UploadSettings,
+}
+
+impl Settings {
+    /// Resolves raw values (the file merged with any flags) into settings.
+    pub fn resolve(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let aws = AwsSettings {
+            region: non_empty("aws.region", &raw.aws.region)?,
+            profile: non_empty("aws.profile", &raw.aws.profile)?,
+            endpoint_url: match non_empty("aws.endpoint_url", &raw.aws.endpoint_url)? {
+                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                    return Err(ConfigError::invalid(
+                        "aws.endpoint_url",
+                        format!("{url:?} is not an http:// or https:// URL"),
+                        "write it as http://HOST:PORT or https://HOST",
+                    ));
+                }
+                other => other,
+            },
+        };
+        let role = match &raw.role {
+            None => None,
+            Some(r) => Some(resolve_role(r)?),
+        };
+        let bucket = resolve_bucket(&raw.bucket)?;
+        let upload = resolve_upload(&raw.upload)?;
+        Ok(Settings {
+            aws,
+            role,
+            bucket,
+            upload,
+        })
+    }
+}
+
+fn non_empty(setting: &str, v: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match v {
+        Some(s) if s.trim().is_empty() => Err(ConfigError::invalid(
+            setting,
+            "is empty",
+            "remove the key or give it a value",
+        )),
+        Some(s) => Ok(Some(s.trim().to_string())),
+        None => Ok(None),
+    }
+}
+
+fn resolve_role(r: &RawRole) -> Result<RoleSettings, ConfigError> {
+    let arn = non_empty("role.arn", &r.arn)?.ok_or_else(|| {
+        ConfigError::invalid(
+            "role.arn",
+            "is missing",
+            "give the ARN of the role to assume, e.g. arn:aws:iam::123456789012:role/account-a-s3-role, or remove [role] to use the base credentials as they are",
+        )
+    })?;
+    if !arn.starts_with("arn:") || !arn.contains(":role/") {
+        return Err(ConfigError::invalid(
+            "role.arn",
+            format!("{arn:?} is not a role ARN"),
+            "write it as arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME",
+        ));
+    }
+    let session_name =
+        non_empty("role.session_name", &r.session_name)?.unwrap_or_else(default_session_name);
+    if session_name.len() < 2
+        || session_name.len() > 64
+        || !session_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c))
+    {
+        return Err(ConfigError::invalid(
+            "role.session_name",
+            format!("{session_name:?} is not a valid STS session name"),
+            "use 2 to 64 characters from letters, digits and =,.@-_",
+        ));
+    }
+    let duration = match &r.duration {
+        Some(s) => parse_duration("role.duration", s)?,
+        None => default_role_duration(),
+    };
+    let refresh_before = match &r.refresh_before {
+        Some(s) => parse_duration("role.refresh_before", s)?,
+        None => default_refresh_before().min(duration / 2),
+    };
+    if refresh_before >= duration {
+        return Err(ConfigError::invalid(
+            "role.refresh_before",
+            format!(
+                "{} is not shorter than role.duration ({})",
+                humantime::format_duration(refresh_before),
+                humantime::format_duration(duration)
+            ),
+            "make refresh_before smaller than duration (a fifth of it is a good choice)",
+        ));
+    }
+    Ok(RoleSettings {
+        arn,
+        session_name,
+        external_id: non_empty("role.external_id", &r.external_id)?,
+        duration,
+        refresh_before,
+    })
+}
+
+fn resolve_bucket(b: &RawBucket) -> Result<BucketSettings, ConfigError> {
+    let name = non_empty("bucket.name", &b.name)?.ok_or_else(|| {
+        ConfigError::invalid(
+            "bucket.name",
+            "is missing",
+            "set [bucket] name = \"BUCKET\" in the configuration or pass --bucket BUCKET",
+        )
+    })?;
+    if name.len() < 3
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return Err(ConfigError::invalid(
+            "bucket.name",
+            format!("{name:?} is not a valid S3 bucket name"),
+            "use 3 to 63 lowercase letters, digits, dots and hyphens",
+        ));
+    }
+    let prefixes = b.allowed_prefixes.clone().unwrap_or_default();
+    let guard = PrefixGuard::new(prefixes).map_err(|e| match e {
+        PrefixError::None => ConfigError::invalid(
+            "bucket.allowed_prefixes",
+            "is missing or empty",
+            "list the prefixes putonly may write into, e.g. allowed_prefixes = [\"foo/\", \"fighters/\"] (or pass --allowed-prefix)",
+        ),
+        PrefixError::Invalid { prefix, reason } => ConfigError::invalid(
+            "bucket.allowed_prefixes",
+            format!("{prefix:?} {reason}"),
+            "write prefixes like \"foo/\": no leading '/', no '.', '..' or empty segments",
+        ),
+    })?;
+    let sse = match non_empty("bucket.sse", &b.sse)?.as_deref() {
+        None => {
+            if b.sse_kms_key_id.is_some() {
+                return Err(ConfigError::invalid(
+                    "bucket.sse_kms_key_id",
+                    "is set but bucket.sse is not \"aws:kms\"",
+                    "add sse = \"aws:kms\" or remove sse_kms_key_id",
+                ));
+            }
+            None
+        }
+        Some("AES256") => Some(Sse::Aes256),
+        Some("aws:kms") => Some(Sse::Kms {
+            key_id: non_empty("bucket.sse_kms_key_id", &b.sse_kms_key_id)?,
+        }),
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "bucket.sse",
+                format!("{other:?} is not a server-side encryption mode"),
+                "use \"AES256\" or \"aws:kms\"",
+            ));
+        }
+    };
+    let acl = non_empty("bucket.acl", &b.acl)?;
+    if let Some(acl) = &acl {
+        const CANNED: [&str; 7] = [
+            "private",
+            "public-read",
+            "public-read-write",
+            "authenticated-read",
+            "aws-exec-read",
+            "bucket-owner-read",
+            "bucket-owner-full-control",
+        ];
+        if !CANNED.contains(&acl.as_str()) {
+            return Err(ConfigError::invalid(
+                "bucket.acl",
+                format!("{acl:?} is not a canned ACL"),
+                "use \"bucket-owner-full-control\" for cross-account uploads, or another canned ACL",
+            ));
+        }
+    }
+    let metadata = b.metadata.clone().unwrap_or_default();
+    for (k, v) in &metadata {
+        if k.is_empty()
+            || !k
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::invalid(
+                "bucket.metadata",
+                format!("{k:?} is not a valid metadata name"),
+                "use ASCII letters, digits, '-' and '_'",
+            ));
+        }
+        if !v.chars().all(|c| c.is_ascii() && !c.is_ascii_control()) {
+            return Err(ConfigError::invalid(
+                &format!("bucket.metadata.{k}"),
+                "holds characters S3 cannot carry in a header",
+                "use printable ASCII",
+            ));
+        }
+    }
+    Ok(BucketSettings {
+        name,
+        guard,
+        acl,
+        storage_class: non_empty("bucket.storage_class", &b.storage_class)?,
+        sse,
+        metadata,
+    })
+}
+
+fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
+    let part_size = match &u.part_size {
+        Some(s) => parse_size("upload.part_size", s)?,
+        None => default_part_size(),
+    };
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+        return Err(ConfigError::invalid(
+            "upload.part_size",
+            format!(
+                "{} is outside what S3 accepts",
+                bytesize::ByteSize(part_size)
+            ),
+            "choose a size from 5MiB to 5GiB",
+        ));
+    }
+    let multipart_threshold = match &u.multipart_threshold {
+        Some(s) => parse_size("upload.multipart_threshold", s)?,
+        None => part_size,
+    };
+    if multipart_threshold > MAX_PART_SIZE {
+        return Err(ConfigError::invalid(
+            "upload.multipart_threshold",
+            "is larger than a single PutObject may be (5GiB)",
+            "choose a size of 5GiB or less",
+        ));
+    }
+    let concurrency = u.concurrency.unwrap_or_else(default_concurrency);
+    if !(1..=256).contains(&concurrency) {
+        return Err(ConfigError::invalid(
+            "upload.concurrency",
+            format!("{concurrency} is out of range"),
+            "choose from 1 to 256 requests in flight",
+        ));
+    }
+    let bandwidth_limit = match &u.bandwidth_limit {
+        Some(s) => Some(parse_rate("upload.bandwidth_limit", s)?),
+        None => None,
+    };
+    let checksum = match &u.checksum {
+        Some(s) => ChecksumKind::parse(s).ok_or_else(|| {
+            ConfigError::invalid(
+                "upload.checksum",
+                format!("{s:?} is not a supported checksum"),
+                format!("use one of {}", ChecksumKind::NAMES),
+            )
+        })?,
+        None => ChecksumKind::Crc64Nvme,
+    };
+    let max_attempts = match u.max_attempts {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => Some(default_max_attempts()),
+    };
+    Ok(UploadSettings {
+        part_size,
+        multipart_threshold,
+        concurrency,
+        bandwidth_limit,
+        checksum,
+        max_attempts,
+    })
+}
+
+/// Parses a size such as `16MiB`, `8 MB` or `1048576`.
+pub fn parse_size(setting: &str, s: &str) -> Result<u64, ConfigError> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|_| {
+            ConfigError::invalid(
+                setting,
+                format!("{s:?} is not a size"),
+                "write a number with a unit, e.g. \"16MiB\" or \"500KB\"",
+            )
+        })
+}
+
+/// Parses a rate such as `50MiB/s`; zero is refused.
+pub fn parse_rate(setting: &str, s: &str) -> Result<u64, ConfigError> {
+    let amount = s.trim().strip_suffix("/s").unwrap_or(s.trim());
+    let rate = parse_size(setting, amount).map_err(|_| {
+        ConfigError::invalid(
+            setting,
+            format!("{s:?} is not a rate"),
+            "write bytes per second with a unit, e.g. \"50MiB/s\"",
+        )
+    })?;
+    if rate < 1024 {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{s:?} is below 1KiB/s"),
+            "remove the limit or choose at least \"1KiB/s\"",
+        ));
+    }
+    Ok(rate)
+}
+
+/// Parses a duration such as `1h`, `5m` or `6s`.
+pub fn parse_duration(setting: &str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| {
+        ConfigError::invalid(
+            setting,
+            format!("{s:?} is not a duration"),
+            "write a number with a unit, e.g. \"1h\", \"5m\" or \"30s\"",
+        )
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::invalid(
+            setting,
+            "is zero",
+            "give a positive duration",
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+        [aws]
+        region = "us-east-1"
+        profile = "s3-test"
+        endpoint_url = "http://127.0.0.1:9000"
+        [role]
+        arn = "arn:aws:iam::123456789012:role/account-a-s3-role"
+        session_name = "putonly"
+        external_id = "x"
+        duration = "6s"
+        refresh_before = "3s"
+        [bucket]
+        name = "account-b-bucket"
+        allowed_prefixes = ["foo/", "fighters/"]
+        acl = "bucket-owner-full-control"
+        [upload]
+        part_size = "16MiB"
+        concurrency = 8
+        bandwidth_limit = "50MiB/s"
+        checksum = "crc64nvme"
+    "#;
+
+    fn resolve(text: &str) -> Result<Settings, String> {
+        let raw = RawConfig::parse(text)?;
+        Settings::resolve(&raw).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn accepts_the_documented_form() {
+        let s = resolve(SEED).unwrap();
+        let role = s.role.unwrap();
+        assert_eq!(role.duration, Duration::from_secs(6));
+        assert_eq!(role.refresh_before, Duration::from_secs(3));
+        assert_eq!(s.bucket.name, "account-b-bucket");
+        assert_eq!(s.upload.part_size, 16 * 1024 * 1024);
+        assert_eq!(s.upload.multipart_threshold, 16 * 1024 * 1024);
+        assert_eq!(s.upload.bandwidth_limit, Some(50 * 1024 * 1024));
+        assert_eq!(s.upload.checksum, ChecksumKind::Crc64Nvme);
+    }
+
+    #[test]
+    fn defaults_fill_everything_optional() {
+        let s = resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n").unwrap();
+        assert_eq!(s.role, None);
+        assert_eq!(s.upload, UploadSettings::default());
+        assert_eq!(s.aws.profile, None);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err =
+            resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\nprefixes = []\n")
+                .unwrap_err();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("prefixes"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let err = resolve("[upload]\nconcurrency = \"eight\"\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn rejected_forms_name_the_setting() {
+        let base = "[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n";
+        for (extra, setting) in [
+            ("[upload]\npart_size = \"1MiB\"\n", "upload.part_size"),
+            ("[upload]\npart_size = \"lots\"\n", "upload.part_size"),
+            ("[upload]\nconcurrency = 0\n", "upload.concurrency"),
+            (
+                "[upload]\nbandwidth_limit = \"fast\"\n",
+                "upload.bandwidth_limit",
+            ),
+            ("[upload]\nchecksum = \"md5\"\n", "upload.checksum"),
+            ("[role]\nsession_name = \"x\"\n", "role.arn"),
+            ("[role]\narn = \"nope\"\n", "role.arn"),
+            (
+                "[role]\narn = \"arn:aws:iam::123456789012:role/r\"\nduration = \"5s\"\nrefresh_before = \"10s\"\n",
+                "role.refresh_before",
+            ),
+            (
+                "[role]\narn = \"arn:aws:iam::123456789012:role/r\"\nduration = \"soon\"\n",
+                "role.duration",
+            ),
+            (
+                "[aws]\nendpoint_url = \"localhost:9000\"\n",
+                "aws.endpoint_url",
+            ),
+        ] {
+            let err = resolve(&format!("{base}{extra}")).unwrap_err();
+            assert!(err.starts_with(setting), "{extra:?}: {err}");
+        }
+        let err = resolve("[bucket]\nname = \"b-1\"\n").unwrap_err();
+        assert!(err.starts_with("bucket.allowed_prefixes"), "{err}");
+        let err = resolve("[bucket]\nallowed_prefixes = [\"foo/\"]\n").unwrap_err();
+        assert!(err.starts_with("bucket.name"), "{err}");
+        let err =
+            resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"/foo/\"]\n").unwrap_err();
+        assert!(err.starts_with("bucket.allowed_prefixes"), "{err}");
+        let err = resolve(&format!("{base}acl = \"everyone\"\n")).unwrap_err();
+        assert!(err.starts_with("bucket.acl"), "{err}");
+        let err = resolve(&format!("{base}sse = \"rot13\"\n")).unwrap_err();
+        assert!(err.starts_with("bucket.sse"), "{err}");
+    }
+
+    #[test]
+    fn refresh_before_defaults_below_short_durations() {
+        let s = resolve(
+            "[role]\narn = \"arn:aws:iam::123456789012:role/r\"\nduration = \"6s\"\n[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n",
+        )
+        .unwrap();
+        assert_eq!(s.role.unwrap().refresh_before, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn max_attempts_zero_means_forever() {
+        let s = resolve(
+            "[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n[upload]\nmax_attempts = 0\n",
+        )
+        .unwrap();
+        assert_eq!(s.upload.max_attempts, None);
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../agent.toml.example");
+        let s = resolve(text).unwrap();
+        assert!(s.bucket.guard.prefixes().contains(&"foo/".to_string()));
+        assert!(s.role.is_some());
+    }
+}

@@ -1,0 +1,439 @@
+//! Credentials: the base identity (a profile or the default AWS chain) and,
+//! when a role is configured, the temporary credentials STS AssumeRole gives
+//! it, renewed in the background before they expire.
+//!
+//! This module owns every STS call and the only copy of the session
+//! credentials. A request never waits on STS while the current credentials
+//! are valid: [`RoleSession`] renews `refresh_before` ahead of expiry, with
+//! jittered retries, and keeps handing out the current credentials while STS
+//! is unreachable, until they are about to expire. It must never log or
+//! print a secret key or session token (the SDK's `Credentials` redacts them
+//! in `Debug`; nothing here formats them).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::{
+    ProvideCredentials, SharedCredentialsProvider, error::CredentialsError, future,
+};
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+use aws_types::SdkConfig;
+use tokio::sync::{Notify, watch};
+
+use crate::config::{AwsSettings, RoleSettings};
+use crate::retry::Backoff;
+
+/// Why credentials could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error(
+        "STS refused to let {caller} assume {arn}: {code}: {message}. Check that the role's trust policy names this identity as principal, that the identity's own policy allows sts:AssumeRole on the role, and that role.external_id matches the trust policy's condition"
+    )]
+    AssumeRoleDenied {
+        caller: String,
+        arn: String,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "no base credentials: {0}. Set aws.profile (or AWS_PROFILE) to a profile in ~/.aws/credentials, or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    )]
+    NoBaseCredentials(String),
+    #[error("STS AssumeRole for {arn} failed: {detail}")]
+    Unavailable { arn: String, detail: String },
+    #[error("STS answered AssumeRole for {arn} without credentials")]
+    Empty { arn: String },
+    #[error("no valid credentials within {0:?}: STS has not answered since the last ones expired")]
+    Expired(Duration),
+}
+
+impl CredentialError {
+    /// Whether waiting and trying again may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CredentialError::Unavailable { .. } | CredentialError::Expired(_)
+        )
+    }
+}
+
+/// Loads the AWS SDK configuration: region, endpoint and base credentials,
+/// from the settings first and the standard AWS environment second.
+pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
+    let region =
+        RegionProviderChain::first_try(aws.region.clone().map(aws_types::region::Region::new))
+            .or_default_provider()
+            .or_else("us-east-1");
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+    if let Some(profile) = &aws.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
+/// What signs requests: the base credentials as they are, or a role session.
+#[derive(Clone, Debug)]
+pub struct CredentialSource {
+    provider: SharedCredentialsProvider,
+    role: Option<Arc<RoleSession>>,
+}
+
+impl CredentialSource {
+    /// Resolves the base credentials and, if a role is configured, assumes it
+    /// once before returning (so a broken trust policy fails at start-up) and
+    /// starts the background renewal.
+    pub async fn start(
+        sdk: &SdkConfig,
+        role: Option<&RoleSettings>,
+    ) -> Result<Self, CredentialError> {
+        let base = sdk
+            .credentials_provider()
+            .ok_or_else(|| CredentialError::NoBaseCredentials("no provider configured".into()))?;
+        if let Err(e) = base.provide_credentials().await {
+            return Err(CredentialError::NoBaseCredentials(error_chain(&e)));
+        }
+        match role {
+            None => Ok(Self {
+                provider: base,
+                role: None,
+            }),
+            Some(role) => {
+                let session = RoleSession::start(sdk, role.clone()).await?;
+                Ok(Self {
+                    provider: SharedCredentialsProvider::new(RoleProvider(session.clone())),
+                    role: Some(session),
+                })
+            }
+        }
+    }
+
+    /// The provider to give an SDK client.
+    pub fn provider(&self) -> SharedCredentialsProvider {
+        self.provider.clone()
+    }
+
+    /// The role session, if a role is assumed.
+    pub fn role(&self) -> Option<&Arc<RoleSession>> {
+        self.role.as_ref()
+    }
+
+    /// A token naming the credentials about to be used, to pass back to
+    /// [`CredentialSource::rejected`] if the server refuses them.
+    pub fn generation(&self) -> u64 {
+        self.role.as_ref().map_or(0, |r| r.generation())
+    }
+
+    /// Waits (up to `patience`) until valid credentials are available.
+    pub async fn ready(&self, patience: Duration) -> Result<(), CredentialError> {
+        match &self.role {
+            None => Ok(()),
+            Some(r) => r.ready(patience).await,
+        }
+    }
+
+    /// The server refused the credentials of `generation` (ExpiredToken,
+    /// InvalidToken): renew once, unless that already happened.
+    pub async fn rejected(&self, generation: u64) {
+        if let Some(r) = &self.role {
+            r.renew_if_current(generation).await;
+        }
+    }
+
+    /// When the current role credentials expire, if a role is assumed.
+    pub fn expiry(&self) -> Option<SystemTime> {
+        self.role.as_ref().and_then(|r| r.expiry())
+    }
+}
+
+/// One set of temporary credentials and when they stop working.
+#[derive(Clone, Debug)]
+struct Session {
+    credentials: Credentials,
+    expires: SystemTime,
+    generation: u64,
+}
+
+/// An assumed role, renewed in the background.
+#[derive(Debug)]
+pub struct RoleSession {
+    sts: aws_sdk_sts::Client,
+    settings: RoleSettings,
+    current: watch::Sender<Option<Session>>,
+    renew_now: Notify,
+    generations: AtomicU64,
+    renewals: AtomicU64,
+}
+
+impl RoleSession {
+    async fn start(sdk: &SdkConfig, settings: RoleSettings) -> Result<Arc<Self>, CredentialError> {
+        let session = Arc::new(RoleSession {
+            sts: aws_sdk_sts::Client::new(sdk),
+            settings,
+            current: watch::Sender::new(None),
+            renew_now: Notify::new(),
+            generations: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+        });
+        // The first AssumeRole happens before anything else: a denied role
+        // stops start-up with an explanation; a transient failure is retried.
+        let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+        let mut attempt = 0;
+        loop {
+            match session.assume().await {
+                Ok(s) => {
+                    session.publish(s);
+                    break;
+                }
+                Err(e) if e.is_transient() && attempt < 4 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "AssumeRole failed; retrying");
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tokio::spawn(renew_loop(Arc::downgrade(&session)));
+        Ok(session)
+    }
+
+    /// How long before expiry a credential stops being handed out, so that a
+    /// request signed with it still arrives while it is valid.
+    fn safety_margin(&self) -> Duration {
+        (self.settings.refresh_before / 2).min(Duration::from_secs(60))
+    }
+
+    fn valid(&self) -> Option<Session> {
+        let s = self.current.borrow().clone()?;
+        let usable_until = s.expires.checked_sub(self.safety_margin())?;
+        (SystemTime::now() < usable_until).then_some(s)
+    }
+
+    fn generation(&self) -> u64 {
+        self.current.borrow().as_ref().map_or(0, |s| s.generation)
+    }
+
+    /// When the current credentials expire.
+    pub fn expiry(&self) -> Option<SystemTime> {
+        self.current.borrow().as_ref().map(|s| s.expires)
+    }
+
+    /// How many times the credentials were renewed after the first AssumeRole.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    async fn ready(&self, patience: Duration) -> Result<(), CredentialError> {
+        let mut rx = self.current.subscribe();
+        let wait = async {
+            loop {
+                if self.valid().is_some() {
+                    return;
+                }
+                // Expired and not yet renewed: ask for a renewal and wait.
+                self.renew_now.notify_one();
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(patience, wait)
+            .await
+            .map_err(|_| CredentialError::Expired(patience))
+    }
+
+    async fn renew_if_current(&self, generation: u64) {
+        if self.generation() != generation {
+            return; // someone already renewed
+        }
+        tracing::info!("the server rejected the session credentials; renewing them now");
+        let mut rx = self.current.subscribe();
+        self.renew_now.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while self.generation() == generation {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn publish(&self, mut s: Session) {
+        s.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let left = s
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tracing::info!(
+            role = %self.settings.arn,
+            expires_in = %humantime::format_duration(Duration::from_secs(left.as_secs())),
+            "assumed role"
+        );
+        self.current.send_replace(Some(s));
+    }
+
+    /// When to renew `s`: `refresh_before` ahead of expiry, or halfway
+    /// through a lifetime shorter than that.
+    fn renew_at(&self, s: &Session) -> SystemTime {
+        let now = SystemTime::now();
+        let left = s.expires.duration_since(now).unwrap_or_default();
+        if left > self.settings.refresh_before {
+            s.expires - self.settings.refresh_before
+        } else {
+            now + left / 2
+        }
+    }
+
+    async fn assume(&self) -> Result<Session, CredentialError> {
+        let arn = &self.settings.arn;
+        let mut req = self
+            .sts
+            .assume_role()
+            .role_arn(arn)
+            .role_session_name(&self.settings.session_name)
+            .duration_seconds(i32::try_from(self.settings.duration.as_secs()).unwrap_or(i32::MAX));
+        if let Some(id) = &self.settings.external_id {
+            req = req.external_id(id);
+        }
+        let out = req.send().await.map_err(|e| classify_sts(arn, e))?;
+        let c = out
+            .credentials()
+            .ok_or_else(|| CredentialError::Empty { arn: arn.clone() })?;
+        let expires = SystemTime::try_from(*c.expiration())
+            .map_err(|_| CredentialError::Empty { arn: arn.clone() })?;
+        Ok(Session {
+            credentials: Credentials::new(
+                c.access_key_id(),
+                c.secret_access_key(),
+                Some(c.session_token().to_string()),
+                Some(expires),
+                "putonly-assume-role",
+            ),
+            expires,
+            generation: 0,
+        })
+    }
+}
+
+async fn renew_loop(weak: std::sync::Weak<RoleSession>) {
+    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut failures = 0u32;
+    let mut next: Option<SystemTime> = None;
+    loop {
+        let Some(session) = weak.upgrade() else {
+            return;
+        };
+        let at = next.unwrap_or_else(|| {
+            session
+                .current
+                .borrow()
+                .as_ref()
+                .map_or_else(SystemTime::now, |s| session.renew_at(s))
+        });
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        {
+            let notified = session.renew_now.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = notified => {}
+            }
+        }
+        match session.assume().await {
+            Ok(s) => {
+                failures = 0;
+                next = None;
+                session.renewals.fetch_add(1, Ordering::Relaxed);
+                session.publish(s);
+            }
+            Err(e) => {
+                failures += 1;
+                let delay = backoff.delay(failures);
+                let still_valid = session.valid().is_some();
+                tracing::warn!(
+                    error = %e,
+                    failures,
+                    still_valid,
+                    retry_in = ?delay,
+                    "renewing the role credentials failed; the current ones stay in use until they expire"
+                );
+                next = Some(SystemTime::now() + delay);
+            }
+        }
+        drop(session);
+    }
+}
+
+/// Hands the SDK the current session credentials without ever calling STS.
+#[derive(Debug)]
+struct RoleProvider(Arc<RoleSession>);
+
+impl ProvideCredentials for RoleProvider {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::ready(match self.0.valid() {
+            Some(s) => Ok(s.credentials),
+            None => Err(CredentialsError::not_loaded(
+                "the role credentials expired and STS has not renewed them yet",
+            )),
+        })
+    }
+}
+
+fn classify_sts<E>(
+    arn: &str,
+    err: SdkError<E, aws_sdk_sts::config::http::HttpResponse>,
+) -> CredentialError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    if let SdkError::ServiceError(se) = &err {
+        let status = se.raw().status().as_u16();
+        let code = se.err().code().unwrap_or("").to_string();
+        let message = se.err().message().unwrap_or("").to_string();
+        let throttled = matches!(
+            code.as_str(),
+            "Throttling" | "ThrottlingException" | "RequestLimitExceeded"
+        );
+        if (400..500).contains(&status) && !throttled && status != 408 {
+            return CredentialError::AssumeRoleDenied {
+                caller: "the base identity".into(),
+                arn: arn.to_string(),
+                code: if code.is_empty() {
+                    status.to_string()
+                } else {
+                    code
+                },
+                message,
+            };
+        }
+    }
+    CredentialError::Unavailable {
+        arn: arn.to_string(),
+        detail: error_chain(&err),
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}

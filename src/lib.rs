@@ -1,0 +1,20 @@
+//! putonly ships files into an S3 bucket that belongs to someone else, with
+//! write-only permissions.
+//!
+//! The pipeline, one module a step:
+//! [`config`] (what to do) → [`credentials`] (who is asking, renewed in the
+//! background) → [`keys`] (where each file goes, and whether it may) →
+//! [`upload`] (how a file becomes an object, through [`throttle`] and
+//! [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
+//! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
+//! server verifies. `docs/ARCHITECTURE.md` draws the flow.
+
+pub mod checksum;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod keys;
+pub mod retry;
+pub mod s3;
+pub mod throttle;
+pub mod upload;

@@ -1,0 +1,732 @@
+//! The upload engine: turns one local file into one object, by a single
+//! PutObject or by a multipart upload streamed from disk.
+//!
+//! It owns part sizing, parallelism, pacing, retries and the "file changed
+//! under us" check. Memory is bounded by design: a part's buffer exists only
+//! while its request holds one of `concurrency` slots, so peak memory is
+//! about `part_size × concurrency` whatever the file size. Every part and the
+//! whole object carry a CRC the server verifies. The engine never talks to
+//! S3 except through an [`ObjectWriter`], never decides which files to send
+//! (its callers do), and never completes an upload whose file changed while
+//! it was being read.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::checksum::Crc;
+use crate::config::{ChecksumKind, MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, UploadSettings};
+use crate::retry::Backoff;
+use crate::s3::{ObjectWriter, PartDone, S3Error};
+use crate::throttle::Throttle;
+
+/// One file to send, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub path: PathBuf,
+    pub key: String,
+}
+
+/// What arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    pub crc: Crc,
+    /// 0 for a single PutObject.
+    pub parts: u32,
+}
+
+/// Why a file did not arrive.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path}: {size} bytes is more than the 5 TiB an S3 object may hold")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("{path}: changed while it was being uploaded ({what}); the upload was abandoned")]
+    Changed { path: PathBuf, what: String },
+    #[error("{path}: {source}")]
+    S3 { path: PathBuf, source: Box<S3Error> },
+}
+
+impl UploadError {
+    /// Whether a later attempt at the same file may succeed unchanged.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UploadError::S3 { source, .. } => source.is_transient(),
+            UploadError::Changed { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Receives byte counts as data is accepted by the server.
+pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// The part size to use for a file: the configured one, grown (in whole
+/// MiB) so the file fits in at most 10,000 parts.
+pub fn part_size_for(file_size: u64, configured: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let needed = file_size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    configured.max(needed).min(MAX_PART_SIZE)
+}
+
+/// What identifies a version of a file: if any of it changes, the bytes
+/// being read may no longer be the bytes of one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Version {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Version {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+
+    fn difference(&self, now: &Version) -> Option<String> {
+        if (self.dev, self.ino) != (now.dev, now.ino) {
+            Some("it was replaced by another file".into())
+        } else if self.size != now.size {
+            Some(format!(
+                "size went from {} to {} bytes",
+                self.size, now.size
+            ))
+        } else if self.mtime_ns != now.mtime_ns {
+            Some("it was modified".into())
+        } else {
+            None
+        }
+    }
+}
+
+struct Inner<W> {
+    writer: Arc<W>,
+    settings: UploadSettings,
+    slots: Arc<Semaphore>,
+    throttle: Option<Throttle>,
+    backoff: Backoff,
+}
+
+/// Sends files; clone it freely, all clones share slots and the limit.
+pub struct Engine<W> {
+    inner: Arc<Inner<W>>,
+}
+
+impl<W> Clone for Engine<W> {
+    fn clone(&self) -> Self {
+        Engine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// An open file and the version it was opened as.
+struct Source {
+    path: PathBuf,
+    file: File,
+    version: Version,
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Source, UploadError> {
+        let read_err = |source| UploadError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if !meta.is_file() {
+            // Checked before opening: a FIFO or device must never be opened.
+            return Err(UploadError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
+        // O_NONBLOCK: if the path became a FIFO since the check, opening it
+        // must not wait for a writer. It has no effect on regular files.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(UploadError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
+        let version = Version::of(&meta);
+        if version.size > MAX_OBJECT_SIZE {
+            return Err(UploadError::TooLarge {
+                path: path.to_path_buf(),
+                size: version.size,
+            });
+        }
+        Ok(Source {
+            path: path.to_path_buf(),
+            file,
+            version,
+        })
+    }
+
+    /// Reads `len` bytes at `offset` and checksums them; fails if the file
+    /// is not the version it was opened as.
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        kind: ChecksumKind,
+    ) -> Result<(Bytes, Crc), UploadError> {
+        let mut buf = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => UploadError::Changed {
+                    path: self.path.clone(),
+                    what: "it became shorter".into(),
+                },
+                _ => UploadError::Read {
+                    path: self.path.clone(),
+                    source: e,
+                },
+            })?;
+        self.check_handle()?;
+        let crc = Crc::of(kind, &buf);
+        Ok((Bytes::from(buf), crc))
+    }
+
+    fn changed(&self, what: String) -> UploadError {
+        UploadError::Changed {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// The open file still has the size and mtime it was opened with.
+    fn check_handle(&self) -> Result<(), UploadError> {
+        let now = self.file.metadata().map_err(|source| UploadError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        match self.version.difference(&Version::of(&now)) {
+            Some(what) => Err(self.changed(what)),
+            None => Ok(()),
+        }
+    }
+
+    /// The path still names the file that was read, unchanged.
+    fn check_path(&self) -> Result<(), UploadError> {
+        self.check_handle()?;
+        let now = std::fs::metadata(&self.path)
+            .map_err(|_| self.changed("it was removed or renamed".into()))?;
+        match self.version.difference(&Version::of(&now)) {
+            Some(what) => Err(self.changed(what)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn join_error(path: &Path, e: tokio::task::JoinError) -> UploadError {
+    UploadError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!("worker task failed: {e}")),
+    }
+}
+
+impl<W: ObjectWriter> Engine<W> {
+    pub fn new(writer: Arc<W>, settings: UploadSettings) -> Self {
+        Engine {
+            inner: Arc::new(Inner {
+                writer,
+                slots: Arc::new(Semaphore::new(settings.concurrency)),
+                throttle: settings.bandwidth_limit.map(Throttle::new),
+                backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(20)),
+                settings,
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &UploadSettings {
+        &self.inner.settings
+    }
+
+    /// Uploads one file. `progress` is told how many bytes the server
+    /// accepted, as parts complete.
+    pub async fn upload(&self, job: &Job, progress: ProgressFn) -> Result<Uploaded, UploadError> {
+        let path = job.path.clone();
+        let source = tokio::task::spawn_blocking(move || Source::open(&path))
+            .await
+            .map_err(|e| join_error(&job.path, e))??;
+        let source = Arc::new(source);
+        let size = source.version.size;
+        if size <= self.inner.settings.multipart_threshold {
+            self.put_whole(job, source, progress).await
+        } else {
+            self.put_multipart(job, source, progress).await
+        }
+    }
+
+    async fn put_whole(
+        &self,
+        job: &Job,
+        source: Arc<Source>,
+        progress: ProgressFn,
+    ) -> Result<Uploaded, UploadError> {
+        let inner = &self.inner;
+        let s3_err = |source| UploadError::S3 {
+            path: job.path.clone(),
+            source: Box::new(source),
+        };
+        let _slot = inner.slots.acquire().await.map_err(|_| closed(&job.path))?;
+        let size = source.version.size;
+        let (body, crc) = inner.read_part(&source, 0, size).await?;
+        {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || source.check_path())
+                .await
+                .map_err(|e| join_error(&job.path, e))??;
+        }
+        let etag = inner
+            .retry(|| inner.writer.put_object(&job.key, body.clone(), crc))
+            .await
+            .map_err(s3_err)?;
+        progress(size);
+        Ok(Uploaded {
+            key: job.key.clone(),
+            size,
+            etag,
+            crc,
+            parts: 0,
+        })
+    }
+
+    async fn put_multipart(
+        &self,
+        job: &Job,
+        source: Arc<Source>,
+        progress: ProgressFn,
+    ) -> Result<Uploaded, UploadError> {
+        let inner = &self.inner;
+        let s3_err = |source| UploadError::S3 {
+            path: job.path.clone(),
+            source: Box::new(source),
+        };
+        let size = source.version.size;
+        let part_size = part_size_for(size, inner.settings.part_size);
+        let count = size.div_ceil(part_size);
+        let kind = inner.settings.checksum;
+        let upload_id = inner
+            .retry(|| inner.writer.create_multipart(&job.key, kind))
+            .await
+            .map_err(s3_err)?;
+        tracing::debug!(key = %job.key, %upload_id, parts = count, part_size, "multipart upload started");
+
+        let mut tasks: JoinSet<Result<PartDone, UploadError>> = JoinSet::new();
+        let mut parts: Vec<PartDone> = Vec::with_capacity(count as usize);
+        let mut next: u64 = 0;
+        let mut failure: Option<UploadError> = None;
+        while failure.is_none() && (next < count || !tasks.is_empty()) {
+            tokio::select! {
+                permit = inner.slots.clone().acquire_owned(), if next < count => {
+                    let Ok(permit) = permit else {
+                        failure = Some(closed(&job.path));
+                        break;
+                    };
+                    let offset = next * part_size;
+                    let len = part_size.min(size - offset);
+                    let number = (next + 1) as i32;
+                    next += 1;
+                    let (engine, source, key, id, progress) = (
+                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(),
+                    );
+                    tasks.spawn(async move {
+                        let _permit = permit;
+                        let inner = &engine.inner;
+                        let (body, crc) = inner.read_part(&source, offset, len).await?;
+                        let done = inner
+                            .retry(|| inner.writer.upload_part(&key, &id, number, body.clone(), crc))
+                            .await
+                            .map_err(|e| UploadError::S3 { path: source.path.clone(), source: Box::new(e) })?;
+                        progress(len);
+                        Ok(done)
+                    });
+                }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    match joined {
+                        Ok(Ok(part)) => parts.push(part),
+                        Ok(Err(e)) => failure = Some(e),
+                        Err(e) => failure = Some(join_error(&job.path, e)),
+                    }
+                }
+            }
+        }
+        if failure.is_none() {
+            let source = source.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || source.check_path())
+                .await
+                .map_err(|e| join_error(&job.path, e))
+                .and_then(|r| r)
+            {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            tasks.abort_all();
+            inner.writer.abort_multipart(&job.key, &upload_id).await;
+            return Err(e);
+        }
+        parts.sort_by_key(|p| p.number);
+        let whole = Crc::combine(kind, parts.iter().map(|p| p.crc));
+        let etag = inner
+            .retry(|| {
+                inner
+                    .writer
+                    .complete_multipart(&job.key, &upload_id, &parts, whole)
+            })
+            .await
+            .map_err(s3_err)?;
+        Ok(Uploaded {
+            key: job.key.clone(),
+            size,
+            etag,
+            crc: whole,
+            parts: count as u32,
+        })
+    }
+}
+
+fn closed(path: &Path) -> UploadError {
+    UploadError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::other("the upload engine is shutting down"),
+    }
+}
+
+impl<W: ObjectWriter> Inner<W> {
+    /// Paces, then reads and checksums one part off the async runtime.
+    async fn read_part(
+        &self,
+        source: &Arc<Source>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, Crc), UploadError> {
+        if let Some(t) = &self.throttle {
+            t.take(len).await;
+        }
+        let kind = self.settings.checksum;
+        let s = source.clone();
+        tokio::task::spawn_blocking(move || s.read(offset, len as usize, kind))
+            .await
+            .map_err(|e| join_error(&source.path, e))?
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or runs out of attempts.
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, S3Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, S3Error>>,
+    {
+        let mut attempt: u32 = 1;
+        let started = Instant::now();
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e)
+                    if e.is_transient()
+                        && self.settings.max_attempts.is_none_or(|m| attempt < m) =>
+                {
+                    let delay = self.backoff.delay(attempt);
+                    tracing::warn!(error = %e, attempt, retry_in = ?delay, elapsed = ?started.elapsed(), "transient failure; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn part_size_grows_to_fit_ten_thousand_parts() {
+        assert_eq!(part_size_for(1, 8 * MIB), 8 * MIB);
+        assert_eq!(part_size_for(80_000 * MIB, 8 * MIB), 8 * MIB);
+        let big = 80_001 * MIB;
+        let p = part_size_for(big, 8 * MIB);
+        assert!(big.div_ceil(p) <= MAX_PARTS, "{p}");
+        assert_eq!(p % MIB, 0);
+        let max = MAX_OBJECT_SIZE;
+        assert!(max.div_ceil(part_size_for(max, 5 * MIB)) <= MAX_PARTS);
+    }
+
+    /// Records calls and keeps objects in memory; fails on demand.
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+        parts: Mutex<Vec<(i32, Bytes)>>,
+        objects: Mutex<Vec<(String, Vec<u8>, Crc)>>,
+        fail_part_times: AtomicUsize,
+        deny_parts: bool,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+    }
+
+    impl Fake {
+        fn log(&self, s: String) {
+            self.calls.lock().unwrap().push(s);
+        }
+    }
+
+    impl ObjectWriter for Fake {
+        async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<String, S3Error> {
+            self.log(format!("put {key}"));
+            assert_eq!(Crc::of(crc.kind, &body), crc);
+            self.objects
+                .lock()
+                .unwrap()
+                .push((key.into(), body.to_vec(), crc));
+            Ok("etag".into())
+        }
+        async fn create_multipart(&self, key: &str, _: ChecksumKind) -> Result<String, S3Error> {
+            self.log(format!("create {key}"));
+            Ok("up-1".into())
+        }
+        async fn upload_part(
+            &self,
+            key: &str,
+            _: &str,
+            number: i32,
+            body: Bytes,
+            crc: Crc,
+        ) -> Result<PartDone, S3Error> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.log(format!("part {number}"));
+            if self.deny_parts {
+                return Err(S3Error::Denied {
+                    op: "UploadPart",
+                    key: key.into(),
+                    code: "AccessDenied".into(),
+                    message: String::new(),
+                });
+            }
+            if self
+                .fail_part_times
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(S3Error::Transient {
+                    op: "UploadPart",
+                    key: key.into(),
+                    detail: "503 SlowDown".into(),
+                });
+            }
+            assert_eq!(Crc::of(crc.kind, &body), crc);
+            self.parts.lock().unwrap().push((number, body));
+            Ok(PartDone {
+                number,
+                etag: format!("e{number}"),
+                crc,
+            })
+        }
+        async fn complete_multipart(
+            &self,
+            key: &str,
+            _: &str,
+            parts: &[PartDone],
+            whole: Crc,
+        ) -> Result<String, S3Error> {
+            self.log(format!("complete {key}"));
+            let numbers: Vec<i32> = parts.iter().map(|p| p.number).collect();
+            assert_eq!(numbers, (1..=parts.len() as i32).collect::<Vec<_>>());
+            let mut stored = self.parts.lock().unwrap().clone();
+            stored.sort_by_key(|p| p.0);
+            let data: Vec<u8> = stored.iter().flat_map(|p| p.1.to_vec()).collect();
+            assert_eq!(Crc::of(whole.kind, &data), whole, "whole-object CRC");
+            self.objects.lock().unwrap().push((key.into(), data, whole));
+            Ok("etag-mpu".into())
+        }
+        async fn abort_multipart(&self, key: &str, _: &str) {
+            self.log(format!("abort {key}"));
+        }
+    }
+
+    fn settings() -> UploadSettings {
+        UploadSettings {
+            part_size: 5 * MIB,
+            multipart_threshold: 5 * MIB,
+            concurrency: 3,
+            max_attempts: Some(5),
+            ..UploadSettings::default()
+        }
+    }
+
+    fn file_of(dir: &Path, name: &str, len: usize) -> (PathBuf, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
+        let p = dir.join(name);
+        std::fs::write(&p, &data).unwrap();
+        (p, data)
+    }
+
+    fn no_progress() -> ProgressFn {
+        Arc::new(|_| {})
+    }
+
+    #[tokio::test]
+    async fn small_file_is_one_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "a", 1000);
+        let fake = Arc::new(Fake::default());
+        let engine = Engine::new(fake.clone(), settings());
+        let job = Job {
+            path,
+            key: "foo/a".into(),
+        };
+        let up = engine.upload(&job, no_progress()).await.unwrap();
+        assert_eq!(up.parts, 0);
+        assert_eq!(*fake.calls.lock().unwrap(), vec!["put foo/a"]);
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+    }
+
+    #[tokio::test]
+    async fn large_file_is_parts_in_parallel_with_bounded_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "b", (5 * MIB * 4 + 17) as usize);
+        let fake = Arc::new(Fake::default());
+        let engine = Engine::new(fake.clone(), settings());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s2 = seen.clone();
+        let progress: ProgressFn = Arc::new(move |n| {
+            s2.fetch_add(n as usize, Ordering::SeqCst);
+        });
+        let job = Job {
+            path,
+            key: "foo/b".into(),
+        };
+        let up = engine.upload(&job, progress).await.unwrap();
+        assert_eq!(up.parts, 5);
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+        assert_eq!(seen.load(Ordering::SeqCst), data.len());
+        let max = fake.max_in_flight.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&max), "parts in flight: {max}");
+    }
+
+    #[tokio::test]
+    async fn transient_part_failures_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "c", (11 * MIB) as usize);
+        let fake = Arc::new(Fake {
+            fail_part_times: AtomicUsize::new(3),
+            ..Fake::default()
+        });
+        let engine = Engine::new(fake.clone(), settings());
+        let job = Job {
+            path,
+            key: "foo/c".into(),
+        };
+        engine.upload(&job, no_progress()).await.unwrap();
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+    }
+
+    #[tokio::test]
+    async fn denied_part_aborts_without_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = file_of(dir.path(), "d", (6 * MIB) as usize);
+        let fake = Arc::new(Fake {
+            deny_parts: true,
+            ..Fake::default()
+        });
+        let engine = Engine::new(fake.clone(), settings());
+        let job = Job {
+            path,
+            key: "foo/d".into(),
+        };
+        let err = engine.upload(&job, no_progress()).await.unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        let calls = fake.calls.lock().unwrap().clone();
+        // No part was sent twice: AccessDenied is not retried.
+        let parts: Vec<&String> = calls.iter().filter(|c| c.starts_with("part")).collect();
+        let unique: std::collections::HashSet<&&String> = parts.iter().collect();
+        assert_eq!(parts.len(), unique.len(), "{calls:?}");
+        assert_eq!(calls.last().unwrap(), "abort foo/d");
+        assert!(fake.objects.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_changed_during_upload_is_not_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = file_of(dir.path(), "e", (30 * MIB) as usize);
+        let fake = Arc::new(Fake::default());
+        let mut s = settings();
+        s.concurrency = 1;
+        s.bandwidth_limit = Some(20 * MIB);
+        let engine = Engine::new(fake.clone(), s);
+        let job = Job {
+            path: path.clone(),
+            key: "foo/e".into(),
+        };
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            f.write_all(b"more").unwrap();
+        });
+        let err = engine.upload(&job, no_progress()).await.unwrap_err();
+        writer.await.unwrap();
+        assert!(matches!(err, UploadError::Changed { .. }), "{err}");
+        assert!(fake.objects.lock().unwrap().is_empty());
+        assert_eq!(fake.calls.lock().unwrap().last().unwrap(), "abort foo/e");
+    }
+
+    #[tokio::test]
+    async fn fifo_is_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let engine = Engine::new(Arc::new(Fake::default()), settings());
+        let job = Job {
+            path: p,
+            key: "foo/fifo".into(),
+        };
+        let err = tokio::time::timeout(Duration::from_secs(5), engine.upload(&job, no_progress()))
+            .await
+            .expect("must not block on a FIFO")
+            .unwrap_err();
+        assert!(matches!(err, UploadError::NotAFile { .. }), "{err}");
+    }
+}
