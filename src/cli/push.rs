@@ -82,7 +82,7 @@ pub async fn run(args: PushArgs) -> ExitCode {
 
 fn resolve(args: &PushArgs) -> Result<Settings, ConfigError> {
     let mut raw = args.aws.apply()?;
-    if raw.bucket.allowed_prefixes.is_none() {
+    if raw.bucket.allowed_prefixes.is_none() && args.aws.config.is_none() {
         // A one-shot push without a file: the prefix asked for is the one allowed.
         if let Some(p) = &args.prefix {
             raw.bucket.allowed_prefixes = Some(vec![folder_prefix(p)]);

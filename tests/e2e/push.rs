@@ -1,0 +1,379 @@
+//! `putonly push` against moto with the seed's user, role and policies.
+
+use std::time::{Duration, SystemTime};
+
+use crate::support::moto::Moto;
+use crate::support::proxy::Proxy;
+use crate::support::{get, putonly, run, write_file};
+
+const BUCKET: &str = "account-b-bucket";
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_sizes_arrive_byte_identical_with_only_writes_on_the_wire() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(&proxy.url, "");
+    let work = tempfile::tempdir().unwrap();
+    let zero = write_file(work.path(), "zero.bin", 0, 1);
+    let one_k = write_file(work.path(), "one-k.bin", 1024, 2);
+    let big = write_file(work.path(), "big.bin", 64 * MIB, 3);
+
+    for prefix in ["foo/", "fighters/"] {
+        let out = run(putonly(Some(moto.dir.path()))
+            .arg("push")
+            .arg("--config")
+            .arg(&config)
+            .args(["--prefix", prefix])
+            .args(["zero.bin", "one-k.bin", "big.bin"])
+            .current_dir(work.path()))
+        .await;
+        assert_eq!(out.status.code(), Some(0), "push into {prefix}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("3 uploaded"), "{stdout}");
+    }
+
+    let admin = moto.admin();
+    for prefix in ["foo/", "fighters/"] {
+        assert_eq!(
+            get(&admin, BUCKET, &format!("{prefix}zero.bin")).await,
+            zero
+        );
+        assert_eq!(
+            get(&admin, BUCKET, &format!("{prefix}one-k.bin")).await,
+            one_k
+        );
+        assert!(
+            get(&admin, BUCKET, &format!("{prefix}big.bin")).await == big,
+            "{prefix}big.bin differs"
+        );
+    }
+
+    proxy.assert_only_writes();
+    // The 64 MiB file went as a multipart upload (8 MiB parts), the small ones whole.
+    assert_eq!(proxy.count("CreateMultipartUpload"), 2);
+    assert_eq!(proxy.count("UploadPart"), 2 * 8);
+    assert_eq!(proxy.count("CompleteMultipartUpload"), 2);
+    assert_eq!(proxy.count("PutObject"), 4);
+    for r in proxy.s3_records() {
+        let key = r.key.clone().unwrap_or_default();
+        assert!(
+            key.starts_with("foo/") || key.starts_with("fighters/"),
+            "{key}"
+        );
+        assert!(r.session_token, "{} without the role's session token", r.op);
+        assert_eq!(r.status, 200, "{} {key}", r.op);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_outside_the_prefixes_is_refused_before_any_request() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(&proxy.url, "");
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "test.txt", 100, 4);
+
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "bar/", "test.txt"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bar/test.txt"), "{stderr}");
+    assert!(
+        stderr.contains("allowed prefixes (foo/, fighters/)"),
+        "{stderr}"
+    );
+    assert!(
+        proxy.records().is_empty(),
+        "requests were sent: {:?}",
+        proxy.records()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_denied_by_the_server_fails_the_file_without_retries() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    // The client-side guard allows bar/, the role's policy does not.
+    let config = moto.config(
+        &proxy.url,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\", \"bar/\"]\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "denied.txt", 100, 5);
+    write_file(work.path(), "allowed.txt", 100, 6);
+
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "bar/", "denied.txt"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AccessDenied"), "{stderr}");
+    assert_eq!(
+        proxy.count("PutObject"),
+        1,
+        "AccessDenied must not be retried"
+    );
+
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "foo/", "allowed.txt"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expiring_credentials_are_renewed_during_a_long_push() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "duration = \"6s\"\nrefresh_before = \"3s\"\n\
+         [bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n\
+         [upload]\npart_size = \"5MiB\"\nconcurrency = 2\nbandwidth_limit = \"1MiB/s\"\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let data = write_file(work.path(), "slow.bin", 22 * MIB, 7);
+    let small = write_file(work.path(), "small.bin", 1000, 8);
+
+    let started = SystemTime::now();
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "fighters/", "slow.bin", "small.bin"])
+        .current_dir(work.path()))
+    .await;
+    let took = started.elapsed().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        took > Duration::from_secs(20),
+        "the push took only {took:?}"
+    );
+
+    let assumed = proxy.count("AssumeRole");
+    assert!(
+        assumed >= 5,
+        "expected several AssumeRole calls over {took:?}, saw {assumed}"
+    );
+    let checked = proxy.assert_no_expired_credentials();
+    assert!(
+        checked >= 6,
+        "only {checked} S3 requests could be matched to an expiry"
+    );
+    let keys: std::collections::HashSet<String> = proxy
+        .s3_records()
+        .iter()
+        .filter_map(|r| r.access_key.clone())
+        .collect();
+    assert!(
+        keys.len() >= 2,
+        "every S3 request used the same credentials: {keys:?}"
+    );
+
+    let admin = moto.admin();
+    assert!(get(&admin, BUCKET, "fighters/slow.bin").await == data);
+    assert_eq!(get(&admin, BUCKET, "fighters/small.bin").await, small);
+    proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_and_server_errors_are_retried() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(&proxy.url, "");
+    let work = tempfile::tempdir().unwrap();
+    let data = write_file(work.path(), "retry.bin", 20 * MIB, 9);
+    let small = write_file(work.path(), "retry-small.bin", 10, 10);
+    proxy.fail_next("UploadPart", 2, 503, "SlowDown");
+    proxy.fail_next("CreateMultipartUpload", 1, 500, "InternalError");
+    proxy.fail_next("CompleteMultipartUpload", 1, 503, "ServiceUnavailable");
+    proxy.fail_next("PutObject", 2, 503, "SlowDown");
+
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "foo/", "retry.bin", "retry-small.bin"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let admin = moto.admin();
+    assert!(get(&admin, BUCKET, "foo/retry.bin").await == data);
+    assert_eq!(get(&admin, BUCKET, "foo/retry-small.bin").await, small);
+    let injected = proxy.records().iter().filter(|r| r.injected).count();
+    assert_eq!(injected, 6);
+    proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_session_token_forces_one_renewal() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(&proxy.url, "");
+    let work = tempfile::tempdir().unwrap();
+    let data = write_file(work.path(), "token.bin", 10, 11);
+    proxy.fail_next("PutObject", 1, 400, "ExpiredToken");
+
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "foo/", "token.bin"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        proxy.count("AssumeRole"),
+        2,
+        "one start-up, one forced renewal"
+    );
+    let puts: Vec<_> = proxy
+        .records()
+        .into_iter()
+        .filter(|r| r.op == "PutObject")
+        .collect();
+    assert_eq!(puts.len(), 2);
+    assert_ne!(
+        puts[0].access_key, puts[1].access_key,
+        "the retry must use the new credentials"
+    );
+    assert_eq!(get(&moto.admin(), BUCKET, "foo/token.bin").await, data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn folders_map_to_relative_keys_and_json_reports_each_file() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let work = tempfile::tempdir().unwrap();
+    let a = write_file(work.path(), "data/a.csv", 10, 12);
+    let b = write_file(work.path(), "data/sub/deeper/b.csv", 20, 13);
+    let creds = moto.dir.path().join("credentials");
+    let _ = creds;
+
+    // No configuration file: everything from flags.
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .args(["--bucket", BUCKET])
+        .args([
+            "--role-arn",
+            "arn:aws:iam::123456789012:role/account-a-s3-role",
+        ])
+        .args(["--profile", "s3-test", "--region", "us-east-1"])
+        .args(["--endpoint-url", &proxy.url])
+        .args(["--prefix", "foo/batch", "--json", "data"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let mut keys: Vec<&str> = lines.iter().map(|v| v["key"].as_str().unwrap()).collect();
+    keys.sort();
+    assert_eq!(keys, ["foo/batch/a.csv", "foo/batch/sub/deeper/b.csv"]);
+    for v in &lines {
+        assert_eq!(v["status"], "uploaded");
+        assert!(v["checksum"].as_str().unwrap().starts_with("crc64nvme:"));
+    }
+    let admin = moto.admin();
+    assert_eq!(get(&admin, BUCKET, "foo/batch/a.csv").await, a);
+    assert_eq!(get(&admin, BUCKET, "foo/batch/sub/deeper/b.csv").await, b);
+    proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_errors_exit_2_and_send_nothing() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "x.txt", 10, 14);
+    let cases = [
+        (
+            "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\nprefix = \"x\"\n",
+            "unknown field",
+        ),
+        (
+            "[bucket]\nname = \"account-b-bucket\"\n",
+            "bucket.allowed_prefixes",
+        ),
+        (
+            "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n[upload]\npart_size = \"1KiB\"\n",
+            "upload.part_size",
+        ),
+        (
+            "[role]\nsession_name = \"x\"\n[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n",
+            "role.arn",
+        ),
+        ("this is not toml", "TOML parse error"),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = work.path().join(format!("bad-{i}.toml"));
+        std::fs::write(
+            &path,
+            format!("[aws]\nendpoint_url = \"{}\"\n{text}", proxy.url),
+        )
+        .unwrap();
+        let out = run(putonly(Some(moto.dir.path()))
+            .args(["push", "--config"])
+            .arg(&path)
+            .args(["--prefix", "foo/", "x.txt"])
+            .current_dir(work.path()))
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = run(putonly(Some(moto.dir.path()))
+        .args(["push", "--config", "/nonexistent/agent.toml", "x.txt"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(putonly(Some(moto.dir.path())).args(["push"])).await;
+    assert_eq!(out.status.code(), Some(2), "no PATH is a usage error");
+    assert!(proxy.records().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_role_is_explained_at_start_up() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "x.txt", 10, 15);
+    // The admin profile is not the principal in the role's trust policy, but
+    // moto grants it anyway through its own "*" policy; a made-up role is
+    // refused for everyone.
+    let out = run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .args([
+            "--bucket",
+            BUCKET,
+            "--profile",
+            "s3-test",
+            "--region",
+            "us-east-1",
+        ])
+        .args(["--role-arn", "arn:aws:iam::123456789012:role/no-such-role"])
+        .args(["--endpoint-url", &proxy.url, "--prefix", "foo/", "x.txt"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("trust policy"), "{stderr}");
+    assert_eq!(proxy.s3_records().len(), 0);
+}

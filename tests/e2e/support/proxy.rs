@@ -1,0 +1,384 @@
+//! The recording reverse proxy: sits between putonly and the server, records
+//! every request (time, operation, key, access key id, status), reads the
+//! expiry of every credential STS hands out, and injects faults on demand.
+//! Assertions made from its record are the evidence that nothing but writes
+//! crossed the wire.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// One request as it crossed the proxy.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub at: SystemTime,
+    pub method: String,
+    pub op: String,
+    /// Path-style: the bucket and the decoded key, if any.
+    pub bucket: Option<String>,
+    pub key: Option<String>,
+    pub query: String,
+    pub access_key: Option<String>,
+    pub session_token: bool,
+    pub status: u16,
+    pub injected: bool,
+}
+
+/// Operations putonly may send.
+pub const ALLOWED_OPS: [&str; 7] = [
+    "PutObject",
+    "CreateMultipartUpload",
+    "UploadPart",
+    "CompleteMultipartUpload",
+    "AbortMultipartUpload",
+    "AssumeRole",
+    "GetCallerIdentity",
+];
+
+struct Fault {
+    op: String,
+    remaining: usize,
+    status: u16,
+    code: String,
+}
+
+#[derive(Default)]
+struct State {
+    upstream: String,
+    log: Mutex<Vec<Record>>,
+    expiries: Mutex<HashMap<String, SystemTime>>,
+    faults: Mutex<Vec<Fault>>,
+    outage_until: Mutex<Option<Instant>>,
+}
+
+pub struct Proxy {
+    pub url: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream` (e.g. `http://127.0.0.1:5000`).
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(State {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            ..State::default()
+        });
+        let client: Client<HttpConnector, Body> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let down = s
+                    .outage_until
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|until| Instant::now() < until);
+                if down {
+                    drop(stream); // the endpoint is "down": connection closed at once
+                    continue;
+                }
+                let (s, client) = (s.clone(), client.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(s.clone(), client.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Proxy {
+            url: format!("http://{addr}"),
+            state,
+            task,
+        }
+    }
+
+    /// Every request so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// Requests for the S3 bucket (not STS).
+    pub fn s3_records(&self) -> Vec<Record> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.bucket.is_some())
+            .collect()
+    }
+
+    pub fn count(&self, op: &str) -> usize {
+        self.records().iter().filter(|r| r.op == op).count()
+    }
+
+    /// The expiry STS gave each access key id it handed out.
+    pub fn expiries(&self) -> HashMap<String, SystemTime> {
+        self.state.expiries.lock().unwrap().clone()
+    }
+
+    /// Answers the next `count` requests of `op` with `status` and `code`
+    /// instead of forwarding them.
+    pub fn fail_next(&self, op: &str, count: usize, status: u16, code: &str) {
+        self.state.faults.lock().unwrap().push(Fault {
+            op: op.to_string(),
+            remaining: count,
+            status,
+            code: code.to_string(),
+        });
+    }
+
+    /// Closes every new connection for `d`.
+    pub fn outage(&self, d: Duration) {
+        *self.state.outage_until.lock().unwrap() = Some(Instant::now() + d);
+    }
+
+    /// Panics unless every request was an allowed operation.
+    pub fn assert_only_writes(&self) {
+        let bad: Vec<String> = self
+            .records()
+            .iter()
+            .filter(|r| !ALLOWED_OPS.contains(&r.op.as_str()))
+            .map(|r| format!("{} {} {:?} {:?}", r.method, r.op, r.key, r.query))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "requests other than writes crossed the wire: {bad:#?}"
+        );
+    }
+
+    /// Panics if any S3 request was signed with credentials at or past the
+    /// expiry STS gave them. Returns how many requests were checked.
+    pub fn assert_no_expired_credentials(&self) -> usize {
+        let expiries = self.expiries();
+        let mut checked = 0;
+        for r in self.s3_records() {
+            let Some(akid) = &r.access_key else { continue };
+            if let Some(exp) = expiries.get(akid) {
+                checked += 1;
+                assert!(
+                    r.at < *exp,
+                    "{} {:?} sent at {:?} with {akid} which expired at {:?}",
+                    r.op,
+                    r.key,
+                    r.at,
+                    exp
+                );
+            }
+        }
+        checked
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    client: Client<HttpConnector, Body>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let at = SystemTime::now();
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let access_key = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split("Credential=").nth(1))
+        .and_then(|v| v.split('/').next())
+        .map(str::to_string);
+    let session_token = parts.headers.contains_key("x-amz-security-token");
+    let is_sts = path == "/" && parts.method == Method::POST;
+    let (body, action): (Body, Option<String>) = if is_sts {
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        let action = text
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("Action="))
+            .map(str::to_string);
+        (full(bytes), action)
+    } else {
+        (body.boxed(), None)
+    };
+    let (bucket, key) = split_path(&path);
+    let op = match &action {
+        Some(a) => a.clone(),
+        None => classify(&parts.method, key.is_some(), &query, &parts.headers),
+    };
+    let mut record = Record {
+        at,
+        method: parts.method.to_string(),
+        op: op.clone(),
+        bucket,
+        key,
+        query: query.clone(),
+        access_key,
+        session_token,
+        status: 0,
+        injected: false,
+    };
+
+    let injected = {
+        let mut faults = state.faults.lock().unwrap();
+        faults
+            .iter_mut()
+            .find(|f| f.op == op && f.remaining > 0)
+            .map(|f| {
+                f.remaining -= 1;
+                (f.status, f.code.clone())
+            })
+    };
+    if let Some((status, code)) = injected {
+        record.status = status;
+        record.injected = true;
+        state.log.lock().unwrap().push(record);
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+        );
+        let resp = Response::builder()
+            .status(status)
+            .header("content-type", "application/xml")
+            .body(full(Bytes::from(xml)))
+            .unwrap();
+        return Ok(resp);
+    }
+
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = format!("{}{pq}", state.upstream).parse().unwrap();
+    let resp = match client.request(Request::from_parts(parts, body)).await {
+        Ok(r) => r,
+        Err(e) => {
+            record.status = 502;
+            state.log.lock().unwrap().push(record);
+            return Ok(Response::builder()
+                .status(502)
+                .body(full(Bytes::from(format!("proxy: {e}"))))
+                .unwrap());
+        }
+    };
+    record.status = resp.status().as_u16();
+    let (rparts, rbody) = resp.into_parts();
+    let rbody: Body = if action.as_deref() == Some("AssumeRole") {
+        let bytes = rbody
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        if let (Some(akid), Some(exp)) = (tag(&text, "AccessKeyId"), tag(&text, "Expiration")) {
+            let parsed = humantime::parse_rfc3339_weak(exp)
+                .or_else(|_| humantime::parse_rfc3339_weak(exp.trim_end_matches('Z')));
+            if let Ok(t) = parsed {
+                state.expiries.lock().unwrap().insert(akid.to_string(), t);
+            }
+        }
+        full(bytes)
+    } else {
+        rbody.boxed()
+    };
+    state.log.lock().unwrap().push(record);
+    Ok(Response::from_parts(rparts, rbody))
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+fn tag<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{name}>"))? + start;
+    Some(&xml[start..end])
+}
+
+fn split_path(path: &str) -> (Option<String>, Option<String>) {
+    let trimmed = path.trim_start_matches('/');
+    if trimmed.is_empty() {
+        return (None, None);
+    }
+    match trimmed.split_once('/') {
+        Some((b, k)) if !k.is_empty() => (Some(b.to_string()), Some(percent_decode(k))),
+        Some((b, _)) => (Some(b.to_string()), None),
+        None => (Some(trimmed.to_string()), None),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        if let (b'%', Some(Ok(v))) = (bytes[i], hex.map(|h| u8::from_str_radix(h, 16))) {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn classify(method: &Method, has_key: bool, query: &str, headers: &hyper::HeaderMap) -> String {
+    let q: Vec<&str> = query
+        .split('&')
+        .map(|kv| kv.split('=').next().unwrap_or(""))
+        .collect();
+    let has = |k: &str| q.contains(&k);
+    let copy = headers.contains_key("x-amz-copy-source");
+    let op = match (method.as_str(), has_key) {
+        ("PUT", false) => "PutBucket*",
+        ("PUT", true) if has("partNumber") && copy => "UploadPartCopy",
+        ("PUT", true) if has("partNumber") => "UploadPart",
+        ("PUT", true) if has("acl") => "PutObjectAcl",
+        ("PUT", true) if copy => "CopyObject",
+        ("PUT", true) => "PutObject",
+        ("POST", true) if has("uploads") => "CreateMultipartUpload",
+        ("POST", true) if has("uploadId") => "CompleteMultipartUpload",
+        ("POST", _) => "PostOther",
+        ("DELETE", true) if has("uploadId") => "AbortMultipartUpload",
+        ("DELETE", true) => "DeleteObject",
+        ("DELETE", false) => "DeleteBucket*",
+        ("GET", true) if has("uploadId") => "ListParts",
+        ("GET", true) => "GetObject",
+        ("GET", false) => "ListOrGetBucket*",
+        ("HEAD", true) => "HeadObject",
+        ("HEAD", false) => "HeadBucket",
+        _ => "Other",
+    };
+    op.to_string()
+}
