@@ -35,16 +35,14 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// Waits until something listens on `port`.
-pub fn wait_for_port(port: u16, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} did not start on port {port}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+/// Reads a KEY=VALUE file written by the project's scripts.
+pub fn read_env(path: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
