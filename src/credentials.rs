@@ -166,7 +166,7 @@ pub struct RoleSession {
     sts: aws_sdk_sts::Client,
     settings: RoleSettings,
     current: watch::Sender<Option<Session>>,
-    renew_now: Notify,
+    renew_now: Arc<Notify>,
     generations: AtomicU64,
     renewals: AtomicU64,
 }
@@ -177,7 +177,7 @@ impl RoleSession {
             sts: aws_sdk_sts::Client::new(sdk),
             settings,
             current: watch::Sender::new(None),
-            renew_now: Notify::new(),
+            renew_now: Arc::new(Notify::new()),
             generations: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
         });
@@ -323,33 +323,55 @@ impl RoleSession {
     }
 }
 
+/// The fewest seconds between two AssumeRole calls, however often a
+/// renewal is asked for (a server that keeps rejecting tokens must not turn
+/// into a flood of STS calls).
+const MIN_RENEWAL_GAP: Duration = Duration::from_secs(1);
+
+/// Renews the session until it is dropped. Holds only a weak reference while
+/// it sleeps. A request for an early renewal (expired or rejected
+/// credentials) is honoured at once, unless STS is failing: then the backoff
+/// decides.
 async fn renew_loop(weak: std::sync::Weak<RoleSession>) {
     let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut failures = 0u32;
-    let mut next: Option<SystemTime> = None;
+    let mut retry_at: Option<SystemTime> = None;
+    let mut last_call = std::time::Instant::now();
     loop {
+        let (at, renew_now) = {
+            let Some(session) = weak.upgrade() else {
+                return;
+            };
+            let at = retry_at.unwrap_or_else(|| {
+                session
+                    .current
+                    .borrow()
+                    .as_ref()
+                    .map_or_else(SystemTime::now, |s| session.renew_at(s))
+            });
+            (at, session.renew_now.clone())
+        };
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        if failures == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = renew_now.notified() => {}
+            }
+        } else {
+            tokio::time::sleep(wait).await;
+        }
+        let since = last_call.elapsed();
+        if since < MIN_RENEWAL_GAP {
+            tokio::time::sleep(MIN_RENEWAL_GAP - since).await;
+        }
         let Some(session) = weak.upgrade() else {
             return;
         };
-        let at = next.unwrap_or_else(|| {
-            session
-                .current
-                .borrow()
-                .as_ref()
-                .map_or_else(SystemTime::now, |s| session.renew_at(s))
-        });
-        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-        {
-            let notified = session.renew_now.notified();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = notified => {}
-            }
-        }
+        last_call = std::time::Instant::now();
         match session.assume().await {
             Ok(s) => {
                 failures = 0;
-                next = None;
+                retry_at = None;
                 session.renewals.fetch_add(1, Ordering::Relaxed);
                 session.publish(s);
             }
@@ -364,10 +386,9 @@ async fn renew_loop(weak: std::sync::Weak<RoleSession>) {
                     retry_in = ?delay,
                     "renewing the role credentials failed; the current ones stay in use until they expire"
                 );
-                next = Some(SystemTime::now() + delay);
+                retry_at = Some(SystemTime::now() + delay);
             }
         }
-        drop(session);
     }
 }
 

@@ -377,3 +377,46 @@ async fn a_denied_role_is_explained_at_start_up() {
     assert!(stderr.contains("trust policy"), "{stderr}");
     assert_eq!(proxy.s3_records().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_failing_while_credentials_are_valid_does_not_stop_uploads() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "duration = \"8s\"\nrefresh_before = \"5s\"\n\
+         [bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n\
+         [upload]\npart_size = \"5MiB\"\nconcurrency = 2\nbandwidth_limit = \"1MiB/s\"\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let data = write_file(work.path(), "sts-down.bin", 14 * MIB, 16);
+
+    let mut cmd = putonly(Some(moto.dir.path()));
+    cmd.arg("push")
+        .arg("--config")
+        .arg(&config)
+        .args(["--prefix", "foo/", "sts-down.bin"])
+        .current_dir(work.path());
+    let child = cmd.spawn().expect("start putonly");
+    // Once the first credentials are out, STS fails the next two renewals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while proxy.count("AssumeRole") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no AssumeRole");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.fail_next("AssumeRole", 2, 503, "ServiceUnavailable");
+    let out = child.wait_with_output().await.unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+
+    let injected = proxy
+        .records()
+        .iter()
+        .filter(|r| r.op == "AssumeRole" && r.injected)
+        .count();
+    assert_eq!(injected, 2, "both failed renewals happened during the push");
+    assert!(proxy.count("AssumeRole") >= 4);
+    proxy.assert_no_expired_credentials();
+    assert!(get(&moto.admin(), BUCKET, "foo/sts-down.bin").await == data);
+    proxy.assert_only_writes();
+}
