@@ -13,6 +13,7 @@ pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod journal;
 pub mod keys;
 pub mod retry;
 pub mod s3;

@@ -1,0 +1,719 @@
+//! The journal: the agent's only memory of what it sent, since it may never
+//! ask the bucket.
+//!
+//! One SQLite database (WAL mode) in the state folder, owner-only. One record
+//! per file version (path, device, inode, size, mtime, key) with its state,
+//! attempts, last error and timestamps; for a multipart upload in progress,
+//! the upload id and every completed part's number, ETag and CRC. Each
+//! transition is committed before the effect it announces is relied on: the
+//! upload id before the first part is sent, a part before it counts as done,
+//! `done` before the file is deleted or moved. `synchronous = NORMAL` keeps
+//! commits across process crashes (kill -9); a power loss may lose the last
+//! few transitions, which only means sending those files again (delivery is
+//! at least once). This module never talks to the network and never reads
+//! or changes the files it records.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::checksum::Crc;
+use crate::config::ChecksumKind;
+use crate::s3::PartDone;
+
+/// The journal's file name inside the state folder.
+pub const FILE_NAME: &str = "journal.sqlite";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What identifies one version of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileVersion {
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+        }
+    }
+}
+
+/// A multipart upload that was started and may be continued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub upload_id: String,
+    pub part_size: u64,
+    pub checksum: ChecksumKind,
+    pub parts: Vec<PartDone>,
+}
+
+/// What the journal knows of a file version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// In the bucket already: nothing to do.
+    Done,
+    /// Failed for good; not tried again before `retry_at` (unix seconds).
+    Failed { retry_at: i64, reason: String },
+    /// To be uploaded: record id, attempts so far, and any upload to resume.
+    Upload {
+        id: i64,
+        attempts: u32,
+        resume: Option<Resume>,
+    },
+}
+
+/// Counts and ages for `putonly status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub pending: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub bytes_sent: u64,
+    pub oldest_pending: Option<OldestPending>,
+    pub last_errors: Vec<LastError>,
+    pub credentials_expire_at: Option<i64>,
+    pub agent_heartbeat_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OldestPending {
+    pub path: String,
+    pub since: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastError {
+    pub path: String,
+    pub key: String,
+    pub state: String,
+    pub error: String,
+    pub at: i64,
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn checksum_name(kind: ChecksumKind) -> String {
+    kind.to_string()
+}
+
+fn checksum_kind(name: &str) -> Option<ChecksumKind> {
+    match name {
+        "crc64nvme" => Some(ChecksumKind::Crc64Nvme),
+        "crc32c" => Some(ChecksumKind::Crc32C),
+        "crc32" => Some(ChecksumKind::Crc32),
+        _ => None,
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS files (
+    id          INTEGER PRIMARY KEY,
+    watch       TEXT    NOT NULL,
+    path        BLOB    NOT NULL,
+    dev         INTEGER NOT NULL,
+    ino         INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    key         TEXT    NOT NULL,
+    state       TEXT    NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'superseded')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    upload_id   TEXT,
+    part_size   INTEGER,
+    checksum    TEXT,
+    etag        TEXT,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    done_at     INTEGER,
+    retry_at    INTEGER,
+    UNIQUE (path, dev, ino, size, mtime_ns, key)
+);
+CREATE INDEX IF NOT EXISTS files_state ON files (state, created_at);
+CREATE INDEX IF NOT EXISTS files_done_at ON files (done_at) WHERE state = 'done';
+CREATE TABLE IF NOT EXISTS parts (
+    file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    number  INTEGER NOT NULL,
+    etag    TEXT    NOT NULL,
+    crc     INTEGER NOT NULL,
+    len     INTEGER NOT NULL,
+    PRIMARY KEY (file_id, number)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+/// The journal; cheap operations, safe to share between tasks.
+pub struct Journal {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("path", &self.path).finish()
+    }
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `state_dir`, which is
+    /// created owner-only (0700) and the database file 0600.
+    pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
+        let folder_err = |source| JournalError::Folder {
+            path: state_dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(folder_err)?;
+        // An existing folder (made by systemd or by hand) is narrowed too.
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(folder_err)?;
+        let path = state_dir.join(FILE_NAME);
+        let conn = Self::connect(&path, false)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(folder_err)?;
+            }
+        }
+        Ok(Journal {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens an existing journal read-only (for `putonly status`).
+    pub fn open_read_only(state_dir: &Path) -> Result<Self, JournalError> {
+        let path = state_dir.join(FILE_NAME);
+        let conn = Self::connect(&path, true)?;
+        Ok(Journal {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn connect(path: &Path, read_only: bool) -> Result<Connection, JournalError> {
+        let err = |source| JournalError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = if read_only {
+            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        } else {
+            Connection::open(path)
+        }
+        .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        if !read_only {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(err)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(err)?;
+            conn.pragma_update(None, "foreign_keys", "ON")
+                .map_err(err)?;
+            conn.execute_batch(SCHEMA).map_err(err)?;
+        }
+        Ok(conn)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| JournalError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Looks a file version up, recording it as pending if it is new. Older
+    /// unfinished versions of the same path are marked superseded; their
+    /// upload ids are returned so the caller may abort them.
+    pub fn observe(
+        &self,
+        watch: &str,
+        path: &Path,
+        v: FileVersion,
+        key: &str,
+    ) -> Result<(Seen, Vec<(String, String)>), JournalError> {
+        let p = path.as_os_str().as_bytes();
+        let t = now();
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum
+                     FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
+                       AND mtime_ns = ?5 AND key = ?6",
+                    params![p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, u32>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                            r.get::<_, Option<String>>(5)?,
+                            r.get::<_, Option<i64>>(6)?,
+                            r.get::<_, Option<String>>(7)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let seen = match row {
+                Some((_, state, ..)) if state == "done" => Seen::Done,
+                Some((_, state, _, retry_at, err, ..))
+                    if state == "failed" && retry_at.unwrap_or(0) > t =>
+                {
+                    Seen::Failed {
+                        retry_at: retry_at.unwrap_or(0),
+                        reason: err.unwrap_or_default(),
+                    }
+                }
+                Some((id, _, attempts, _, _, upload_id, part_size, checksum)) => {
+                    tx.execute(
+                        "UPDATE files SET state = 'pending', updated_at = ?2 WHERE id = ?1",
+                        params![id, t],
+                    )?;
+                    let resume = match (upload_id, part_size, checksum.as_deref().and_then(checksum_kind)) {
+                        (Some(upload_id), Some(part_size), Some(kind)) => Some(Resume {
+                            upload_id,
+                            part_size: part_size as u64,
+                            checksum: kind,
+                            parts: load_parts(&tx, id, kind)?,
+                        }),
+                        _ => None,
+                    };
+                    Seen::Upload {
+                        id,
+                        attempts,
+                        resume,
+                    }
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO files (watch, path, dev, ino, size, mtime_ns, key, state, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)",
+                        params![watch, p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key, t],
+                    )?;
+                    Seen::Upload {
+                        id: tx.last_insert_rowid(),
+                        attempts: 0,
+                        resume: None,
+                    }
+                }
+            };
+            // Older unfinished versions of this path will never be completed.
+            let current = match &seen {
+                Seen::Upload { id, .. } => *id,
+                _ => -1,
+            };
+            let mut stale = Vec::new();
+            {
+                let mut q = tx.prepare(
+                    "SELECT id, key, upload_id FROM files
+                     WHERE path = ?1 AND state = 'pending' AND id != ?2",
+                )?;
+                let rows = q.query_map(params![p, current], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+                })?;
+                for row in rows {
+                    let (id, key, upload_id) = row?;
+                    if let Some(u) = upload_id {
+                        stale.push((key, u));
+                    }
+                    tx.execute(
+                        "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1",
+                        params![id, t],
+                    )?;
+                    tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+                }
+            }
+            tx.commit()?;
+            Ok((seen, stale))
+        })
+    }
+
+    /// Records a new multipart upload; committed before any part is sent.
+    pub fn multipart_started(
+        &self,
+        id: i64,
+        upload_id: &str,
+        part_size: u64,
+        checksum: ChecksumKind,
+    ) -> Result<(), JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE files SET upload_id = ?2, part_size = ?3, checksum = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id, upload_id, part_size as i64, checksum_name(checksum), now()],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records a part the server accepted.
+    pub fn part_done(&self, id: i64, part: &PartDone) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO parts (file_id, number, etag, crc, len) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, part.number, part.etag, part.crc.value as i64, part.crc.len as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The server no longer knows the upload: start over next time.
+    pub fn multipart_forgotten(&self, id: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE files SET upload_id = NULL, part_size = NULL, checksum = NULL, updated_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// The object is complete in the bucket.
+    pub fn done(&self, id: i64, etag: &str) -> Result<(), JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let t = now();
+            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE files SET state = 'done', etag = ?2, done_at = ?3, updated_at = ?3,
+                        upload_id = NULL, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
+                params![id, etag, t],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// A transient failure: counted and kept for status; still pending.
+    pub fn attempt_failed(&self, id: i64, error: &str) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE files SET attempts = attempts + 1, last_error = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, error, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// A permanent failure: not retried before `retry_at` unless the file changes.
+    pub fn failed(&self, id: i64, error: &str, retry_at: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE files SET state = 'failed', attempts = attempts + 1, last_error = ?2,
+                        retry_at = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, error, retry_at, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The file disappeared before it was sent.
+    pub fn vanished(&self, id: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE files SET state = 'superseded', last_error = 'the file disappeared', updated_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Deletes done and superseded records older than `before` (unix seconds).
+    pub fn prune(&self, before: i64) -> Result<usize, JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "DELETE FROM files WHERE state IN ('done', 'superseded') AND updated_at < ?1",
+                params![before],
+            )
+        })
+    }
+
+    pub fn set_meta(&self, name: &str, value: &str) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)",
+                params![name, value],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// What `putonly status` shows; from the journal alone.
+    pub fn status(&self) -> Result<Status, JournalError> {
+        self.with(|conn| {
+            let mut s = Status::default();
+            let mut q = conn.prepare(
+                "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state",
+            )?;
+            let rows = q.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            for row in rows {
+                let (state, n, bytes) = row?;
+                match state.as_str() {
+                    "pending" => s.pending = n as u64,
+                    "done" => {
+                        s.done = n as u64;
+                        s.bytes_sent = bytes as u64;
+                    }
+                    "failed" => s.failed = n as u64,
+                    _ => {}
+                }
+            }
+            s.oldest_pending = conn
+                .query_row(
+                    "SELECT path, created_at FROM files WHERE state = 'pending' ORDER BY created_at LIMIT 1",
+                    [],
+                    |r| {
+                        Ok(OldestPending {
+                            path: lossy(&r.get::<_, Vec<u8>>(0)?),
+                            since: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()?;
+            let mut q = conn.prepare(
+                "SELECT path, key, state, last_error, updated_at FROM files
+                 WHERE last_error IS NOT NULL AND state IN ('pending', 'failed')
+                 ORDER BY updated_at DESC LIMIT 10",
+            )?;
+            s.last_errors = q
+                .query_map([], |r| {
+                    Ok(LastError {
+                        path: lossy(&r.get::<_, Vec<u8>>(0)?),
+                        key: r.get(1)?,
+                        state: r.get(2)?,
+                        error: r.get(3)?,
+                        at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let meta = |name: &str| -> rusqlite::Result<Option<i64>> {
+                conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()
+                .map(|v| v.and_then(|v| v.parse().ok()))
+            };
+            s.credentials_expire_at = meta("credentials_expire_at")?;
+            s.agent_heartbeat_at = meta("agent_heartbeat_at")?;
+            Ok(s)
+        })
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn load_parts(conn: &Connection, id: i64, kind: ChecksumKind) -> rusqlite::Result<Vec<PartDone>> {
+    let mut q = conn
+        .prepare("SELECT number, etag, crc, len FROM parts WHERE file_id = ?1 ORDER BY number")?;
+    let rows = q.query_map([id], |r| {
+        Ok(PartDone {
+            number: r.get(0)?,
+            etag: r.get(1)?,
+            crc: Crc {
+                kind,
+                value: r.get::<_, i64>(2)? as u64,
+                len: r.get::<_, i64>(3)? as u64,
+            },
+        })
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(size: u64, mtime: i64) -> FileVersion {
+        FileVersion {
+            dev: 1,
+            ino: 2,
+            size,
+            mtime_ns: mtime,
+        }
+    }
+
+    #[test]
+    fn a_done_version_is_not_sent_again_but_a_new_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("state")).unwrap();
+        let (seen, _) = j.observe("w", Path::new("/a"), v(10, 1), "foo/a").unwrap();
+        let Seen::Upload {
+            id, resume: None, ..
+        } = seen
+        else {
+            panic!("{seen:?}")
+        };
+        j.done(id, "etag").unwrap();
+        drop(j);
+        let j = Journal::open(&dir.path().join("state")).unwrap();
+        assert_eq!(
+            j.observe("w", Path::new("/a"), v(10, 1), "foo/a")
+                .unwrap()
+                .0,
+            Seen::Done
+        );
+        assert!(matches!(
+            j.observe("w", Path::new("/a"), v(11, 2), "foo/a")
+                .unwrap()
+                .0,
+            Seen::Upload { .. }
+        ));
+        let s = j.status().unwrap();
+        assert_eq!((s.done, s.pending, s.bytes_sent), (1, 1, 10));
+    }
+
+    #[test]
+    fn a_multipart_upload_resumes_with_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (Seen::Upload { id, .. }, _) =
+            j.observe("w", Path::new("/b"), v(100, 1), "foo/b").unwrap()
+        else {
+            panic!()
+        };
+        j.multipart_started(id, "up-1", 5 << 20, ChecksumKind::Crc64Nvme)
+            .unwrap();
+        let part = PartDone {
+            number: 1,
+            etag: "\"e1\"".into(),
+            crc: Crc {
+                kind: ChecksumKind::Crc64Nvme,
+                value: u64::MAX - 3,
+                len: 5 << 20,
+            },
+        };
+        j.part_done(id, &part).unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let (seen, _) = j.observe("w", Path::new("/b"), v(100, 1), "foo/b").unwrap();
+        let Seen::Upload {
+            resume: Some(r), ..
+        } = seen
+        else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(r.upload_id, "up-1");
+        assert_eq!(r.parts, vec![part]);
+        j.multipart_forgotten(id).unwrap();
+        let (seen, _) = j.observe("w", Path::new("/b"), v(100, 1), "foo/b").unwrap();
+        assert!(matches!(seen, Seen::Upload { resume: None, .. }));
+    }
+
+    #[test]
+    fn a_new_version_supersedes_an_unfinished_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (Seen::Upload { id, .. }, _) =
+            j.observe("w", Path::new("/c"), v(100, 1), "foo/c").unwrap()
+        else {
+            panic!()
+        };
+        j.multipart_started(id, "up-old", 5 << 20, ChecksumKind::Crc32C)
+            .unwrap();
+        let (_, stale) = j.observe("w", Path::new("/c"), v(200, 2), "foo/c").unwrap();
+        assert_eq!(stale, vec![("foo/c".to_string(), "up-old".to_string())]);
+        assert_eq!(j.status().unwrap().pending, 1);
+    }
+
+    #[test]
+    fn failures_wait_for_their_retry_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (Seen::Upload { id, .. }, _) =
+            j.observe("w", Path::new("/d"), v(1, 1), "foo/d").unwrap()
+        else {
+            panic!()
+        };
+        j.failed(id, "AccessDenied", now() + 3600).unwrap();
+        assert!(matches!(
+            j.observe("w", Path::new("/d"), v(1, 1), "foo/d").unwrap().0,
+            Seen::Failed { .. }
+        ));
+        j.failed(id, "AccessDenied", now() - 1).unwrap();
+        assert!(matches!(
+            j.observe("w", Path::new("/d"), v(1, 1), "foo/d").unwrap().0,
+            Seen::Upload { attempts: 2, .. }
+        ));
+        let s = j.status().unwrap();
+        assert_eq!(s.last_errors.len(), 1);
+    }
+
+    #[test]
+    fn state_folder_and_file_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let _j = Journal::open(&state).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join(FILE_NAME)), 0o600);
+    }
+
+    #[test]
+    fn prune_removes_old_done_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (Seen::Upload { id, .. }, _) =
+            j.observe("w", Path::new("/e"), v(1, 1), "foo/e").unwrap()
+        else {
+            panic!()
+        };
+        j.done(id, "e").unwrap();
+        assert_eq!(j.prune(now() - 10).unwrap(), 0);
+        assert_eq!(j.prune(now() + 10).unwrap(), 1);
+    }
+}
