@@ -21,7 +21,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::checksum::Crc;
-use crate::config::{ChecksumKind, MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, UploadSettings};
+use crate::config::{
+    ChecksumKind, MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, UploadSettings,
+};
+use crate::journal::Resume;
 use crate::retry::Backoff;
 use crate::s3::{ObjectWriter, PartDone, S3Error};
 use crate::throttle::Throttle;
@@ -60,6 +63,8 @@ pub enum UploadError {
     Changed { path: PathBuf, what: String },
     #[error("{path}: {source}")]
     S3 { path: PathBuf, source: Box<S3Error> },
+    #[error("{path}: cannot record progress: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
 }
 
 impl UploadError {
@@ -67,7 +72,7 @@ impl UploadError {
     pub fn is_transient(&self) -> bool {
         match self {
             UploadError::S3 { source, .. } => source.is_transient(),
-            UploadError::Changed { .. } => true,
+            UploadError::Changed { .. } | UploadError::Checkpoint { .. } => true,
             _ => false,
         }
     }
@@ -75,6 +80,45 @@ impl UploadError {
 
 /// Receives byte counts as data is accepted by the server.
 pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Where a multipart upload's progress is kept between runs (the agent's
+/// journal). Each method must have made its record durable when it returns:
+/// the engine relies on it before the next step.
+pub trait Checkpoint: Send + Sync {
+    /// A multipart upload of this file version to continue, if any.
+    fn resume(&self) -> Option<Resume>;
+    /// After CreateMultipartUpload, before any part is sent.
+    fn started(&self, upload_id: &str, part_size: u64, kind: ChecksumKind) -> Result<(), String>;
+    /// After the server accepted a part.
+    fn part_done(&self, part: &PartDone) -> Result<(), String>;
+    /// The server no longer knows the upload; the next run starts over.
+    fn forget(&self) -> Result<(), String>;
+    /// Whether a later run can continue what this one leaves unfinished.
+    fn remembers(&self) -> bool {
+        true
+    }
+}
+
+/// No memory between runs (`putonly push`).
+pub struct NoCheckpoint;
+
+impl Checkpoint for NoCheckpoint {
+    fn resume(&self) -> Option<Resume> {
+        None
+    }
+    fn started(&self, _: &str, _: u64, _: ChecksumKind) -> Result<(), String> {
+        Ok(())
+    }
+    fn part_done(&self, _: &PartDone) -> Result<(), String> {
+        Ok(())
+    }
+    fn forget(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn remembers(&self) -> bool {
+        false
+    }
+}
 
 /// The part size to use for a file: the configured one, grown (in whole
 /// MiB) so the file fits in at most 10,000 parts.
@@ -272,6 +316,18 @@ impl<W: ObjectWriter> Engine<W> {
     /// Uploads one file. `progress` is told how many bytes the server
     /// accepted, as parts complete.
     pub async fn upload(&self, job: &Job, progress: ProgressFn) -> Result<Uploaded, UploadError> {
+        self.upload_with(job, progress, Arc::new(NoCheckpoint))
+            .await
+    }
+
+    /// Uploads one file, continuing the multipart upload `checkpoint`
+    /// remembers and recording progress in it.
+    pub async fn upload_with(
+        &self,
+        job: &Job,
+        progress: ProgressFn,
+        checkpoint: Arc<dyn Checkpoint>,
+    ) -> Result<Uploaded, UploadError> {
         let path = job.path.clone();
         let source = tokio::task::spawn_blocking(move || Source::open(&path))
             .await
@@ -281,7 +337,33 @@ impl<W: ObjectWriter> Engine<W> {
         if size <= self.inner.settings.multipart_threshold {
             self.put_whole(job, source, progress).await
         } else {
-            self.put_multipart(job, source, progress).await
+            let resume = checkpoint.resume();
+            match self
+                .put_multipart(
+                    job,
+                    source.clone(),
+                    progress.clone(),
+                    &checkpoint,
+                    resume.clone(),
+                )
+                .await
+            {
+                // The server lost the upload we continued: start over, once.
+                Err(UploadError::S3 { source: e, .. })
+                    if resume.is_some() && matches!(*e, S3Error::NoSuchUpload { .. }) =>
+                {
+                    tracing::info!(key = %job.key, "the server no longer knows the upload being resumed; starting over");
+                    checkpoint
+                        .forget()
+                        .map_err(|reason| UploadError::Checkpoint {
+                            path: job.path.clone(),
+                            reason,
+                        })?;
+                    self.put_multipart(job, source, progress, &checkpoint, None)
+                        .await
+                }
+                other => other,
+            }
         }
     }
 
@@ -324,27 +406,59 @@ impl<W: ObjectWriter> Engine<W> {
         job: &Job,
         source: Arc<Source>,
         progress: ProgressFn,
+        checkpoint: &Arc<dyn Checkpoint>,
+        resume: Option<Resume>,
     ) -> Result<Uploaded, UploadError> {
         let inner = &self.inner;
         let s3_err = |source| UploadError::S3 {
             path: job.path.clone(),
             source: Box::new(source),
         };
+        let cp_err = |reason| UploadError::Checkpoint {
+            path: job.path.clone(),
+            reason,
+        };
         let size = source.version.size;
-        let part_size = part_size_for(size, inner.settings.part_size);
-        let count = size.div_ceil(part_size);
         let kind = inner.settings.checksum;
-        let upload_id = inner
-            .retry(|| inner.writer.create_multipart(&job.key, kind))
-            .await
-            .map_err(s3_err)?;
+        // A remembered upload is continued only if it fits this file as is.
+        let resume = resume.filter(|r| {
+            r.checksum == kind
+                && (MIN_PART_SIZE..=MAX_PART_SIZE).contains(&r.part_size)
+                && size.div_ceil(r.part_size) <= MAX_PARTS
+        });
+        let (upload_id, part_size, mut parts) = match resume {
+            Some(r) => {
+                tracing::info!(key = %job.key, upload_id = %r.upload_id, parts_done = r.parts.len(), "resuming multipart upload");
+                (r.upload_id, r.part_size, r.parts)
+            }
+            None => {
+                let part_size = part_size_for(size, inner.settings.part_size);
+                let upload_id = inner
+                    .retry(|| inner.writer.create_multipart(&job.key, kind))
+                    .await
+                    .map_err(s3_err)?;
+                checkpoint
+                    .started(&upload_id, part_size, kind)
+                    .map_err(cp_err)?;
+                (upload_id, part_size, Vec::new())
+            }
+        };
+        let count = size.div_ceil(part_size);
+        parts.retain(|p| p.number >= 1 && (p.number as u64) <= count);
+        let already: std::collections::HashSet<i32> = parts.iter().map(|p| p.number).collect();
+        progress(parts.iter().map(|p| p.crc.len).sum());
         tracing::debug!(key = %job.key, %upload_id, parts = count, part_size, "multipart upload started");
 
         let mut tasks: JoinSet<Result<PartDone, UploadError>> = JoinSet::new();
-        let mut parts: Vec<PartDone> = Vec::with_capacity(count as usize);
         let mut next: u64 = 0;
         let mut failure: Option<UploadError> = None;
         while failure.is_none() && (next < count || !tasks.is_empty()) {
+            while next < count && already.contains(&((next + 1) as i32)) {
+                next += 1;
+            }
+            if next >= count && tasks.is_empty() {
+                break;
+            }
             tokio::select! {
                 permit = inner.slots.clone().acquire_owned(), if next < count => {
                     let Ok(permit) = permit else {
@@ -355,8 +469,8 @@ impl<W: ObjectWriter> Engine<W> {
                     let len = part_size.min(size - offset);
                     let number = (next + 1) as i32;
                     next += 1;
-                    let (engine, source, key, id, progress) = (
-                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(),
+                    let (engine, source, key, id, progress, checkpoint) = (
+                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(), checkpoint.clone(),
                     );
                     tasks.spawn(async move {
                         let _permit = permit;
@@ -366,6 +480,7 @@ impl<W: ObjectWriter> Engine<W> {
                             .retry(|| inner.writer.upload_part(&key, &id, number, body.clone(), crc))
                             .await
                             .map_err(|e| UploadError::S3 { path: source.path.clone(), source: Box::new(e) })?;
+                        checkpoint.part_done(&done).map_err(|reason| UploadError::Checkpoint { path: source.path.clone(), reason })?;
                         progress(len);
                         Ok(done)
                     });
@@ -391,7 +506,17 @@ impl<W: ObjectWriter> Engine<W> {
         }
         if let Some(e) = failure {
             tasks.abort_all();
-            inner.writer.abort_multipart(&job.key, &upload_id).await;
+            // A changed file or a lost upload will never complete this upload
+            // id; other failures (the network, credentials) leave it for the
+            // next attempt to continue.
+            let hopeless = matches!(
+                e,
+                UploadError::Changed { .. } | UploadError::NotAFile { .. }
+            ) || matches!(&e, UploadError::S3 { source, .. } if !source.is_transient());
+            if hopeless || !checkpoint.remembers() {
+                inner.writer.abort_multipart(&job.key, &upload_id).await;
+                checkpoint.forget().map_err(cp_err)?;
+            }
             return Err(e);
         }
         parts.sort_by_key(|p| p.number);
@@ -707,6 +832,97 @@ mod tests {
         assert!(matches!(err, UploadError::Changed { .. }), "{err}");
         assert!(fake.objects.lock().unwrap().is_empty());
         assert_eq!(fake.calls.lock().unwrap().last().unwrap(), "abort foo/e");
+    }
+
+    /// Remembers in memory, as the journal does on disk.
+    #[derive(Default)]
+    struct MemoryCheckpoint {
+        state: Mutex<Option<Resume>>,
+    }
+
+    impl Checkpoint for MemoryCheckpoint {
+        fn resume(&self) -> Option<Resume> {
+            self.state.lock().unwrap().clone()
+        }
+        fn started(
+            &self,
+            upload_id: &str,
+            part_size: u64,
+            kind: ChecksumKind,
+        ) -> Result<(), String> {
+            *self.state.lock().unwrap() = Some(Resume {
+                upload_id: upload_id.into(),
+                part_size,
+                checksum: kind,
+                parts: vec![],
+            });
+            Ok(())
+        }
+        fn part_done(&self, part: &PartDone) -> Result<(), String> {
+            if let Some(r) = self.state.lock().unwrap().as_mut() {
+                r.parts.push(part.clone());
+            }
+            Ok(())
+        }
+        fn forget(&self) -> Result<(), String> {
+            *self.state.lock().unwrap() = None;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_resumes_with_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "r", (5 * MIB * 6) as usize);
+        // First run: the network fails for good after two parts.
+        let fake = Arc::new(Fake::default());
+        let mut s = settings();
+        s.max_attempts = Some(1);
+        s.concurrency = 1;
+        let cp = Arc::new(MemoryCheckpoint::default());
+        let job = Job {
+            path,
+            key: "foo/r".into(),
+        };
+        let engine = Engine::new(fake.clone(), s.clone());
+        let fail_after_two = fake.clone();
+        let progress: ProgressFn = Arc::new(move |_| {
+            if fail_after_two.parts.lock().unwrap().len() >= 2 {
+                fail_after_two
+                    .fail_part_times
+                    .store(usize::MAX, Ordering::SeqCst);
+            }
+        });
+        let err = engine
+            .upload_with(&job, progress, cp.clone())
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        let remembered = cp.resume().expect("the upload is remembered");
+        assert_eq!(remembered.parts.len(), 2);
+        assert!(
+            !fake
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c.starts_with("abort"))
+        );
+
+        // Second run: only the missing parts are sent, on the same upload.
+        fake.fail_part_times.store(0, Ordering::SeqCst);
+        let before = fake.calls.lock().unwrap().len();
+        engine
+            .upload_with(&job, no_progress(), cp.clone())
+            .await
+            .unwrap();
+        let calls: Vec<String> = fake.calls.lock().unwrap()[before..].to_vec();
+        assert!(!calls.iter().any(|c| c.starts_with("create")), "{calls:?}");
+        assert!(
+            !calls.contains(&"part 1".to_string()) && !calls.contains(&"part 2".to_string()),
+            "{calls:?}"
+        );
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
     }
 
     #[tokio::test]
