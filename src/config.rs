@@ -64,6 +64,38 @@ pub struct RawConfig {
     pub bucket: RawBucket,
     #[serde(default)]
     pub upload: RawUpload,
+    pub state: Option<RawState>,
+    #[serde(default, rename = "watch")]
+    pub watches: Vec<RawWatch>,
+    #[serde(default)]
+    pub agent: RawAgent,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub dir: Option<PathBuf>,
+    pub retention: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatch {
+    pub path: Option<PathBuf>,
+    pub prefix: Option<String>,
+    pub include: Option<Vec<String>>,
+    pub exclude: Option<Vec<String>>,
+    pub settle: Option<String>,
+    pub after_upload: Option<String>,
+    pub move_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub rescan_interval: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    pub failed_retry_after: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -241,6 +273,66 @@ pub fn default_refresh_before() -> Duration {
     Duration::from_secs(300)
 }
 
+/// Where the agent keeps its journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSettings {
+    pub dir: PathBuf,
+    /// Done records older than this are pruned.
+    pub retention: Duration,
+}
+
+/// What happens to a file once it is in the bucket and recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterUpload {
+    Keep,
+    Delete,
+    Move { to: PathBuf },
+}
+
+/// Files that are never taken, whatever `exclude` says: hidden files and
+/// folders, and the names editors and downloaders give files in progress.
+pub const DEFAULT_EXCLUDES: [&str; 8] = [
+    ".*",
+    "*.tmp",
+    "*.part",
+    "*.partial",
+    "*~",
+    "*.swp",
+    "*.swx",
+    "*.crdownload",
+];
+
+/// One watched folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchSettings {
+    pub path: PathBuf,
+    /// Ends with '/'; inside an allowed prefix.
+    pub prefix: String,
+    pub include: Vec<String>,
+    /// The user's patterns plus [`DEFAULT_EXCLUDES`].
+    pub exclude: Vec<String>,
+    pub settle: Duration,
+    pub after_upload: AfterUpload,
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    pub rescan_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub failed_retry_after: Duration,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            rescan_interval: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(30),
+            failed_retry_after: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// The checked settings every other module trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -248,6 +340,9 @@ pub struct Settings {
     pub role: Option<RoleSettings>,
     pub bucket: BucketSettings,
     pub upload: UploadSettings,
+    pub state: Option<StateSettings>,
+    pub watches: Vec<WatchSettings>,
+    pub agent: AgentSettings,
 }
 
 impl Settings {
@@ -273,13 +368,232 @@ impl Settings {
         };
         let bucket = resolve_bucket(&raw.bucket)?;
         let upload = resolve_upload(&raw.upload)?;
+        let state = match &raw.state {
+            None => None,
+            Some(st) => Some(resolve_state(st)?),
+        };
+        let watches = raw
+            .watches
+            .iter()
+            .enumerate()
+            .map(|(i, w)| resolve_watch(i, w, &bucket.guard))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_watches(&watches, state.as_ref())?;
+        let agent = resolve_agent(&raw.agent)?;
         Ok(Settings {
             aws,
             role,
             bucket,
             upload,
+            state,
+            watches,
+            agent,
         })
     }
+
+    /// The agent needs a state folder and at least one watch.
+    pub fn require_agent(&self) -> Result<&StateSettings, ConfigError> {
+        if self.watches.is_empty() {
+            return Err(ConfigError::invalid(
+                "watch",
+                "no [[watch]] is configured",
+                "add a [[watch]] table with path = \"/srv/outbox\" and prefix = \"foo/\"",
+            ));
+        }
+        self.state.as_ref().ok_or_else(|| {
+            ConfigError::invalid(
+                "state.dir",
+                "is missing",
+                "add [state] dir = \"/var/lib/putonly\" (the journal lives there)",
+            )
+        })
+    }
+}
+
+fn resolve_state(st: &RawState) -> Result<StateSettings, ConfigError> {
+    let dir = st.dir.clone().ok_or_else(|| {
+        ConfigError::invalid(
+            "state.dir",
+            "is missing",
+            "add dir = \"/var/lib/putonly\" to [state]",
+        )
+    })?;
+    if !dir.is_absolute() {
+        return Err(ConfigError::invalid(
+            "state.dir",
+            format!("{} is not an absolute path", dir.display()),
+            "give the full path, e.g. /var/lib/putonly",
+        ));
+    }
+    let retention = match &st.retention {
+        Some(s) => parse_duration("state.retention", s)?,
+        None => Duration::from_secs(30 * 24 * 3600),
+    };
+    Ok(StateSettings { dir, retention })
+}
+
+fn resolve_watch(
+    i: usize,
+    w: &RawWatch,
+    guard: &PrefixGuard,
+) -> Result<WatchSettings, ConfigError> {
+    let name = |k: &str| format!("watch[{i}].{k}");
+    let path = w.path.clone().ok_or_else(|| {
+        ConfigError::invalid(&name("path"), "is missing", "give the folder to watch")
+    })?;
+    if !path.is_absolute() {
+        return Err(ConfigError::invalid(
+            &name("path"),
+            format!("{} is not an absolute path", path.display()),
+            "give the full path of the folder",
+        ));
+    }
+    if path.parent().is_none() {
+        return Err(ConfigError::invalid(
+            &name("path"),
+            "is the root folder /",
+            "watch the folder producers write into, not the whole filesystem",
+        ));
+    }
+    let prefix = w.prefix.clone().ok_or_else(|| {
+        ConfigError::invalid(
+            &name("prefix"),
+            "is missing",
+            format!("give the key prefix, one of or below: {guard}"),
+        )
+    })?;
+    let prefix = crate::keys::folder_prefix(&prefix);
+    if !guard.covers(&prefix) || prefix.split('/').any(|s| s == "." || s == "..") {
+        return Err(ConfigError::invalid(
+            &name("prefix"),
+            format!("{prefix:?} is not inside bucket.allowed_prefixes ({guard})"),
+            "use one of the allowed prefixes or a folder below one",
+        ));
+    }
+    let check_globs = |key: &str, globs: &[String]| -> Result<(), ConfigError> {
+        for g in globs {
+            globset::Glob::new(g).map_err(|e| {
+                ConfigError::invalid(
+                    &name(key),
+                    format!("{g:?} is not a glob: {e}"),
+                    "fix the pattern, e.g. \"**/*.csv\"",
+                )
+            })?;
+        }
+        Ok(())
+    };
+    let include = w.include.clone().unwrap_or_default();
+    check_globs("include", &include)?;
+    let mut exclude = w.exclude.clone().unwrap_or_default();
+    check_globs("exclude", &exclude)?;
+    exclude.extend(DEFAULT_EXCLUDES.iter().map(|s| s.to_string()));
+    let settle = match &w.settle {
+        Some(s) => parse_duration(&name("settle"), s)?,
+        None => Duration::from_secs(2),
+    };
+    let after_upload = match (w.after_upload.as_deref().unwrap_or("keep"), &w.move_to) {
+        ("keep", None) => AfterUpload::Keep,
+        ("delete", None) => AfterUpload::Delete,
+        ("move", Some(to)) if to.is_absolute() => {
+            if to.starts_with(&path) {
+                return Err(ConfigError::invalid(
+                    &name("move_to"),
+                    "is inside the watched folder",
+                    "move uploaded files to a folder outside the watched one",
+                ));
+            }
+            AfterUpload::Move { to: to.clone() }
+        }
+        ("move", _) => {
+            return Err(ConfigError::invalid(
+                &name("move_to"),
+                "is missing or not absolute",
+                "with after_upload = \"move\", set move_to = \"/srv/sent\"",
+            ));
+        }
+        ("keep" | "delete", Some(_)) => {
+            return Err(ConfigError::invalid(
+                &name("move_to"),
+                "is set but after_upload is not \"move\"",
+                "set after_upload = \"move\" or remove move_to",
+            ));
+        }
+        (other, _) => {
+            return Err(ConfigError::invalid(
+                &name("after_upload"),
+                format!("{other:?} is not an action"),
+                "use \"keep\", \"delete\" or \"move\"",
+            ));
+        }
+    };
+    Ok(WatchSettings {
+        path,
+        prefix,
+        include,
+        exclude,
+        settle,
+        after_upload,
+    })
+}
+
+fn check_watches(
+    watches: &[WatchSettings],
+    state: Option<&StateSettings>,
+) -> Result<(), ConfigError> {
+    for (i, a) in watches.iter().enumerate() {
+        for (j, b) in watches.iter().enumerate() {
+            if i != j && a.path.starts_with(&b.path) {
+                return Err(ConfigError::invalid(
+                    &format!("watch[{i}].path"),
+                    format!(
+                        "{} overlaps watch[{j}] ({})",
+                        a.path.display(),
+                        b.path.display()
+                    ),
+                    "watch folders that do not contain each other",
+                ));
+            }
+        }
+        if let Some(st) = state {
+            if st.dir.starts_with(&a.path) {
+                return Err(ConfigError::invalid(
+                    "state.dir",
+                    format!(
+                        "{} is inside watch[{i}] ({})",
+                        st.dir.display(),
+                        a.path.display()
+                    ),
+                    "keep the journal outside every watched folder",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve_agent(a: &RawAgent) -> Result<AgentSettings, ConfigError> {
+    let d = AgentSettings::default();
+    let get = |key: &str, v: &Option<String>, default: Duration| match v {
+        Some(s) => parse_duration(key, s),
+        None => Ok(default),
+    };
+    Ok(AgentSettings {
+        rescan_interval: get(
+            "agent.rescan_interval",
+            &a.rescan_interval,
+            d.rescan_interval,
+        )?,
+        shutdown_timeout: get(
+            "agent.shutdown_timeout",
+            &a.shutdown_timeout,
+            d.shutdown_timeout,
+        )?,
+        failed_retry_after: get(
+            "agent.failed_retry_after",
+            &a.failed_retry_after,
+            d.failed_retry_after,
+        )?,
+    })
 }
 
 fn non_empty(setting: &str, v: &Option<String>) -> Result<Option<String>, ConfigError> {
@@ -701,11 +1015,72 @@ mod tests {
         assert_eq!(s.upload.max_attempts, None);
     }
 
+    const AGENT: &str = "[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n[state]\ndir = \"/var/lib/putonly\"\n";
+
+    #[test]
+    fn watches_resolve_with_defaults() {
+        let s = resolve(&format!(
+            "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/x\"\n"
+        ))
+        .unwrap();
+        let w = &s.watches[0];
+        assert_eq!(w.prefix, "foo/x/");
+        assert_eq!(w.settle, Duration::from_secs(2));
+        assert_eq!(w.after_upload, AfterUpload::Keep);
+        assert!(w.exclude.contains(&"*.tmp".to_string()));
+        s.require_agent().unwrap();
+    }
+
+    #[test]
+    fn rejected_watch_forms_name_the_setting() {
+        for (watch, setting) in [
+            (
+                "path = \"/srv/out\"\nprefix = \"bar/\"\n",
+                "watch[0].prefix",
+            ),
+            ("path = \"srv/out\"\nprefix = \"foo/\"\n", "watch[0].path"),
+            ("path = \"/\"\nprefix = \"foo/\"\n", "watch[0].path"),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nafter_upload = \"shred\"\n",
+                "watch[0].after_upload",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nafter_upload = \"move\"\n",
+                "watch[0].move_to",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nafter_upload = \"move\"\nmove_to = \"/srv/out/sent\"\n",
+                "watch[0].move_to",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\ninclude = [\"a[\"]\n",
+                "watch[0].include",
+            ),
+            ("path = \"/var/lib\"\nprefix = \"foo/\"\n", "state.dir"),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\n[[watch]]\npath = \"/srv/out/a\"\nprefix = \"foo/\"\n",
+                "watch[1].path",
+            ),
+        ] {
+            let err = resolve(&format!("{AGENT}[[watch]]\n{watch}")).unwrap_err();
+            assert!(err.starts_with(setting), "{watch:?}: {err}");
+        }
+        let no_watch = resolve(AGENT).unwrap();
+        assert!(
+            no_watch
+                .require_agent()
+                .unwrap_err()
+                .to_string()
+                .starts_with("watch")
+        );
+    }
+
     #[test]
     fn the_example_file_parses() {
         let text = include_str!("../agent.toml.example");
         let s = resolve(text).unwrap();
         assert!(s.bucket.guard.prefixes().contains(&"foo/".to_string()));
         assert!(s.role.is_some());
+        s.require_agent().unwrap();
     }
 }
