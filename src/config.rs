@@ -554,18 +554,16 @@ fn check_watches(
                 ));
             }
         }
-        if let Some(st) = state {
-            if st.dir.starts_with(&a.path) {
-                return Err(ConfigError::invalid(
-                    "state.dir",
-                    format!(
-                        "{} is inside watch[{i}] ({})",
-                        st.dir.display(),
-                        a.path.display()
-                    ),
-                    "keep the journal outside every watched folder",
-                ));
-            }
+        if let Some(st) = state.filter(|st| st.dir.starts_with(&a.path)) {
+            return Err(ConfigError::invalid(
+                "state.dir",
+                format!(
+                    "{} is inside watch[{i}] ({})",
+                    st.dir.display(),
+                    a.path.display()
+                ),
+                "keep the journal outside every watched folder",
+            ));
         }
     }
     Ok(())
