@@ -19,3 +19,4 @@ pub mod retry;
 pub mod s3;
 pub mod throttle;
 pub mod upload;
+pub mod watch;

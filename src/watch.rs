@@ -1,0 +1,614 @@
+//! Watching: which files in the watched folders are finished and ready to
+//! send.
+//!
+//! Sources of news are inotify (through `notify`, recursive), an initial scan
+//! (`walkdir`), a scan of every folder that appears, a periodic rescan and a
+//! rescan after the event queue overflowed. A file is ready when its writer
+//! closed it (close-after-write) or it was renamed into the folder, and then
+//! nothing changed for `settle`; a file found by a scan, whose history is
+//! unknown, is ready once it has not changed for `settle` and no process
+//! has it open for writing. Temporary and hidden files never become ready.
+//! This module never opens a file for reading, never talks to the journal
+//! and never uploads: it hands [`Candidate`]s to the agent through a bounded
+//! queue, and holds the rest back when that queue is full.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::config::WatchSettings;
+use crate::journal::FileVersion;
+
+/// A finished file, ready to be considered for upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Index into the configured watches.
+    pub watch: usize,
+    pub path: PathBuf,
+    /// The path relative to the watched folder.
+    pub rel: PathBuf,
+}
+
+/// A file the agent wants looked at again later (it changed during its
+/// upload, or a transient failure asks for a pause).
+#[derive(Debug, Clone)]
+pub struct Requeue {
+    pub path: PathBuf,
+    pub not_before: Instant,
+}
+
+/// Which paths of one watch are taken.
+#[derive(Debug)]
+pub struct Filter {
+    include: Option<GlobSet>,
+    exclude: GlobSet,
+}
+
+fn glob_set(patterns: &[String]) -> GlobSet {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        // Patterns were checked when the configuration was resolved.
+        if let Ok(g) = GlobBuilder::new(p).literal_separator(true).build() {
+            b.add(g);
+        }
+    }
+    b.build().unwrap_or_else(|_| GlobSet::empty())
+}
+
+impl Filter {
+    pub fn new(w: &WatchSettings) -> Self {
+        Filter {
+            include: (!w.include.is_empty()).then(|| glob_set(&w.include)),
+            exclude: glob_set(&w.exclude),
+        }
+    }
+
+    /// Whether a file at `rel` (relative to the watched folder) is taken:
+    /// no component is excluded, and it matches an include pattern if any.
+    pub fn accepts(&self, rel: &Path) -> bool {
+        if self.exclude.is_match(rel) || rel.iter().any(|c| self.exclude.is_match(Path::new(c))) {
+            return false;
+        }
+        self.include.as_ref().is_none_or(|inc| inc.is_match(rel))
+    }
+
+    /// Whether a folder at `rel` is skipped with everything below it.
+    pub fn skips_dir(&self, rel: &Path) -> bool {
+        rel.iter().any(|c| self.exclude.is_match(Path::new(c)))
+    }
+}
+
+/// What the intake hands the settler.
+#[derive(Debug)]
+enum Intake {
+    /// Written to (closed = false) or closed after writing / renamed in (true).
+    Changed {
+        path: PathBuf,
+        closed: bool,
+    },
+    /// Found by a scan: history unknown.
+    Found(PathBuf),
+    Removed(PathBuf),
+    /// A new folder: scan it, its files may predate its watch.
+    Folder(PathBuf),
+    /// Events were lost: scan everything.
+    Rescan,
+}
+
+struct Pending {
+    watch: usize,
+    last: Option<FileVersion>,
+    stable_since: Instant,
+    closed: bool,
+    check_writers: bool,
+    not_before: Instant,
+}
+
+/// The watcher; [`Watch::run`] runs until the task is dropped.
+pub struct Watch {
+    watches: Vec<WatchSettings>,
+    filters: Vec<Filter>,
+    rescan_interval: Duration,
+    ready_tx: mpsc::Sender<Candidate>,
+    requeue_rx: mpsc::UnboundedReceiver<Requeue>,
+}
+
+impl Watch {
+    pub fn new(
+        watches: Vec<WatchSettings>,
+        rescan_interval: Duration,
+        ready_tx: mpsc::Sender<Candidate>,
+        requeue_rx: mpsc::UnboundedReceiver<Requeue>,
+    ) -> Self {
+        let filters = watches.iter().map(Filter::new).collect();
+        Watch {
+            watches,
+            filters,
+            rescan_interval,
+            ready_tx,
+            requeue_rx,
+        }
+    }
+
+    /// Which watch a path belongs to, and the path relative to it.
+    fn locate(&self, path: &Path) -> Option<(usize, PathBuf)> {
+        self.watches.iter().enumerate().find_map(|(i, w)| {
+            path.strip_prefix(&w.path)
+                .ok()
+                .filter(|rel| !rel.as_os_str().is_empty())
+                .map(|rel| (i, rel.to_path_buf()))
+        })
+    }
+
+    pub async fn run(mut self) {
+        let (tx, mut rx) = mpsc::channel::<Intake>(8192);
+        let mut watcher = match make_watcher(tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start file notifications; relying on periodic rescans");
+                None
+            }
+        };
+        let mut watched: HashSet<PathBuf> = HashSet::new();
+        let roots: Vec<PathBuf> = self.watches.iter().map(|w| w.path.clone()).collect();
+        add_watches(&mut watcher, &roots, &mut watched);
+        spawn_scan(roots.clone(), tx.clone());
+
+        let mut waiting: HashMap<PathBuf, Pending> = HashMap::new();
+        let mut ready: VecDeque<Candidate> = VecDeque::new();
+        let mut queued: HashSet<PathBuf> = HashSet::new();
+        let min_settle = self
+            .watches
+            .iter()
+            .map(|w| w.settle)
+            .min()
+            .unwrap_or(Duration::from_secs(2));
+        let mut tick = tokio::time::interval(
+            (min_settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(500)),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.rescan_interval,
+            self.rescan_interval,
+        );
+        loop {
+            tokio::select! {
+                Some(item) = rx.recv() => {
+                    self.intake(item, &mut waiting, &tx);
+                    // Drain what is already there before looking at files.
+                    while let Ok(item) = rx.try_recv() {
+                        self.intake(item, &mut waiting, &tx);
+                    }
+                }
+                Some(rq) = self.requeue_rx.recv() => {
+                    if let Some((watch, _)) = self.locate(&rq.path) {
+                        waiting.insert(rq.path, Pending {
+                            watch,
+                            last: None,
+                            stable_since: Instant::now(),
+                            closed: true,
+                            check_writers: false,
+                            not_before: rq.not_before,
+                        });
+                    }
+                }
+                _ = tick.tick() => self.settle(&mut waiting, &mut ready, &mut queued),
+                _ = rescan.tick() => {
+                    tracing::debug!("periodic rescan");
+                    add_watches(&mut watcher, &roots, &mut watched);
+                    spawn_scan(roots.clone(), tx.clone());
+                }
+            }
+            while let Some(c) = ready.front() {
+                match self.ready_tx.try_reserve() {
+                    Ok(permit) => {
+                        queued.remove(&c.path);
+                        if let Some(c) = ready.pop_front() {
+                            permit.send(c);
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => break,
+                    Err(mpsc::error::TrySendError::Closed(())) => return,
+                }
+            }
+        }
+    }
+
+    fn intake(
+        &self,
+        item: Intake,
+        waiting: &mut HashMap<PathBuf, Pending>,
+        tx: &mpsc::Sender<Intake>,
+    ) {
+        let now = Instant::now();
+        match item {
+            Intake::Rescan => {
+                tracing::warn!(
+                    "file events were lost (queue overflow); rescanning every watched folder"
+                );
+                spawn_scan(
+                    self.watches.iter().map(|w| w.path.clone()).collect(),
+                    tx.clone(),
+                );
+            }
+            Intake::Folder(path) => {
+                if let Some((i, rel)) = self.locate(&path)
+                    && !self.filters[i].skips_dir(&rel)
+                {
+                    spawn_scan(vec![path], tx.clone());
+                }
+            }
+            Intake::Removed(path) => {
+                waiting.remove(&path);
+            }
+            Intake::Changed { path, closed } => {
+                let Some((watch, rel)) = self.locate(&path) else {
+                    return;
+                };
+                if !self.filters[watch].accepts(&rel) {
+                    return;
+                }
+                let p = waiting.entry(path).or_insert(Pending {
+                    watch,
+                    last: None,
+                    stable_since: now,
+                    closed,
+                    check_writers: false,
+                    not_before: now,
+                });
+                p.closed = closed;
+                p.check_writers = false;
+                p.stable_since = now;
+            }
+            Intake::Found(path) => {
+                if waiting.contains_key(&path) {
+                    return;
+                }
+                let Some((watch, rel)) = self.locate(&path) else {
+                    return;
+                };
+                if !self.filters[watch].accepts(&rel) {
+                    return;
+                }
+                waiting.insert(
+                    path,
+                    Pending {
+                        watch,
+                        last: None,
+                        stable_since: now,
+                        closed: false,
+                        check_writers: true,
+                        not_before: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Moves files that are finished from `waiting` to `ready`.
+    fn settle(
+        &self,
+        waiting: &mut HashMap<PathBuf, Pending>,
+        ready: &mut VecDeque<Candidate>,
+        queued: &mut HashSet<PathBuf>,
+    ) {
+        let now = Instant::now();
+        let mut writers: Option<HashSet<(u64, u64)>> = None;
+        let mut done: Vec<PathBuf> = Vec::new();
+        for (path, p) in waiting.iter_mut() {
+            if p.not_before > now {
+                continue;
+            }
+            let meta = match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => {
+                    done.push(path.clone()); // a folder, FIFO, socket or device
+                    continue;
+                }
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot look at file; skipped");
+                    }
+                    done.push(path.clone());
+                    continue;
+                }
+            };
+            let v = FileVersion::of(&meta);
+            let settle = self.watches[p.watch].settle;
+            if p.last != Some(v) {
+                // First look, or it changed: stable from now on. A scanned
+                // file untouched for `settle` is stable since its mtime.
+                let untouched = std::time::SystemTime::now()
+                    .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
+                    .unwrap_or_default();
+                p.stable_since = if p.last.is_none() && p.check_writers && untouched >= settle {
+                    now.checked_sub(settle).unwrap_or(now)
+                } else {
+                    now
+                };
+                p.last = Some(v);
+                if p.stable_since == now {
+                    continue;
+                }
+            }
+            if !(p.closed || p.check_writers) || now.duration_since(p.stable_since) < settle {
+                continue;
+            }
+            if p.check_writers {
+                let w = writers.get_or_insert_with(open_for_writing);
+                if w.contains(&(meta.dev(), meta.ino())) {
+                    p.stable_since = now;
+                    continue;
+                }
+            }
+            done.push(path.clone());
+            if queued.insert(path.clone())
+                && let Some((watch, rel)) = self.locate(path)
+            {
+                ready.push_back(Candidate {
+                    watch,
+                    path: path.clone(),
+                    rel,
+                });
+            }
+        }
+        for path in done {
+            waiting.remove(&path);
+        }
+    }
+}
+
+fn make_watcher(tx: mpsc::Sender<Intake>) -> notify::Result<notify::RecommendedWatcher> {
+    notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let items = match res {
+            Ok(event) => classify(event),
+            Err(e) => {
+                tracing::warn!(error = %e, "file notification error; rescanning");
+                vec![Intake::Rescan]
+            }
+        };
+        for item in items {
+            // Blocking here makes the kernel queue fill up rather than
+            // memory; an overflow is answered with a rescan.
+            if tx.blocking_send(item).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn classify(event: notify::Event) -> Vec<Intake> {
+    if event.need_rescan() {
+        return vec![Intake::Rescan];
+    }
+    let paths = event.paths;
+    let changed = |closed| {
+        paths
+            .iter()
+            .map(|p| Intake::Changed {
+                path: p.clone(),
+                closed,
+            })
+            .collect::<Vec<_>>()
+    };
+    match event.kind {
+        EventKind::Create(CreateKind::Folder) => paths.into_iter().map(Intake::Folder).collect(),
+        EventKind::Create(_)
+        | EventKind::Modify(ModifyKind::Data(_))
+        | EventKind::Modify(ModifyKind::Any) => changed(false),
+        EventKind::Modify(ModifyKind::Metadata(_)) => changed(false),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => changed(true),
+        EventKind::Access(_) => vec![],
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+            paths.into_iter().map(Intake::Removed).collect()
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+            let mut out = Vec::new();
+            let mut it = paths.into_iter();
+            if let Some(from) = it.next() {
+                out.push(Intake::Removed(from));
+            }
+            out.extend(it.map(renamed_in));
+            out
+        }
+        EventKind::Modify(ModifyKind::Name(_)) => paths.into_iter().map(renamed_in).collect(),
+        EventKind::Remove(_) => paths.into_iter().map(Intake::Removed).collect(),
+        _ => changed(false),
+    }
+}
+
+/// Something was renamed to `path`: a finished file, or a whole folder.
+fn renamed_in(path: PathBuf) -> Intake {
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => Intake::Folder(path),
+        Ok(_) => Intake::Changed { path, closed: true },
+        Err(_) => Intake::Removed(path),
+    }
+}
+
+fn add_watches(
+    watcher: &mut Option<notify::RecommendedWatcher>,
+    roots: &[PathBuf],
+    watched: &mut HashSet<PathBuf>,
+) {
+    let Some(w) = watcher else { return };
+    for root in roots {
+        // A folder that was removed and recreated needs a new watch.
+        if watched.contains(root) && root.is_dir() {
+            continue;
+        }
+        match w.watch(root, RecursiveMode::Recursive) {
+            Ok(()) => {
+                watched.insert(root.clone());
+            }
+            Err(e) => {
+                watched.remove(root);
+                tracing::warn!(folder = %root.display(), error = %e, "cannot watch folder; will try again at the next rescan");
+            }
+        }
+    }
+}
+
+/// Walks `roots` off the runtime and reports every regular file found.
+fn spawn_scan(roots: Vec<PathBuf>, tx: mpsc::Sender<Intake>) {
+    tokio::task::spawn_blocking(move || {
+        for root in roots {
+            for entry in walkdir::WalkDir::new(&root).follow_links(false) {
+                match entry {
+                    Ok(e) if e.file_type().is_file() => {
+                        if tx.blocking_send(Intake::Found(e.into_path())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "scan: cannot read"),
+                }
+            }
+        }
+    });
+}
+
+/// (device, inode) of every regular file some process has open for writing,
+/// as far as /proc shows (all of them for root, our own user's otherwise).
+pub fn open_for_writing() -> HashSet<(u64, u64)> {
+    let mut out = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for proc_entry in procs.flatten() {
+        let name = proc_entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let base = proc_entry.path();
+        let Ok(fds) = std::fs::read_dir(base.join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+            let Some(flags) = flags else { continue };
+            if flags & (libc::O_ACCMODE as u32) == libc::O_RDONLY as u32 {
+                continue;
+            }
+            if let Ok(m) = std::fs::metadata(base.join("fd").join(fd.file_name()))
+                && m.is_file()
+            {
+                out.insert((m.dev(), m.ino()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AfterUpload, DEFAULT_EXCLUDES};
+
+    fn watch(include: &[&str], exclude: &[&str]) -> WatchSettings {
+        let mut ex: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
+        ex.extend(DEFAULT_EXCLUDES.iter().map(|s| s.to_string()));
+        WatchSettings {
+            path: PathBuf::from("/w"),
+            prefix: "foo/".into(),
+            include: include.iter().map(|s| s.to_string()).collect(),
+            exclude: ex,
+            settle: Duration::from_millis(100),
+            after_upload: AfterUpload::Keep,
+        }
+    }
+
+    #[test]
+    fn filters_follow_defaults_and_patterns() {
+        let f = Filter::new(&watch(&[], &["*.lock"]));
+        assert!(f.accepts(Path::new("a.csv")));
+        assert!(f.accepts(Path::new("d/e/a.csv")));
+        for rejected in [
+            "x.tmp",
+            ".hidden",
+            "d/.git/config",
+            "a.part",
+            "a~",
+            ".a.swp",
+            "b.lock",
+            "d/b.lock",
+        ] {
+            assert!(!f.accepts(Path::new(rejected)), "{rejected}");
+        }
+        let f = Filter::new(&watch(&["**/*.csv"], &[]));
+        assert!(f.accepts(Path::new("a.csv")));
+        assert!(f.accepts(Path::new("x/y/a.csv")));
+        assert!(!f.accepts(Path::new("a.json")));
+    }
+
+    #[test]
+    fn a_file_open_for_writing_is_seen() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(b"x").unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert!(open_for_writing().contains(&(m.dev(), m.ino())));
+        drop(f);
+        assert!(!open_for_writing().contains(&(m.dev(), m.ino())));
+    }
+
+    #[tokio::test]
+    async fn finished_files_become_ready_and_open_ones_wait() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("before.txt"), b"old").unwrap();
+        let mut w = watch(&[], &[]);
+        w.path = root.clone();
+        let (ready_tx, mut ready_rx) = mpsc::channel(16);
+        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
+        let task =
+            tokio::spawn(Watch::new(vec![w], Duration::from_secs(3600), ready_tx, rq_rx).run());
+
+        let got = tokio::time::timeout(Duration::from_secs(5), ready_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.rel, PathBuf::from("before.txt"));
+
+        // Written slowly: not ready while open, ready after close + settle.
+        let mut slow = std::fs::File::create(root.join("slow.bin")).unwrap();
+        std::fs::create_dir_all(root.join("new/nested")).unwrap();
+        std::fs::write(root.join("new/nested/n.txt"), b"nested").unwrap();
+        std::fs::write(root.join("skip.tmp"), b"tmp").unwrap();
+        for _ in 0..5 {
+            slow.write_all(&[1; 1000]).unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), ready_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.rel, PathBuf::from("new/nested/n.txt"));
+        assert!(ready_rx.try_recv().is_err(), "slow.bin is still open");
+        drop(slow);
+        let got = tokio::time::timeout(Duration::from_secs(5), ready_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.rel, PathBuf::from("slow.bin"));
+        assert_eq!(std::fs::metadata(&got.path).unwrap().len(), 5000);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(ready_rx.try_recv().is_err(), "skip.tmp must never be ready");
+        task.abort();
+    }
+}
