@@ -13,7 +13,7 @@
 //! at least once). This module never talks to the network and never reads
 //! or changes the files it records.
 
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -469,13 +469,50 @@ impl Journal {
         })
     }
 
-    /// Deletes done and superseded records older than `before` (unix seconds).
-    pub fn prune(&self, before: i64) -> Result<usize, JournalError> {
+    /// Deletes records last changed before `before` (unix seconds): every
+    /// superseded one, and every done one whose file version is gone from
+    /// disk (`still_there` says). A done record of a file that is still there
+    /// stays, or the next scan would send the file again.
+    pub fn prune(
+        &self,
+        before: i64,
+        still_there: impl Fn(&Path, FileVersion) -> bool,
+    ) -> Result<usize, JournalError> {
+        let old: Vec<(i64, Vec<u8>, FileVersion)> = self.with(|conn| {
+            let mut q = conn.prepare(
+                "SELECT id, path, dev, ino, size, mtime_ns FROM files
+                 WHERE state = 'done' AND updated_at < ?1",
+            )?;
+            let rows = q.query_map([before], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    FileVersion {
+                        dev: r.get::<_, i64>(2)? as u64,
+                        ino: r.get::<_, i64>(3)? as u64,
+                        size: r.get::<_, i64>(4)? as u64,
+                        mtime_ns: r.get(5)?,
+                    },
+                ))
+            })?;
+            rows.collect()
+        })?;
+        let gone: Vec<i64> = old
+            .into_iter()
+            .filter(|(_, p, v)| !still_there(Path::new(std::ffi::OsStr::from_bytes(p)), *v))
+            .map(|(id, ..)| id)
+            .collect();
         self.with(|conn| {
-            conn.execute(
-                "DELETE FROM files WHERE state IN ('done', 'superseded') AND updated_at < ?1",
-                params![before],
-            )
+            let tx = conn.transaction()?;
+            let mut n = tx.execute(
+                "DELETE FROM files WHERE state = 'superseded' AND updated_at < ?1",
+                [before],
+            )?;
+            for id in &gone {
+                n += tx.execute("DELETE FROM files WHERE id = ?1", [id])?;
+            }
+            tx.commit()?;
+            Ok(n)
         })
     }
 
@@ -713,7 +750,12 @@ mod tests {
             panic!()
         };
         j.done(id, "e").unwrap();
-        assert_eq!(j.prune(now() - 10).unwrap(), 0);
-        assert_eq!(j.prune(now() + 10).unwrap(), 1);
+        assert_eq!(j.prune(now() - 10, |_, _| false).unwrap(), 0);
+        assert_eq!(
+            j.prune(now() + 10, |_, _| true).unwrap(),
+            0,
+            "the file is still there"
+        );
+        assert_eq!(j.prune(now() + 10, |_, _| false).unwrap(), 1);
     }
 }

@@ -9,6 +9,7 @@
 //! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
 //! server verifies. `docs/ARCHITECTURE.md` draws the flow.
 
+pub mod agent;
 pub mod checksum;
 pub mod cli;
 pub mod config;

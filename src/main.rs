@@ -24,7 +24,7 @@ fn fix_malloc_mmap_threshold() {}
 fn main() -> ExitCode {
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.log_format);
+    init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

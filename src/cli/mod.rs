@@ -4,6 +4,7 @@
 //! settings. This module never talks to S3 itself.
 
 mod push;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,7 +102,60 @@ one-shot push needs no file:
       --profile s3-test --prefix foo/ report.csv",
         after_long_help = AFTER_HELP
     )]
-    Push(PushArgs),
+    Push(Box<PushArgs>),
+
+    /// Run the agent: watch folders and upload every finished file.
+    #[command(
+        long_about = "\
+Run the agent: watch the configured folders and upload every finished file, \
+once, across restarts, crashes, network loss and credential renewals.
+
+A file is taken when its writer closed it (or it was renamed into the \
+folder) and nothing changed for `settle`; hidden and temporary files are \
+ignored. Its key is the watch's prefix plus its path inside the folder. The \
+journal in [state] dir is the agent's only memory of what was sent (the \
+bucket is never read): a done file is not sent again after a restart, and an \
+interrupted multipart upload continues where it stopped.
+
+SIGTERM or SIGINT: stop taking files, let in-flight uploads finish within \
+[agent] shutdown_timeout, exit 0. SIGHUP does not reload the configuration: \
+restart the agent instead (safe at any time).",
+        after_long_help = AFTER_HELP
+    )]
+    Run(RunArgs),
+
+    /// Show what the agent did and what waits, from the journal alone.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML; see agent.toml.example).
+    #[arg(
+        short,
+        long,
+        env = "PUTONLY_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/putonly/agent.toml"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Configuration file; its [state] dir names the journal.
+    #[arg(
+        short,
+        long,
+        env = "PUTONLY_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/putonly/agent.toml"
+    )]
+    pub config: PathBuf,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the configuration comes from, and the flags that override it.
@@ -221,18 +275,23 @@ pub struct PushArgs {
 }
 
 /// Sets up logging on standard error. `PUTONLY_LOG` (a tracing filter)
-/// overrides the level chosen by `-v`.
-pub fn init_logging(verbose: u8, format: LogFormat) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "warn,putonly=info",
-        2 => "info,putonly=debug",
+/// overrides the level chosen by `-v`; the agent logs its own info lines by
+/// default, the one-shot commands only warnings.
+pub fn init_logging(cli: &Cli) {
+    let daemon = matches!(cli.command, Command::Run(_));
+    let default = match (cli.verbose, daemon) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "warn,putonly=info",
+        (2, _) => "info,putonly=debug",
         _ => "debug,putonly=trace",
     };
+    let format = cli.log_format;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PUTONLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -244,7 +303,32 @@ pub fn init_logging(verbose: u8, format: LogFormat) {
 /// [`EXIT_FAILED`] and [`EXIT_USAGE`].
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Push(args) => push::run(args).await,
+        Command::Push(args) => push::run(*args).await,
+        Command::Run(args) => run_agent(args).await,
+        Command::Status(args) => status::run(args),
+    }
+}
+
+async fn run_agent(args: RunArgs) -> ExitCode {
+    let settings = match RawConfig::load(&args.config)
+        .and_then(|raw| crate::config::Settings::resolve(&raw))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match crate::agent::run(settings).await {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(crate::agent::AgentError::Config(e)) => {
+            report_error(&e);
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(EXIT_FAILED)
+        }
     }
 }
 

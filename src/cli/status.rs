@@ -1,0 +1,102 @@
+//! `putonly status`: what the agent did and what waits, read from the
+//! journal alone (no request leaves the machine). It opens the journal
+//! read-only and never changes it.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::{EXIT_OK, EXIT_USAGE, StatusArgs, report_error};
+use crate::config::{RawConfig, Settings};
+use crate::journal::{Journal, Status, now};
+
+pub fn run(args: StatusArgs) -> ExitCode {
+    let settings = match RawConfig::load(&args.config).and_then(|raw| Settings::resolve(&raw)) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Some(state) = settings.state else {
+        eprintln!(
+            "putonly: state.dir: is missing; the journal lives there (add [state] dir = \"/var/lib/putonly\")"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let status = match Journal::open_read_only(&state.dir).and_then(|j| j.status()) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            eprintln!(
+                "putonly: has the agent run with this configuration yet? (putonly run --config {})",
+                args.config.display()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&status).unwrap_or_default());
+    } else {
+        print!("{}", render(&status));
+    }
+    ExitCode::from(EXIT_OK)
+}
+
+fn ago(t: i64) -> String {
+    let d = now() - t;
+    if d >= 0 {
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(d as u64))
+        )
+    } else {
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs((-d) as u64))
+        )
+    }
+}
+
+fn render(s: &Status) -> String {
+    let mut out = format!(
+        "files: {} done ({} sent), {} pending, {} failed\n",
+        s.done,
+        bytesize::ByteSize(s.bytes_sent).display().iec(),
+        s.pending,
+        s.failed
+    );
+    match &s.oldest_pending {
+        Some(p) => out.push_str(&format!(
+            "oldest pending: {} (seen {})\n",
+            p.path,
+            ago(p.since)
+        )),
+        None => out.push_str("oldest pending: none\n"),
+    }
+    match s.credentials_expire_at {
+        Some(t) => out.push_str(&format!(
+            "credentials expire: {} (as last seen by the agent)\n",
+            ago(t)
+        )),
+        None => {
+            out.push_str("credentials expire: not recorded (no role, or the agent has not run)\n")
+        }
+    }
+    if let Some(t) = s.agent_heartbeat_at {
+        out.push_str(&format!("agent heartbeat: {}\n", ago(t)));
+    }
+    if !s.last_errors.is_empty() {
+        out.push_str("last errors:\n");
+        for e in &s.last_errors {
+            out.push_str(&format!(
+                "  {} [{}] {} -> {}: {}\n",
+                ago(e.at),
+                e.state,
+                e.path,
+                e.key,
+                e.error
+            ));
+        }
+    }
+    out
+}
