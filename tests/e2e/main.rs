@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `putonly` binary against real servers (moto
 //! with IAM authorization on, Garage), through the recording proxy.
 
+mod agent;
 mod garage;
 mod push;
 mod support;

@@ -34,6 +34,11 @@ pub struct Record {
     pub session_token: bool,
     pub status: u16,
     pub injected: bool,
+    /// The object size a write announces: Content-Length of a PutObject,
+    /// x-amz-mp-object-size of a CompleteMultipartUpload.
+    pub size: Option<u64>,
+    /// The uploadId query parameter, for multipart requests.
+    pub upload_id: Option<String>,
 }
 
 /// Operations putonly may send.
@@ -232,7 +237,25 @@ async fn handle(
         Some(a) => a.clone(),
         None => classify(&parts.method, key.is_some(), &query, &parts.headers),
     };
+    let header_u64 = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let size = match op.as_str() {
+        "PutObject" => header_u64("content-length"),
+        "CompleteMultipartUpload" => header_u64("x-amz-mp-object-size"),
+        _ => None,
+    };
+    let upload_id = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("uploadId="))
+        .map(percent_decode);
     let mut record = Record {
+        size,
+        upload_id,
         at,
         method: parts.method.to_string(),
         op: op.clone(),

@@ -1,0 +1,393 @@
+//! `putonly run` against moto with the seed's policies, through the
+//! recording proxy: producers write files in every way they do, the agent is
+//! killed and restarted, the endpoint goes away; every finished file must
+//! arrive intact, and only writes may cross the wire.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::support::moto::Moto;
+use crate::support::proxy::{Proxy, Record};
+use crate::support::{bytes, get, putonly, run};
+
+const BUCKET: &str = "account-b-bucket";
+const MIB: usize = 1024 * 1024;
+
+/// A running `putonly run`, its log appended to a file.
+struct Agent {
+    child: tokio::process::Child,
+}
+
+impl Agent {
+    fn start(creds: &Path, config: &Path, log: &Path) -> Agent {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = putonly(Some(creds))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("PUTONLY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start putonly run");
+        Agent { child }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    async fn kill9(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// SIGTERM, then the exit code.
+    async fn stop(mut self) -> Option<i32> {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the agent stops within its shutdown timeout")
+            .unwrap();
+        status.code()
+    }
+}
+
+struct Setup {
+    moto: Moto,
+    proxy: Proxy,
+    _work: tempfile::TempDir,
+    outbox: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+async fn setup(upload: &str) -> Setup {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let work = tempfile::tempdir().unwrap();
+    let outbox = work.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let config = moto.config(
+        &proxy.url,
+        &format!(
+            "[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n\
+             [state]\ndir = \"{state}\"\n\
+             [[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"500ms\"\n\
+             [agent]\nrescan_interval = \"10s\"\nshutdown_timeout = \"10s\"\n\
+             [upload]\n{upload}\n",
+            state = work.path().join("state").display(),
+            outbox = outbox.display(),
+        ),
+    );
+    let log = work.path().join("agent.log");
+    Setup {
+        moto,
+        proxy,
+        _work: work,
+        outbox,
+        config,
+        log,
+    }
+}
+
+/// Writes the workload the way producers do; returns relative path → bytes.
+/// Small files: written at once, renamed into place from a .tmp name, or
+/// created in new nested folders; some written slowly in pieces. Big files:
+/// written in 4 MiB pieces.
+async fn produce(
+    outbox: &Path,
+    small: usize,
+    big_mib: &[usize],
+    seed: u64,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut slow = Vec::new();
+    for i in 0..small {
+        let data = bytes(100 + (i * 37) % 5000, seed * 100_000 + i as u64);
+        let rel = match i % 4 {
+            0 => format!("direct-{i}.dat"),
+            1 => format!("renamed-{i}.dat"),
+            2 => format!("new/d{}/sub{}/n-{i}.dat", i % 7, i % 3),
+            _ => format!("slow-{i}.dat"),
+        };
+        let path = outbox.join(&rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        match i % 4 {
+            1 => {
+                let tmp = outbox.join(format!("renamed-{i}.dat.tmp"));
+                std::fs::write(&tmp, &data).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+            3 if i % 40 == 3 => slow.push((path.clone(), data.clone())),
+            _ => std::fs::write(&path, &data).unwrap(),
+        }
+        files.insert(rel, data);
+        if i % 50 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Slow writers: four pieces over about 1.5 s each, the file held open.
+    let slow_writers = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut handles: Vec<(std::fs::File, Vec<u8>)> = slow
+            .into_iter()
+            .map(|(p, d)| (std::fs::File::create(p).unwrap(), d))
+            .collect();
+        for piece in 0..4 {
+            for (f, d) in handles.iter_mut() {
+                let n = d.len().div_ceil(4);
+                let chunk = &d[(piece * n).min(d.len())..((piece + 1) * n).min(d.len())];
+                f.write_all(chunk).unwrap();
+                f.flush().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    for (n, mib) in big_mib.iter().enumerate() {
+        let rel = format!("big/b-{n}.bin");
+        let data = bytes(mib * MIB + n * 1000, seed * 1000 + 7 + n as u64);
+        let path = outbox.join(&rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let d = data.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(path).unwrap();
+            for chunk in d.chunks(4 * MIB) {
+                f.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap();
+        files.insert(rel, data);
+    }
+    slow_writers.await.unwrap();
+    files
+}
+
+async fn status(s: &Setup) -> serde_json::Value {
+    let out = putonly(Some(s.moto.dir.path()))
+        .args(["status", "--json", "--config"])
+        .arg(&s.config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until the journal records `n` files done and none pending.
+async fn wait_done(s: &Setup, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let st = status(s).await;
+        if st["done"].as_u64() == Some(n as u64) && st["pending"].as_u64() == Some(0) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "not done after {limit:?}: {st}\nlog tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn assert_all_arrived(s: &Setup, files: &BTreeMap<String, Vec<u8>>) {
+    let admin = s.moto.admin();
+    for (rel, data) in files {
+        let key = format!("fighters/in/{rel}");
+        assert!(
+            get(&admin, BUCKET, &key).await == *data,
+            "{key} differs from the file"
+        );
+    }
+}
+
+/// Every successful write of a key announced the size of the finished file:
+/// no object ever held partial content.
+fn assert_no_partial_writes(
+    records: &[Record],
+    files: &BTreeMap<String, Vec<u8>>,
+) -> HashMap<String, usize> {
+    let mut writes: HashMap<String, usize> = HashMap::new();
+    for r in records {
+        if !(r.op == "PutObject" || r.op == "CompleteMultipartUpload") || r.status != 200 {
+            continue;
+        }
+        let key = r.key.clone().unwrap();
+        let rel = key
+            .strip_prefix("fighters/in/")
+            .expect("key under the watch prefix");
+        let data = files
+            .get(rel)
+            .unwrap_or_else(|| panic!("{key} is not a produced file"));
+        assert_eq!(
+            r.size,
+            Some(data.len() as u64),
+            "{key} was written with another size"
+        );
+        *writes.entry(key).or_default() += 1;
+    }
+    writes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_finished_file_arrives_once_whatever_the_producer_does() {
+    let s = setup("concurrency = 8\n").await;
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let files = produce(&s.outbox, 400, &[20, 24, 33], 1).await;
+    wait_done(&s, files.len(), Duration::from_secs(180)).await;
+    assert_eq!(agent.stop().await, Some(0), "SIGTERM ends the agent with 0");
+
+    assert_all_arrived(&s, &files).await;
+    s.proxy.assert_only_writes();
+    let writes = assert_no_partial_writes(&s.proxy.records(), &files);
+    assert_eq!(writes.len(), files.len());
+    assert!(
+        writes.values().all(|&n| n == 1),
+        "a file was written twice: {:?}",
+        writes.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+    assert_eq!(s.proxy.count("CreateMultipartUpload"), 3);
+
+    // The journal remembers: a restart sends nothing again.
+    let before = s.proxy.s3_records().len();
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    assert_eq!(
+        s.proxy.s3_records().len(),
+        before,
+        "a restart re-sent files"
+    );
+
+    let out = run(putonly(Some(s.moto.dir.path()))
+        .args(["status", "--config"])
+        .arg(&s.config))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{} done", files.len())), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_random_moments_loses_nothing_and_resumes_uploads() {
+    let s = setup("concurrency = 4\npart_size = \"5MiB\"\nbandwidth_limit = \"12MiB/s\"\n").await;
+    let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let outbox = s.outbox.clone();
+    let producer = tokio::spawn(async move { produce(&outbox, 300, &[25, 30, 40], 2).await });
+    let mut rng = fastrand::Rng::with_seed(42);
+    let mut kills: Vec<SystemTime> = Vec::new();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(rng.u64(700..2500))).await;
+        assert!(agent.alive(), "the agent died on its own");
+        agent.kill9().await;
+        kills.push(SystemTime::now());
+        agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    }
+    let files = producer.await.unwrap();
+    wait_done(&s, files.len(), Duration::from_secs(240)).await;
+    assert_eq!(agent.stop().await, Some(0));
+
+    assert_all_arrived(&s, &files).await;
+    s.proxy.assert_only_writes();
+    let records = s.proxy.records();
+    let writes = assert_no_partial_writes(&records, &files);
+    let small = files.keys().filter(|k| !k.starts_with("big/")).count();
+    let puts = records
+        .iter()
+        .filter(|r| r.op == "PutObject" && r.status == 200)
+        .count();
+    // Each kill may catch up to `concurrency` small files sent but not yet recorded.
+    assert!(
+        puts >= small && puts <= small + kills.len() * 4,
+        "PutObject {puts} for {small} small files and {} kills",
+        kills.len()
+    );
+    assert_eq!(writes.len(), files.len());
+
+    // At least one multipart upload went on with its upload id across a kill.
+    let mut parts_by_upload: HashMap<String, Vec<SystemTime>> = HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.op == "UploadPart" && r.status == 200)
+    {
+        parts_by_upload
+            .entry(r.upload_id.clone().unwrap())
+            .or_default()
+            .push(r.at);
+    }
+    let resumed = parts_by_upload
+        .values()
+        .filter(|times| {
+            let (lo, hi) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+            kills.iter().any(|k| lo < k && k < hi)
+        })
+        .count();
+    assert!(
+        resumed >= 1,
+        "no multipart upload continued across a kill: {parts_by_upload:?} kills {kills:?}"
+    );
+    let creates = s.proxy.count("CreateMultipartUpload");
+    eprintln!(
+        "kills {}, PutObject {puts} for {small} small files, CreateMultipartUpload {creates} for 3 big files, uploads resumed across a kill: {resumed}",
+        kills.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_30_second_outage_is_ridden_out() {
+    let s = setup("concurrency = 4\n").await;
+    let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let mut files = produce(&s.outbox.join("before"), 40, &[], 3).await;
+    s.proxy.outage(Duration::from_secs(30));
+    let during = produce(&s.outbox.join("during"), 60, &[20], 4).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(agent.alive(), "the agent must stay up through the outage");
+    files = files
+        .into_iter()
+        .map(|(k, v)| (format!("before/{k}"), v))
+        .chain(during.into_iter().map(|(k, v)| (format!("during/{k}"), v)))
+        .collect();
+    wait_done(&s, files.len(), Duration::from_secs(180)).await;
+    assert!(agent.alive());
+    assert_eq!(agent.stop().await, Some(0));
+    assert_all_arrived(&s, &files).await;
+    s.proxy.assert_only_writes();
+    assert_no_partial_writes(&s.proxy.records(), &files);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_waiting_at_start_up_is_sent_once() {
+    let s = setup("concurrency = 8\n").await;
+    let mut files = BTreeMap::new();
+    for i in 0..1500 {
+        let rel = format!("d{}/f-{i}.dat", i % 20);
+        let data = bytes(64 + i % 300, 9_000_000 + i as u64);
+        std::fs::create_dir_all(s.outbox.join(&rel).parent().unwrap()).unwrap();
+        std::fs::write(s.outbox.join(&rel), &data).unwrap();
+        files.insert(rel, data);
+    }
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    wait_done(&s, files.len(), Duration::from_secs(240)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    assert_all_arrived(&s, &files).await;
+    assert_eq!(s.proxy.count("PutObject"), files.len());
+    s.proxy.assert_only_writes();
+}
