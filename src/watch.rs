@@ -199,17 +199,26 @@ impl Watch {
                     }
                 }
                 _ = tick.tick() => self.settle(&mut waiting, &mut ready, &mut queued),
+                // Room in the queue again: hand one over now, the rest below.
+                permit = self.ready_tx.reserve(), if !ready.is_empty() => {
+                    let Ok(permit) = permit else { return };
+                    if let Some(c) = ready.pop_front() {
+                        queued.remove(&c.path);
+                        permit.send(c);
+                    }
+                }
                 _ = rescan.tick() => {
                     tracing::debug!("periodic rescan");
                     add_watches(&mut watcher, &roots, &mut watched);
                     spawn_scan(roots.clone(), tx.clone());
                 }
             }
-            while let Some(c) = ready.front() {
+            // Hand over what is ready while the queue has room.
+            while !ready.is_empty() {
                 match self.ready_tx.try_reserve() {
                     Ok(permit) => {
-                        queued.remove(&c.path);
                         if let Some(c) = ready.pop_front() {
+                            queued.remove(&c.path);
                             permit.send(c);
                         }
                     }

@@ -128,9 +128,11 @@ restart the agent instead (safe at any time).",
     Status(StatusArgs),
 }
 
+/// The agent's configuration file, shared by run and status.
 #[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Configuration file (TOML; see agent.toml.example).
+pub struct AgentConfig {
+    /// Configuration file (TOML; see agent.toml.example); its [state] dir
+    /// names the journal.
     #[arg(
         short,
         long,
@@ -141,17 +143,23 @@ pub struct RunArgs {
     pub config: PathBuf,
 }
 
+impl AgentConfig {
+    /// Loads and resolves the file.
+    pub fn settings(&self) -> Result<crate::config::Settings, ConfigError> {
+        RawConfig::load(&self.config).and_then(|raw| crate::config::Settings::resolve(&raw))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub agent: AgentConfig,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Configuration file; its [state] dir names the journal.
-    #[arg(
-        short,
-        long,
-        env = "PUTONLY_CONFIG",
-        value_name = "FILE",
-        default_value = "/etc/putonly/agent.toml"
-    )]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub agent: AgentConfig,
 
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -310,9 +318,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn run_agent(args: RunArgs) -> ExitCode {
-    let settings = match RawConfig::load(&args.config)
-        .and_then(|raw| crate::config::Settings::resolve(&raw))
-    {
+    let settings = match args.agent.settings() {
         Ok(s) => s,
         Err(e) => {
             report_error(&e);

@@ -6,11 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{EXIT_OK, EXIT_USAGE, StatusArgs, report_error};
-use crate::config::{RawConfig, Settings};
 use crate::journal::{Journal, Status, now};
 
 pub fn run(args: StatusArgs) -> ExitCode {
-    let settings = match RawConfig::load(&args.config).and_then(|raw| Settings::resolve(&raw)) {
+    let settings = match args.agent.settings() {
         Ok(s) => s,
         Err(e) => {
             report_error(&e);
@@ -29,7 +28,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
             report_error(&e);
             eprintln!(
                 "putonly: has the agent run with this configuration yet? (putonly run --config {})",
-                args.config.display()
+                args.agent.config.display()
             );
             return ExitCode::from(EXIT_USAGE);
         }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{read_env, repo, tool_path};
+use super::{start_server, tool_path};
 
 pub struct Garage {
     pub url: String,
@@ -33,18 +33,12 @@ pub fn binary() -> Option<PathBuf> {
 impl Garage {
     pub fn start(bin: &Path) -> Garage {
         let dir = tempfile::tempdir().unwrap();
-        let status = Command::new(repo().join("scripts/garage-up.sh"))
-            .arg(dir.path())
-            .env("PUTONLY_GARAGE_BIN", bin)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run scripts/garage-up.sh");
-        assert!(status.success(), "scripts/garage-up.sh failed");
-        let env = read_env(&dir.path().join("env"));
-        let pid = std::fs::read_to_string(dir.path().join("garage.pid"))
-            .unwrap()
-            .trim()
-            .to_string();
+        let (env, pid) = start_server(
+            "garage-up.sh",
+            dir.path(),
+            &[("PUTONLY_GARAGE_BIN", bin.as_os_str())],
+            "garage",
+        );
         Garage {
             url: env["GARAGE_URL"].clone(),
             writer_key: (env["WRITER_KEY_ID"].clone(), env["WRITER_SECRET"].clone()),

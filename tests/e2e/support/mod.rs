@@ -35,6 +35,28 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Runs one of the project's `scripts/*-up.sh DIR` and returns what it wrote
+/// into DIR/env and the server's pid (DIR/NAME.pid).
+pub fn start_server(
+    script: &str,
+    dir: &Path,
+    envs: &[(&str, &std::ffi::OsStr)],
+    name: &str,
+) -> (std::collections::HashMap<String, String>, String) {
+    let status = std::process::Command::new(repo().join("scripts").join(script))
+        .arg(dir)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    assert!(status.success(), "scripts/{script} failed");
+    let pid = std::fs::read_to_string(dir.join(format!("{name}.pid")))
+        .unwrap()
+        .trim()
+        .to_string();
+    (read_env(&dir.join("env")), pid)
+}
+
 /// Reads a KEY=VALUE file written by the project's scripts.
 pub fn read_env(path: &Path) -> std::collections::HashMap<String, String> {
     std::fs::read_to_string(path)

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::{free_port, read_env, repo};
+use super::{free_port, start_server};
 
 pub struct Moto {
     pub url: String,
@@ -25,17 +25,7 @@ impl Moto {
     /// Starts a fresh moto on a free port, seeds the scenario, turns auth on.
     pub fn start() -> Moto {
         let dir = tempfile::tempdir().unwrap();
-        let status = Command::new(repo().join("scripts/moto-up.sh"))
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run scripts/moto-up.sh");
-        assert!(status.success(), "scripts/moto-up.sh failed");
-        let env = read_env(&dir.path().join("env"));
-        let pid = std::fs::read_to_string(dir.path().join("moto.pid"))
-            .unwrap()
-            .trim()
-            .to_string();
+        let (env, pid) = start_server("moto-up.sh", dir.path(), &[], "moto");
         let scenario: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("scenario.json")).unwrap(),
         )
