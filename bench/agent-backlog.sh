@@ -48,15 +48,11 @@ concurrency = 16
 TOML
 export AWS_SHARED_CREDENTIALS_FILE=$work/garage/credentials AWS_CONFIG_FILE=$work/garage/config
 start=$(date +%s.%N)
+launched=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
 /usr/bin/time -v target/release/putonly run --config "$work/agent.toml" --log-format json \
   2>"$work/agent.log" &
 echo $! >"$work/agent.pid"
-first=""
 while :; do
-  if [ -z "$first" ] && grep -q '"message":"uploaded"' "$work/agent.log" 2>/dev/null; then
-    first=$(date +%s.%N)
-    echo "first upload after $(echo "$first - $start" | bc) s"
-  fi
   done_n=$(target/release/putonly status --config "$work/agent.toml" --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["done"])' 2>/dev/null || echo 0)
   if [ "$done_n" -ge "$n" ]; then break; fi
   sleep 0.2
@@ -66,4 +62,18 @@ echo "all $n files done after $(echo "$end - $start" | bc) s"
 pkill -TERM -P "$(cat "$work/agent.pid")"
 wait "$(cat "$work/agent.pid")" || true
 rm -f "$work/agent.pid"
+# The first upload, from the agent's own log timestamps.
+python3 - "$launched" "$work/agent.log" <<'PY'
+import datetime, json, sys
+def ts(s):
+    return datetime.datetime.fromisoformat(s.rstrip("Z")[:26])
+launched = ts(sys.argv[1])
+for line in open(sys.argv[2]):
+    if not line.startswith("{"):
+        continue
+    e = json.loads(line)
+    if e.get("fields", {}).get("message") == "uploaded":
+        print(f"first upload {(ts(e['timestamp']) - launched).total_seconds():.3f} s after launch")
+        break
+PY
 grep -E "Maximum resident|Elapsed \(wall|User time|System time" "$work/agent.log"

@@ -530,6 +530,14 @@ impl Journal {
     pub fn status(&self) -> Result<Status, JournalError> {
         self.with(|conn| {
             let mut s = Status::default();
+            let initialized: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                [],
+                |r| r.get(0),
+            )?;
+            if !initialized {
+                return Ok(s); // the agent is creating it right now
+            }
             let mut q = conn.prepare(
                 "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state",
             )?;

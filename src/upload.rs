@@ -348,11 +348,12 @@ impl<W: ObjectWriter> Engine<W> {
                 )
                 .await
             {
-                // The server lost the upload we continued: start over, once.
+                // The server lost the upload (a lifecycle rule aborted it, or
+                // the one remembered is gone): start over, once.
                 Err(UploadError::S3 { source: e, .. })
-                    if resume.is_some() && matches!(*e, S3Error::NoSuchUpload { .. }) =>
+                    if matches!(*e, S3Error::NoSuchUpload { .. }) =>
                 {
-                    tracing::info!(key = %job.key, "the server no longer knows the upload being resumed; starting over");
+                    tracing::info!(key = %job.key, resumed = resume.is_some(), "the server no longer knows the multipart upload; starting over");
                     checkpoint
                         .forget()
                         .map_err(|reason| UploadError::Checkpoint {

@@ -79,21 +79,34 @@ struct Setup {
 }
 
 async fn setup(upload: &str) -> Setup {
+    setup_with(
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"500ms\"\n",
+        "[\"foo/\", \"fighters/\"]",
+        upload,
+    )
+    .await
+}
+
+/// `watches` may name `{outbox}` and `{work}`; `allowed` is the TOML array
+/// of allowed prefixes.
+async fn setup_with(watches: &str, allowed: &str, upload: &str) -> Setup {
     let moto = Moto::start();
     let proxy = Proxy::start(&moto.url).await;
     let work = tempfile::tempdir().unwrap();
     let outbox = work.path().join("outbox");
     std::fs::create_dir_all(&outbox).unwrap();
+    let watches = watches
+        .replace("{outbox}", &outbox.display().to_string())
+        .replace("{work}", &work.path().display().to_string());
     let config = moto.config(
         &proxy.url,
         &format!(
-            "[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n\
+            "[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = {allowed}\n\
              [state]\ndir = \"{state}\"\n\
-             [[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"500ms\"\n\
+             {watches}\
              [agent]\nrescan_interval = \"10s\"\nshutdown_timeout = \"10s\"\n\
              [upload]\n{upload}\n",
             state = work.path().join("state").display(),
-            outbox = outbox.display(),
         ),
     );
     let log = work.path().join("agent.log");
@@ -402,5 +415,104 @@ async fn a_backlog_waiting_at_start_up_is_sent_once() {
     assert_eq!(agent.stop().await, Some(0));
     assert_all_arrived(&s, &files).await;
     assert_eq!(s.proxy.count("PutObject"), files.len());
+    s.proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_upload_deletes_or_moves_only_what_is_recorded_done() {
+    let s = setup_with(
+        "[[watch]]\npath = \"{outbox}/del\"\nprefix = \"foo/del\"\nsettle = \"300ms\"\nafter_upload = \"delete\"\n\
+         [[watch]]\npath = \"{outbox}/mv\"\nprefix = \"foo/mv\"\nsettle = \"300ms\"\nafter_upload = \"move\"\nmove_to = \"{work}/sent\"\n",
+        "[\"foo/\"]",
+        "",
+    )
+    .await;
+    let sent = s.outbox.parent().unwrap().join("sent");
+    std::fs::create_dir_all(s.outbox.join("del")).unwrap();
+    std::fs::create_dir_all(s.outbox.join("mv")).unwrap();
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let del = produce(&s.outbox.join("del"), 20, &[], 5).await;
+    let mv = produce(&s.outbox.join("mv"), 20, &[], 6).await;
+    wait_done(&s, del.len() + mv.len(), Duration::from_secs(120)).await;
+    // The action follows the journal's done mark; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    let admin = s.moto.admin();
+    for (rel, data) in &del {
+        assert!(
+            !s.outbox.join("del").join(rel).exists(),
+            "{rel} was not deleted"
+        );
+        assert!(get(&admin, BUCKET, &format!("foo/del/{rel}")).await == *data);
+    }
+    for (rel, data) in &mv {
+        assert!(
+            !s.outbox.join("mv").join(rel).exists(),
+            "{rel} was not moved"
+        );
+        assert_eq!(
+            std::fs::read(sent.join(rel)).unwrap(),
+            *data,
+            "{rel} moved intact"
+        );
+        assert!(get(&admin, BUCKET, &format!("foo/mv/{rel}")).await == *data);
+    }
+    s.proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_file_is_marked_failed_and_the_agent_carries_on() {
+    // The client-side guard allows bar/, the role's policy does not.
+    let s = setup_with(
+        "[[watch]]\npath = \"{outbox}/bar\"\nprefix = \"bar/\"\nsettle = \"300ms\"\n\
+         [[watch]]\npath = \"{outbox}/foo\"\nprefix = \"foo/\"\nsettle = \"300ms\"\n",
+        "[\"foo/\", \"bar/\"]",
+        "",
+    )
+    .await;
+    std::fs::create_dir_all(s.outbox.join("bar")).unwrap();
+    std::fs::create_dir_all(s.outbox.join("foo")).unwrap();
+    let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    std::fs::write(s.outbox.join("bar/denied.txt"), b"no").unwrap();
+    std::fs::write(s.outbox.join("foo/fine.txt"), b"yes").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = status(&s).await;
+        if st["failed"].as_u64() == Some(1) && st["done"].as_u64() == Some(1) {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let err = st["last_errors"][0]["error"].as_str().unwrap();
+    assert!(err.contains("AccessDenied"), "{st}");
+    assert!(agent.alive());
+    // Not retried while it is unchanged: one PutObject for bar/.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bar_puts = s
+        .proxy
+        .records()
+        .iter()
+        .filter(|r| r.op == "PutObject" && r.key.as_deref() == Some("bar/denied.txt"))
+        .count();
+    assert_eq!(bar_puts, 1);
+    assert_eq!(agent.stop().await, Some(0));
+    assert_eq!(get(&s.moto.admin(), BUCKET, "foo/fine.txt").await, b"yes");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multipart_upload_the_server_lost_starts_over() {
+    let s = setup("part_size = \"5MiB\"\n").await;
+    s.proxy.fail_next("UploadPart", 1, 404, "NoSuchUpload");
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let files = produce(&s.outbox, 0, &[12], 7).await;
+    wait_done(&s, files.len(), Duration::from_secs(120)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    assert_all_arrived(&s, &files).await;
+    assert_eq!(
+        s.proxy.count("CreateMultipartUpload"),
+        2,
+        "started over once"
+    );
     s.proxy.assert_only_writes();
 }
