@@ -180,11 +180,13 @@ impl Watch {
         loop {
             tokio::select! {
                 Some(item) = rx.recv() => {
-                    self.intake(item, &mut waiting, &tx);
+                    let mut settled = Vec::new();
+                    self.intake(item, &mut waiting, &mut settled, &tx);
                     // Drain what is already there before looking at files.
                     while let Ok(item) = rx.try_recv() {
-                        self.intake(item, &mut waiting, &tx);
+                        self.intake(item, &mut waiting, &mut settled, &tx);
                     }
+                    self.take_settled(settled, &mut waiting, &mut ready, &mut queued);
                 }
                 Some(rq) = self.requeue_rx.recv() => {
                     if let Some((watch, _)) = self.locate(&rq.path) {
@@ -229,10 +231,46 @@ impl Watch {
         }
     }
 
+    /// Scanned files untouched for `settle` skip the wait: they are ready
+    /// at once unless some process has them open for writing.
+    fn take_settled(
+        &self,
+        settled: Vec<(PathBuf, usize, FileVersion)>,
+        waiting: &mut HashMap<PathBuf, Pending>,
+        ready: &mut VecDeque<Candidate>,
+        queued: &mut HashSet<PathBuf>,
+    ) {
+        if settled.is_empty() {
+            return;
+        }
+        let writers = open_for_writing();
+        let now = Instant::now();
+        for (path, watch, v) in settled {
+            if writers.contains(&(v.dev, v.ino)) {
+                waiting.insert(
+                    path,
+                    Pending {
+                        watch,
+                        last: Some(v),
+                        stable_since: now,
+                        closed: false,
+                        check_writers: true,
+                        not_before: now,
+                    },
+                );
+            } else if queued.insert(path.clone())
+                && let Some((watch, rel)) = self.locate(&path)
+            {
+                ready.push_back(Candidate { watch, path, rel });
+            }
+        }
+    }
+
     fn intake(
         &self,
         item: Intake,
         waiting: &mut HashMap<PathBuf, Pending>,
+        settled: &mut Vec<(PathBuf, usize, FileVersion)>,
         tx: &mpsc::Sender<Intake>,
     ) {
         let now = Instant::now();
@@ -284,6 +322,17 @@ impl Watch {
                 };
                 if !self.filters[watch].accepts(&rel) {
                     return;
+                }
+                if let Ok(meta) = std::fs::metadata(&path)
+                    && meta.is_file()
+                {
+                    let untouched = std::time::SystemTime::now()
+                        .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
+                        .unwrap_or_default();
+                    if untouched >= self.watches[watch].settle {
+                        settled.push((path, watch, FileVersion::of(&meta)));
+                        return;
+                    }
                 }
                 waiting.insert(
                     path,

@@ -420,3 +420,63 @@ async fn sts_failing_while_credentials_are_valid_does_not_stop_uploads() {
     assert!(get(&moto.admin(), BUCKET, "foo/sts-down.bin").await == data);
     proxy.assert_only_writes();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acl_storage_class_encryption_and_metadata_are_sent_with_each_object() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n\
+         acl = \"bucket-owner-full-control\"\nstorage_class = \"STANDARD_IA\"\nsse = \"AES256\"\n\
+         metadata = { source = \"producer-1\" }\n[upload]\npart_size = \"5MiB\"\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "small.txt", 100, 17);
+    write_file(work.path(), "large.bin", 11 * MIB, 18);
+    let out = run(putonly(Some(moto.dir.path()))
+        .args(["push", "--config"])
+        .arg(&config)
+        .args(["--prefix", "foo/", "small.txt", "large.bin"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let admin = moto.admin();
+    for key in ["foo/small.txt", "foo/large.bin"] {
+        let head = admin
+            .head_object()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            head.metadata()
+                .and_then(|m| m.get("source"))
+                .map(String::as_str),
+            Some("producer-1"),
+            "{key}"
+        );
+        assert_eq!(
+            head.storage_class(),
+            Some(&aws_sdk_s3::types::StorageClass::StandardIa),
+            "{key}"
+        );
+        assert_eq!(
+            head.server_side_encryption(),
+            Some(&aws_sdk_s3::types::ServerSideEncryption::Aes256),
+            "{key}"
+        );
+        let acl = admin
+            .get_object_acl()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert!(!acl.grants().is_empty(), "{key}: no grants");
+    }
+    // The ACL travels as a header: no separate PutObjectAcl request.
+    proxy.assert_only_writes();
+    assert_eq!(proxy.count("PutObjectAcl"), 0);
+}

@@ -39,6 +39,8 @@ pub struct Record {
     pub size: Option<u64>,
     /// The uploadId query parameter, for multipart requests.
     pub upload_id: Option<String>,
+    /// The x-amz-acl header, if any.
+    pub acl: Option<String>,
 }
 
 /// Operations putonly may send.
@@ -253,7 +255,13 @@ async fn handle(
         .split('&')
         .find_map(|kv| kv.strip_prefix("uploadId="))
         .map(percent_decode);
+    let acl = parts
+        .headers
+        .get("x-amz-acl")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut record = Record {
+        acl,
         size,
         upload_id,
         at,
