@@ -195,20 +195,27 @@ async fn produce(
     files
 }
 
+/// `putonly status --json`; waits (up to 30 s) for an agent just started
+/// to create its journal.
 async fn status(s: &Setup) -> serde_json::Value {
-    let out = putonly(Some(s.moto.dir.path()))
-        .args(["status", "--json", "--config"])
-        .arg(&s.config)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = putonly(Some(s.moto.dir.path()))
+            .args(["status", "--json", "--config"])
+            .arg(&s.config)
+            .output()
+            .await
+            .unwrap();
+        if out.status.code() == Some(0) {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "putonly status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until the journal records `n` files done and none pending.

@@ -183,6 +183,10 @@ async fn expiring_credentials_are_renewed_during_a_long_push() {
         keys.len() >= 2,
         "every S3 request used the same credentials: {keys:?}"
     );
+    eprintln!(
+        "push took {took:?}; AssumeRole {assumed}; S3 requests checked against their credentials' expiry {checked}; distinct access keys used for S3 {}",
+        keys.len()
+    );
 
     let admin = moto.admin();
     assert!(get(&admin, BUCKET, "fighters/slow.bin").await == data);
