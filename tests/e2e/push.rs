@@ -9,6 +9,22 @@ use crate::support::{get, putonly, run, write_file};
 const BUCKET: &str = "account-b-bucket";
 const MIB: usize = 1024 * 1024;
 
+/// `putonly push --config CONFIG ARGS...` in `dir`, as the seed's user.
+async fn push(
+    moto: &Moto,
+    config: &std::path::Path,
+    args: &[&str],
+    dir: &std::path::Path,
+) -> std::process::Output {
+    run(putonly(Some(moto.dir.path()))
+        .arg("push")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(dir))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_sizes_arrive_byte_identical_with_only_writes_on_the_wire() {
     let moto = Moto::start();
@@ -20,13 +36,12 @@ async fn seed_sizes_arrive_byte_identical_with_only_writes_on_the_wire() {
     let big = write_file(work.path(), "big.bin", 64 * MIB, 3);
 
     for prefix in ["foo/", "fighters/"] {
-        let out = run(putonly(Some(moto.dir.path()))
-            .arg("push")
-            .arg("--config")
-            .arg(&config)
-            .args(["--prefix", prefix])
-            .args(["zero.bin", "one-k.bin", "big.bin"])
-            .current_dir(work.path()))
+        let out = push(
+            &moto,
+            &config,
+            &["--prefix", prefix, "zero.bin", "one-k.bin", "big.bin"],
+            work.path(),
+        )
         .await;
         assert_eq!(out.status.code(), Some(0), "push into {prefix}");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -74,12 +89,12 @@ async fn a_key_outside_the_prefixes_is_refused_before_any_request() {
     let work = tempfile::tempdir().unwrap();
     write_file(work.path(), "test.txt", 100, 4);
 
-    let out = run(putonly(Some(moto.dir.path()))
-        .arg("push")
-        .arg("--config")
-        .arg(&config)
-        .args(["--prefix", "bar/", "test.txt"])
-        .current_dir(work.path()))
+    let out = push(
+        &moto,
+        &config,
+        &["--prefix", "bar/", "test.txt"],
+        work.path(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -108,12 +123,12 @@ async fn access_denied_by_the_server_fails_the_file_without_retries() {
     write_file(work.path(), "denied.txt", 100, 5);
     write_file(work.path(), "allowed.txt", 100, 6);
 
-    let out = run(putonly(Some(moto.dir.path()))
-        .arg("push")
-        .arg("--config")
-        .arg(&config)
-        .args(["--prefix", "bar/", "denied.txt"])
-        .current_dir(work.path()))
+    let out = push(
+        &moto,
+        &config,
+        &["--prefix", "bar/", "denied.txt"],
+        work.path(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -124,12 +139,12 @@ async fn access_denied_by_the_server_fails_the_file_without_retries() {
         "AccessDenied must not be retried"
     );
 
-    let out = run(putonly(Some(moto.dir.path()))
-        .arg("push")
-        .arg("--config")
-        .arg(&config)
-        .args(["--prefix", "foo/", "allowed.txt"])
-        .current_dir(work.path()))
+    let out = push(
+        &moto,
+        &config,
+        &["--prefix", "foo/", "allowed.txt"],
+        work.path(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(0));
     proxy.assert_only_writes();
@@ -150,12 +165,12 @@ async fn expiring_credentials_are_renewed_during_a_long_push() {
     let small = write_file(work.path(), "small.bin", 1000, 8);
 
     let started = SystemTime::now();
-    let out = run(putonly(Some(moto.dir.path()))
-        .arg("push")
-        .arg("--config")
-        .arg(&config)
-        .args(["--prefix", "fighters/", "slow.bin", "small.bin"])
-        .current_dir(work.path()))
+    let out = push(
+        &moto,
+        &config,
+        &["--prefix", "fighters/", "slow.bin", "small.bin"],
+        work.path(),
+    )
     .await;
     let took = started.elapsed().unwrap();
     assert_eq!(out.status.code(), Some(0));
@@ -207,12 +222,12 @@ async fn throttling_and_server_errors_are_retried() {
     proxy.fail_next("CompleteMultipartUpload", 1, 503, "ServiceUnavailable");
     proxy.fail_next("PutObject", 2, 503, "SlowDown");
 
-    let out = run(putonly(Some(moto.dir.path()))
-        .arg("push")
-        .arg("--config")
-        .arg(&config)
-        .args(["--prefix", "foo/", "retry.bin", "retry-small.bin"])
-        .current_dir(work.path()))
+    let out = push(
+        &moto,
+        &config,
+        &["--prefix", "foo/", "retry.bin", "retry-small.bin"],
+        work.path(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(0));
     let admin = moto.admin();
@@ -232,12 +247,12 @@ async fn rejected_session_token_forces_one_renewal() {
     let data = write_file(work.path(), "token.bin", 10, 11);
     proxy.fail_next("PutObject", 1, 400, "ExpiredToken");
 
-    let out = run(putonly(Some(moto.dir.path()))
-        .arg("push")
-        .arg("--config")
-        .arg(&config)
-        .args(["--prefix", "foo/", "token.bin"])
-        .current_dir(work.path()))
+    let out = push(
+        &moto,
+        &config,
+        &["--prefix", "foo/", "token.bin"],
+        work.path(),
+    )
     .await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
