@@ -55,13 +55,21 @@ struct Ctx {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
+    // Signals first: a SIGTERM during start-up is a clean stop too.
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate());
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt());
+    let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
     let state = settings.require_agent()?.clone();
-    // The agent never gives up on a transient failure; the engine's own
-    // attempts are a first line, after which the file is requeued.
     let journal = Arc::new(Journal::open(&state.dir)?);
     tracing::info!(journal = %state.dir.display(), watches = settings.watches.len(), "putonly agent starting");
     let sdk = load_sdk_config(&settings.aws).await;
-    let credentials = start_credentials(&sdk, &settings).await?;
+    let credentials = tokio::select! {
+        c = start_credentials(&sdk, &settings) => c?,
+        _ = recv(&mut term) => { tracing::info!("SIGTERM during start-up: stopping"); return Ok(()); }
+        _ = recv(&mut int) => { tracing::info!("SIGINT during start-up: stopping"); return Ok(()); }
+    };
+    // The agent never gives up on a transient failure; the engine's own
+    // attempts are a first line, after which the file is requeued.
     let bucket = Arc::new(WriteOnlyBucket::new(&sdk, credentials, &settings.bucket));
     settings.upload.max_attempts = settings.upload.max_attempts.or(Some(10));
     let engine = Engine::new(bucket.clone(), settings.upload.clone());
@@ -93,9 +101,6 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
 
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<()> = JoinSet::new();
-    let mut term = signal(tokio::signal::unix::SignalKind::terminate());
-    let mut int = signal(tokio::signal::unix::SignalKind::interrupt());
-    let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
     tracing::info!("watching; ready");
     loop {
         tokio::select! {

@@ -327,8 +327,33 @@ async fn kill_9_at_random_moments_loses_nothing_and_resumes_uploads() {
     let producer = tokio::spawn(async move { produce(&outbox, small, &big, 2).await });
     let mut rng = fastrand::Rng::with_seed(42);
     let mut kills: Vec<SystemTime> = Vec::new();
-    for _ in 0..10 {
+    let parts_sent = |p: &Proxy| {
+        p.records()
+            .iter()
+            .filter(|r| r.op == "UploadPart" && r.status == 200)
+            .count()
+    };
+    for i in 0..10 {
         tokio::time::sleep(Duration::from_millis(rng.u64(700..2500))).await;
+        if i >= 5 {
+            // The later kills land while multipart uploads are under way:
+            // after this agent sent at least one part (if any are left).
+            let seen = parts_sent(&s.proxy);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let completed = |p: &Proxy| {
+                p.records()
+                    .iter()
+                    .filter(|r| r.op == "CompleteMultipartUpload" && r.status == 200)
+                    .count()
+            };
+            while parts_sent(&s.proxy) == seen
+                && completed(&s.proxy) < big_count
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.u64(100..1200))).await;
+        }
         assert!(agent.alive(), "the agent died on its own");
         agent.kill9().await;
         kills.push(SystemTime::now());
