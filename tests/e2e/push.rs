@@ -499,3 +499,92 @@ async fn acl_storage_class_encryption_and_metadata_are_sent_with_each_object() {
     proxy.assert_only_writes();
     assert_eq!(proxy.count("PutObjectAcl"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_appears_in_output_logs_or_status_even_at_trace_level() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let work = tempfile::tempdir().unwrap();
+    let outbox = work.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    write_file(work.path(), "a.bin", 6 * MIB, 19);
+    write_file(&outbox, "b.txt", 10, 20);
+    let config = moto.config(
+        &proxy.url,
+        &format!(
+            "duration = \"4s\"\nrefresh_before = \"2s\"\n\
+             [bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n\
+             [state]\ndir = \"{}\"\n[[watch]]\npath = \"{}\"\nprefix = \"foo/w\"\nsettle = \"200ms\"\n\
+             [upload]\npart_size = \"5MiB\"\nbandwidth_limit = \"2MiB/s\"\n",
+            work.path().join("state").display(),
+            outbox.display()
+        ),
+    );
+    let mut everything = String::new();
+    for extra in [&["--json"][..], &[][..]] {
+        let mut args = vec!["--prefix", "foo/", "a.bin"];
+        args.extend_from_slice(extra);
+        let out = run(putonly(Some(moto.dir.path()))
+            .env("PUTONLY_LOG", "trace")
+            .arg("push")
+            .arg("--config")
+            .arg(&config)
+            .args(&args)
+            .current_dir(work.path()))
+        .await;
+        assert_eq!(out.status.code(), Some(0));
+        everything += &String::from_utf8_lossy(&out.stdout);
+        everything += &String::from_utf8_lossy(&out.stderr);
+    }
+    // The agent at trace level, with renewals, then its status.
+    let agent = putonly(Some(moto.dir.path()))
+        .env("PUTONLY_LOG", "trace")
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.id().unwrap() as i32, libc::SIGTERM) };
+    let out = agent.wait_with_output().await.unwrap();
+    everything += &String::from_utf8_lossy(&out.stderr);
+    for json in [true, false] {
+        let mut cmd = putonly(Some(moto.dir.path()));
+        cmd.arg("status").arg("--config").arg(&config);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = run(&mut cmd).await;
+        everything += &String::from_utf8_lossy(&out.stdout);
+    }
+
+    let creds = std::fs::read_to_string(moto.dir.path().join("credentials")).unwrap();
+    let mut secrets: Vec<String> = creds
+        .lines()
+        .filter_map(|l| l.strip_prefix("aws_secret_access_key = "))
+        .map(str::to_string)
+        .collect();
+    secrets.extend(proxy.secrets());
+    assert!(proxy.count("AssumeRole") >= 3, "renewals happened");
+    assert!(secrets.len() >= 6, "{} secrets collected", secrets.len());
+    assert!(everything.len() > 10_000, "trace output was produced");
+    for secret in &secrets {
+        assert!(
+            !everything.contains(secret.as_str()),
+            "a secret leaked into the output"
+        );
+    }
+    // And the journal files hold none either.
+    let mut journal = Vec::new();
+    for name in ["journal.sqlite", "journal.sqlite-wal"] {
+        journal.extend(std::fs::read(work.path().join("state").join(name)).unwrap_or_default());
+    }
+    let journal = String::from_utf8_lossy(&journal);
+    for secret in &secrets {
+        assert!(
+            !journal.contains(secret.as_str()),
+            "a secret is in the journal"
+        );
+    }
+}

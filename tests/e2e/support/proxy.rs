@@ -66,6 +66,7 @@ struct State {
     upstream: String,
     log: Mutex<Vec<Record>>,
     expiries: Mutex<HashMap<String, SystemTime>>,
+    secrets: Mutex<Vec<String>>,
     faults: Mutex<Vec<Fault>>,
     outage_until: Mutex<Option<Instant>>,
 }
@@ -146,6 +147,11 @@ impl Proxy {
     /// The expiry STS gave each access key id it handed out.
     pub fn expiries(&self) -> HashMap<String, SystemTime> {
         self.state.expiries.lock().unwrap().clone()
+    }
+
+    /// The secret access keys and session tokens STS handed out.
+    pub fn secrets(&self) -> Vec<String> {
+        self.state.secrets.lock().unwrap().clone()
     }
 
     /// Answers the next `count` requests of `op` with `status` and `code`
@@ -333,6 +339,13 @@ async fn handle(
             if let Ok(t) = parsed {
                 state.expiries.lock().unwrap().insert(akid.to_string(), t);
             }
+            let mut secrets = state.secrets.lock().unwrap();
+            secrets.extend(
+                ["SecretAccessKey", "SessionToken"]
+                    .iter()
+                    .filter_map(|name| tag(&text, name))
+                    .map(str::to_string),
+            );
         }
         full(bytes)
     } else {
