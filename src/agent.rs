@@ -336,6 +336,7 @@ impl Ctx {
         let job = Job {
             path: path.clone(),
             key: key.clone(),
+            expected: Some(version),
         };
         let checkpoint = Arc::new(JournalCheckpoint {
             journal: self.journal.clone(),

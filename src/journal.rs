@@ -24,6 +24,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::checksum::Crc;
 use crate::config::ChecksumKind;
 use crate::s3::PartDone;
+pub use crate::upload::FileVersion;
 
 /// The journal's file name inside the state folder.
 pub const FILE_NAME: &str = "journal.sqlite";
@@ -40,30 +41,6 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// What identifies one version of a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileVersion {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
-}
-
-impl FileVersion {
-    pub fn of(m: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        FileVersion {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.len(),
-            mtime_ns: m
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec()),
-        }
-    }
 }
 
 /// A multipart upload that was started and may be continued.

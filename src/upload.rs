@@ -34,6 +34,9 @@ use crate::throttle::Throttle;
 pub struct Job {
     pub path: PathBuf,
     pub key: String,
+    /// The version the caller recorded; if the file opened is another one,
+    /// the upload fails as changed (so a record never names other bytes).
+    pub expected: Option<FileVersion>,
 }
 
 /// What arrived.
@@ -128,27 +131,31 @@ pub fn part_size_for(file_size: u64, configured: u64) -> u64 {
     configured.max(needed).min(MAX_PART_SIZE)
 }
 
-/// What identifies a version of a file: if any of it changes, the bytes
-/// being read may no longer be the bytes of one version.
+/// What identifies one version of a file: if any of it changes, the bytes
+/// being read may no longer be the bytes of one version. The journal keys
+/// its records by it too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Version {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
+pub struct FileVersion {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
 }
 
-impl Version {
-    fn of(m: &std::fs::Metadata) -> Self {
-        Version {
+impl FileVersion {
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        FileVersion {
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
         }
     }
 
-    fn difference(&self, now: &Version) -> Option<String> {
+    fn difference(&self, now: &FileVersion) -> Option<String> {
         if (self.dev, self.ino) != (now.dev, now.ino) {
             Some("it was replaced by another file".into())
         } else if self.size != now.size {
@@ -189,11 +196,11 @@ impl<W> Clone for Engine<W> {
 struct Source {
     path: PathBuf,
     file: File,
-    version: Version,
+    version: FileVersion,
 }
 
 impl Source {
-    fn open(path: &Path) -> Result<Source, UploadError> {
+    fn open(path: &Path, expected: Option<FileVersion>) -> Result<Source, UploadError> {
         let read_err = |source| UploadError::Read {
             path: path.to_path_buf(),
             source,
@@ -218,7 +225,13 @@ impl Source {
                 path: path.to_path_buf(),
             });
         }
-        let version = Version::of(&meta);
+        let version = FileVersion::of(&meta);
+        if let Some(what) = expected.and_then(|e| e.difference(&version)) {
+            return Err(UploadError::Changed {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
         if version.size > MAX_OBJECT_SIZE {
             return Err(UploadError::TooLarge {
                 path: path.to_path_buf(),
@@ -271,7 +284,7 @@ impl Source {
             path: self.path.clone(),
             source,
         })?;
-        match self.version.difference(&Version::of(&now)) {
+        match self.version.difference(&FileVersion::of(&now)) {
             Some(what) => Err(self.changed(what)),
             None => Ok(()),
         }
@@ -282,7 +295,7 @@ impl Source {
         self.check_handle()?;
         let now = std::fs::metadata(&self.path)
             .map_err(|_| self.changed("it was removed or renamed".into()))?;
-        match self.version.difference(&Version::of(&now)) {
+        match self.version.difference(&FileVersion::of(&now)) {
             Some(what) => Err(self.changed(what)),
             None => Ok(()),
         }
@@ -328,8 +341,8 @@ impl<W: ObjectWriter> Engine<W> {
         progress: ProgressFn,
         checkpoint: Arc<dyn Checkpoint>,
     ) -> Result<Uploaded, UploadError> {
-        let path = job.path.clone();
-        let source = tokio::task::spawn_blocking(move || Source::open(&path))
+        let (path, expected) = (job.path.clone(), job.expected);
+        let source = tokio::task::spawn_blocking(move || Source::open(&path, expected))
             .await
             .map_err(|e| join_error(&job.path, e))??;
         let source = Arc::new(source);
@@ -735,6 +748,7 @@ mod tests {
         let job = Job {
             path,
             key: "foo/a".into(),
+            expected: None,
         };
         let up = engine.upload(&job, no_progress()).await.unwrap();
         assert_eq!(up.parts, 0);
@@ -756,6 +770,7 @@ mod tests {
         let job = Job {
             path,
             key: "foo/b".into(),
+            expected: None,
         };
         let up = engine.upload(&job, progress).await.unwrap();
         assert_eq!(up.parts, 5);
@@ -777,6 +792,7 @@ mod tests {
         let job = Job {
             path,
             key: "foo/c".into(),
+            expected: None,
         };
         engine.upload(&job, no_progress()).await.unwrap();
         assert_eq!(fake.objects.lock().unwrap()[0].1, data);
@@ -794,6 +810,7 @@ mod tests {
         let job = Job {
             path,
             key: "foo/d".into(),
+            expected: None,
         };
         let err = engine.upload(&job, no_progress()).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
@@ -818,6 +835,7 @@ mod tests {
         let job = Job {
             path: path.clone(),
             key: "foo/e".into(),
+            expected: None,
         };
         let writer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -884,6 +902,7 @@ mod tests {
         let job = Job {
             path,
             key: "foo/r".into(),
+            expected: None,
         };
         let engine = Engine::new(fake.clone(), s.clone());
         let fail_after_two = fake.clone();
@@ -927,6 +946,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_that_is_not_the_recorded_version_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = file_of(dir.path(), "v", 100);
+        let recorded = FileVersion::of(&std::fs::metadata(&path).unwrap());
+        std::fs::write(&path, b"a newer version").unwrap();
+        let fake = Arc::new(Fake::default());
+        let engine = Engine::new(fake.clone(), settings());
+        let job = Job {
+            path,
+            key: "foo/v".into(),
+            expected: Some(recorded),
+        };
+        let err = engine.upload(&job, no_progress()).await.unwrap_err();
+        assert!(matches!(err, UploadError::Changed { .. }), "{err}");
+        assert!(fake.calls.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn fifo_is_never_opened() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("fifo");
@@ -939,6 +976,7 @@ mod tests {
         let job = Job {
             path: p,
             key: "foo/fifo".into(),
+            expected: None,
         };
         let err = tokio::time::timeout(Duration::from_secs(5), engine.upload(&job, no_progress()))
             .await

@@ -129,7 +129,11 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Sk
     let mut add = |path: PathBuf, key: Result<String, String>| match key
         .and_then(|k| guard.check(&k).map(|()| k).map_err(|e| e.to_string()))
     {
-        Ok(key) => jobs.push(Job { path, key }),
+        Ok(key) => jobs.push(Job {
+            path,
+            key,
+            expected: None,
+        }),
         Err(reason) => failed.push(Skipped {
             path,
             reason: format!("not uploaded: {reason}"),
