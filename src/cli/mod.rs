@@ -37,7 +37,8 @@ that changes while it is read is not completed.";
 
 const AFTER_HELP: &str = "\
 Exit status: 0 when every file was uploaded, 1 when some failed, 2 for a \
-usage or configuration error (nothing was sent).
+usage or configuration error (nothing was sent), 130 when push was \
+interrupted with Ctrl-C.
 
 The standard AWS environment applies: AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE, \
 AWS_CONFIG_FILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_REGION, \

@@ -17,6 +17,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, PushArgs, report_error};
+
+/// Exit status after Ctrl-C, as shells report a SIGINT death (128 + 2).
+const EXIT_INTERRUPTED: u8 = 130;
 use crate::config::{ConfigError, Settings};
 use crate::credentials::{CredentialSource, load_sdk_config};
 use crate::keys::{folder_prefix, key_for};
@@ -59,7 +62,18 @@ pub async fn run(args: PushArgs) -> ExitCode {
     let started = Instant::now();
     let mut done: Vec<Uploaded> = Vec::new();
     if !jobs.is_empty() {
-        match send(jobs, &settings, &out).await {
+        let sent = tokio::select! {
+            r = send(jobs, &settings, &out) => r,
+            _ = tokio::signal::ctrl_c() => {
+                out.finish();
+                eprintln!(
+                    "putonly: interrupted; files not reported as uploaded were not completed \
+                     (their multipart uploads are left to the bucket's AbortIncompleteMultipartUpload lifecycle rule)"
+                );
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+        };
+        match sent {
             Ok((ok, bad)) => {
                 done = ok;
                 failed.extend(bad);

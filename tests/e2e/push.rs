@@ -588,3 +588,37 @@ async fn no_secret_appears_in_output_logs_or_status_even_at_trace_level() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_stops_a_push_without_completing_anything() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n\
+         [upload]\npart_size = \"5MiB\"\nbandwidth_limit = \"2MiB/s\"\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "long.bin", 20 * MIB, 21);
+    let child = putonly(Some(moto.dir.path()))
+        .args(["push", "--config"])
+        .arg(&config)
+        .args(["--prefix", "foo/", "long.bin"])
+        .current_dir(work.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("push stops at once")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(proxy.count("CompleteMultipartUpload"), 0);
+    assert_eq!(proxy.count("CreateMultipartUpload"), 1, "the upload had started");
+    proxy.assert_only_writes();
+}
