@@ -619,6 +619,10 @@ async fn ctrl_c_stops_a_push_without_completing_anything() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(proxy.count("CompleteMultipartUpload"), 0);
-    assert_eq!(proxy.count("CreateMultipartUpload"), 1, "the upload had started");
+    assert_eq!(
+        proxy.count("CreateMultipartUpload"),
+        1,
+        "the upload had started"
+    );
     proxy.assert_only_writes();
 }
