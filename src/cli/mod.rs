@@ -145,9 +145,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Loads and resolves the file.
-    pub fn settings(&self) -> Result<crate::config::Settings, ConfigError> {
-        RawConfig::load(&self.config).and_then(|raw| crate::config::Settings::resolve(&raw))
+    /// Loads and resolves the file; a problem is reported on standard error
+    /// and becomes the usage exit status.
+    pub fn settings(&self) -> Result<crate::config::Settings, ExitCode> {
+        RawConfig::load(&self.config)
+            .and_then(|raw| crate::config::Settings::resolve(&raw))
+            .map_err(|e| {
+                report_error(&e);
+                ExitCode::from(EXIT_USAGE)
+            })
     }
 }
 
@@ -321,10 +327,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn run_agent(args: RunArgs) -> ExitCode {
     let settings = match args.agent.settings() {
         Ok(s) => s,
-        Err(e) => {
-            report_error(&e);
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     match crate::agent::run(settings).await {
         Ok(()) => ExitCode::from(EXIT_OK),

@@ -11,10 +11,7 @@ use crate::journal::{Journal, Status, now};
 pub fn run(args: StatusArgs) -> ExitCode {
     let settings = match args.agent.settings() {
         Ok(s) => s,
-        Err(e) => {
-            report_error(&e);
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     let Some(state) = settings.state else {
         eprintln!(
