@@ -548,3 +548,40 @@ async fn a_multipart_upload_the_server_lost_starts_over() {
     );
     s.proxy.assert_only_writes();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_and_status_refuse_a_bad_configuration_with_exit_2() {
+    let work = tempfile::tempdir().unwrap();
+    let no_watch = work.path().join("no-watch.toml");
+    std::fs::write(
+        &no_watch,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n[state]\ndir = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let outside = work.path().join("outside.toml");
+    std::fs::write(
+        &outside,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n[state]\ndir = \"/tmp/x\"\n\
+         [[watch]]\npath = \"/srv/out\"\nprefix = \"bar/\"\n",
+    )
+    .unwrap();
+    for (cmd, config, expected) in [
+        (
+            "run",
+            work.path().join("missing.toml"),
+            "cannot read configuration file",
+        ),
+        (
+            "status",
+            work.path().join("missing.toml"),
+            "cannot read configuration file",
+        ),
+        ("run", no_watch, "no [[watch]] is configured"),
+        ("run", outside, "watch[0].prefix"),
+    ] {
+        let out = run(putonly(None).arg(cmd).arg("--config").arg(&config)).await;
+        assert_eq!(out.status.code(), Some(2), "{cmd} {}", config.display());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{cmd}: {stderr}");
+    }
+}
