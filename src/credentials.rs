@@ -168,7 +168,6 @@ pub struct RoleSession {
     current: watch::Sender<Option<Session>>,
     renew_now: Arc<Notify>,
     generations: AtomicU64,
-    renewals: AtomicU64,
 }
 
 impl RoleSession {
@@ -179,7 +178,6 @@ impl RoleSession {
             current: watch::Sender::new(None),
             renew_now: Arc::new(Notify::new()),
             generations: AtomicU64::new(0),
-            renewals: AtomicU64::new(0),
         });
         // The first AssumeRole happens before anything else: a denied role
         // stops start-up with an explanation; a transient failure is retried.
@@ -222,11 +220,6 @@ impl RoleSession {
     /// When the current credentials expire.
     pub fn expiry(&self) -> Option<SystemTime> {
         self.current.borrow().as_ref().map(|s| s.expires)
-    }
-
-    /// How many times the credentials were renewed after the first AssumeRole.
-    pub fn renewals(&self) -> u64 {
-        self.renewals.load(Ordering::Relaxed)
     }
 
     async fn ready(&self, patience: Duration) -> Result<(), CredentialError> {
@@ -372,7 +365,6 @@ async fn renew_loop(weak: std::sync::Weak<RoleSession>) {
             Ok(s) => {
                 failures = 0;
                 retry_at = None;
-                session.renewals.fetch_add(1, Ordering::Relaxed);
                 session.publish(s);
             }
             Err(e) => {

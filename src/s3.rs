@@ -185,10 +185,6 @@ impl WriteOnlyBucket {
         }
     }
 
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
     pub fn credentials(&self) -> &CredentialSource {
         &self.credentials
     }
@@ -219,13 +215,6 @@ impl WriteOnlyBucket {
             }
             other => other,
         }
-    }
-
-    fn classify<E>(&self, op: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> S3Error
-    where
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
-        classify(op, key, err)
     }
 }
 
@@ -300,7 +289,7 @@ impl ObjectWriter for WriteOnlyBucket {
                 .send()
                 .await
                 .map(|out| out.e_tag().unwrap_or_default().to_string())
-                .map_err(|e| self.classify("PutObject", key, e))
+                .map_err(|e| classify("PutObject", key, e))
         })
         .await
     }
@@ -317,7 +306,7 @@ impl ObjectWriter for WriteOnlyBucket {
             let out = with_object_options!(req, &self.options)
                 .send()
                 .await
-                .map_err(|e| self.classify("CreateMultipartUpload", key, e))?;
+                .map_err(|e| classify("CreateMultipartUpload", key, e))?;
             out.upload_id()
                 .map(str::to_string)
                 .ok_or_else(|| S3Error::Transient {
@@ -352,7 +341,7 @@ impl ObjectWriter for WriteOnlyBucket {
                 .disable_payload_signing()
                 .send()
                 .await
-                .map_err(|e| match self.classify("UploadPart", key, e) {
+                .map_err(|e| match classify("UploadPart", key, e) {
                     S3Error::Rejected { code, .. } if code == "NoSuchUpload" => {
                         S3Error::NoSuchUpload {
                             key: key.to_string(),
@@ -401,7 +390,7 @@ impl ObjectWriter for WriteOnlyBucket {
                 .checksum_type(ChecksumType::FullObject)
                 .mpu_object_size(whole.len as i64);
             let out = with_checksum!(req, whole).send().await.map_err(|e| {
-                match self.classify("CompleteMultipartUpload", key, e) {
+                match classify("CompleteMultipartUpload", key, e) {
                     S3Error::Rejected { code, .. } if code == "NoSuchUpload" => {
                         S3Error::NoSuchUpload {
                             key: key.to_string(),
@@ -427,7 +416,7 @@ impl ObjectWriter for WriteOnlyBucket {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| self.classify("AbortMultipartUpload", key, e))
+                    .map_err(|e| classify("AbortMultipartUpload", key, e))
             })
             .await;
         match result {

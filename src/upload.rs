@@ -322,10 +322,6 @@ impl<W: ObjectWriter> Engine<W> {
         }
     }
 
-    pub fn settings(&self) -> &UploadSettings {
-        &self.inner.settings
-    }
-
     /// Uploads one file. `progress` is told how many bytes the server
     /// accepted, as parts complete.
     pub async fn upload(&self, job: &Job, progress: ProgressFn) -> Result<Uploaded, UploadError> {
