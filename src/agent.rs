@@ -70,7 +70,12 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     };
     // The agent never gives up on a transient failure; the engine's own
     // attempts are a first line, after which the file is requeued.
-    let bucket = Arc::new(WriteOnlyBucket::new(&sdk, credentials, &settings.bucket));
+    let bucket = Arc::new(WriteOnlyBucket::new(
+        &sdk,
+        credentials,
+        &settings.bucket,
+        settings.upload.request_timeout,
+    ));
     settings.upload.max_attempts = settings.upload.max_attempts.or(Some(10));
     let engine = Engine::new(bucket.clone(), settings.upload.clone());
     let concurrency = settings.upload.concurrency;
@@ -285,24 +290,36 @@ impl Ctx {
 
     async fn process_file(&self, cand: &Candidate, watch: &WatchSettings) {
         let path = &cand.path;
-        let meta = match std::fs::metadata(path) {
+        // lstat: a symbolic link is never followed (it could point anywhere,
+        // /etc included); the engine later opens only this very inode.
+        let meta = match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_file() => m,
-            Ok(_) => return,
+            Ok(m) => {
+                if m.file_type().is_symlink() {
+                    tracing::info!(path = ?path, "symbolic link; not followed, skipped");
+                }
+                return;
+            }
             Err(e) => {
-                tracing::info!(path = %path.display(), error = %e, "file disappeared before upload; dropped");
+                tracing::info!(path = ?path, error = %e, "file disappeared before upload; dropped");
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    self.forget_gone(path);
+                }
                 return;
             }
         };
         let version = FileVersion::of(&meta);
-        let key = match key_for(&watch.prefix, &cand.rel) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cannot build a key; skipped");
-                return;
-            }
+        // A path that cannot become a key (not UTF-8) is recorded under a
+        // readable stand-in and marked failed below, so status shows it.
+        let key = key_for(&watch.prefix, &cand.rel);
+        let recorded_key = match &key {
+            Ok(k) => k.clone(),
+            Err(_) => format!("{}{}", watch.prefix, cand.rel.to_string_lossy()),
         };
         let watch_name = watch.path.to_string_lossy().into_owned();
-        let observed = self.journal.observe(&watch_name, path, version, &key);
+        let observed = self
+            .journal
+            .observe(&watch_name, path, version, &recorded_key);
         let (seen, stale) = match observed {
             Ok(x) => x,
             Err(e) => {
@@ -311,10 +328,7 @@ impl Ctx {
                 return;
             }
         };
-        for (old_key, upload_id) in stale {
-            let bucket = self.bucket.clone();
-            tokio::spawn(async move { bucket.abort_multipart(&old_key, &upload_id).await });
-        }
+        self.abort_all(stale);
         let (id, attempts, resume) = match seen {
             Seen::Done => {
                 self.after_upload(watch, cand, version);
@@ -327,12 +341,16 @@ impl Ctx {
                 resume,
             } => (id, attempts, resume),
         };
-        if let Err(e) = self.settings.bucket.guard.check(&key) {
-            let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
-            let _ = self.journal.failed(id, &e.to_string(), retry_at);
-            tracing::error!(path = %path.display(), error = %e, "refused");
-            return;
-        }
+        let checked = key.and_then(|k| self.settings.bucket.guard.check(&k).map(|()| k));
+        let key = match checked {
+            Ok(k) => k,
+            Err(e) => {
+                let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
+                let _ = self.journal.failed(id, &e.to_string(), retry_at);
+                tracing::error!(path = ?path, error = %e, "refused; marked failed (see putonly status)");
+                return;
+            }
+        };
         let job = Job {
             path: path.clone(),
             key: key.clone(),
@@ -352,12 +370,12 @@ impl Ctx {
             Ok(up) => {
                 if let Err(e) = self.journal.done(id, &up.etag) {
                     // Uploaded but not recorded: it will be sent again (at least once).
-                    tracing::error!(path = %path.display(), error = %e, "uploaded, but the journal could not record it");
+                    tracing::error!(path = ?path, error = %e, "uploaded, but the journal could not record it");
                     return;
                 }
                 tracing::info!(
-                    path = %path.display(),
-                    key = %up.key,
+                    path = ?path,
+                    key = ?up.key,
                     size = up.size,
                     parts = up.parts,
                     seconds = started.elapsed().as_secs_f64(),
@@ -368,24 +386,43 @@ impl Ctx {
             Err(UploadError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                let _ = self.journal.vanished(id);
-                tracing::info!(path = %path.display(), "file disappeared before upload; dropped");
+                tracing::info!(path = ?path, "file disappeared before upload; dropped");
+                self.forget_gone(path);
             }
             Err(e @ UploadError::Changed { .. }) => {
                 let _ = self.journal.attempt_failed(id, &e.to_string());
-                tracing::info!(path = %path.display(), "changed during upload; will send it once it settles");
+                tracing::info!(path = ?path, "changed during upload; will send it once it settles");
                 self.requeue(path.clone(), watch.settle);
             }
             Err(e) if e.is_transient() => {
                 let _ = self.journal.attempt_failed(id, &e.to_string());
                 let delay = self.backoff.delay(attempts + 1);
-                tracing::warn!(path = %path.display(), error = %e, retry_in = ?delay, "upload failed; will retry");
+                tracing::warn!(path = ?path, error = %e, retry_in = ?delay, "upload failed; will retry");
                 self.requeue(path.clone(), delay);
             }
             Err(e) => {
                 let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
                 let _ = self.journal.failed(id, &e.to_string(), retry_at);
-                tracing::error!(path = %path.display(), error = %e, "upload failed for good; marked failed (see putonly status)");
+                tracing::error!(path = ?path, error = %e, "upload failed for good; marked failed (see putonly status)");
+            }
+        }
+    }
+
+    /// Aborts (best effort, in the background) multipart uploads that will
+    /// never be completed.
+    fn abort_all(&self, stale: Vec<(String, String)>) {
+        for (old_key, upload_id) in stale {
+            let bucket = self.bucket.clone();
+            tokio::spawn(async move { bucket.abort_multipart(&old_key, &upload_id).await });
+        }
+    }
+
+    /// A file that is gone stops counting as work in the journal.
+    fn forget_gone(&self, path: &Path) {
+        match self.journal.gone(path) {
+            Ok(stale) => self.abort_all(stale),
+            Err(e) => {
+                tracing::warn!(path = ?path, error = %e, "journal: cannot record that a file is gone")
             }
         }
     }
@@ -406,7 +443,7 @@ impl Ctx {
             AfterUpload::Move { to } => move_file(&cand.path, &to.join(&cand.rel)),
         };
         if let Err(e) = result {
-            tracing::warn!(path = %cand.path.display(), error = %e, "uploaded, but the after_upload action failed");
+            tracing::warn!(path = ?cand.path, error = %e, "uploaded, but the after_upload action failed");
         }
     }
 }

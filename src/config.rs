@@ -137,6 +137,7 @@ pub struct RawUpload {
     pub bandwidth_limit: Option<String>,
     pub checksum: Option<String>,
     pub max_attempts: Option<u32>,
+    pub request_timeout: Option<String>,
 }
 
 impl RawConfig {
@@ -239,6 +240,9 @@ pub struct UploadSettings {
     /// Attempts per request before a transient failure fails the file;
     /// `None` retries forever (the agent).
     pub max_attempts: Option<u32>,
+    /// How long one request may take, from sending it (its body included)
+    /// to the server's answer, before the attempt is abandoned and retried.
+    pub request_timeout: Duration,
 }
 
 impl Default for UploadSettings {
@@ -250,8 +254,13 @@ impl Default for UploadSettings {
             bandwidth_limit: None,
             checksum: ChecksumKind::Crc64Nvme,
             max_attempts: Some(default_max_attempts()),
+            request_timeout: default_request_timeout(),
         }
     }
+}
+
+pub fn default_request_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 pub fn default_part_size() -> u64 {
@@ -822,6 +831,17 @@ fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
         Some(n) => Some(n),
         None => Some(default_max_attempts()),
     };
+    let request_timeout = match &u.request_timeout {
+        Some(s) => parse_duration("upload.request_timeout", s)?,
+        None => default_request_timeout(),
+    };
+    if request_timeout < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            "upload.request_timeout",
+            "is shorter than a second",
+            "allow at least the time one part takes to send, e.g. \"120s\"",
+        ));
+    }
     Ok(UploadSettings {
         part_size,
         multipart_threshold,
@@ -829,6 +849,7 @@ fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
         bandwidth_limit,
         checksum,
         max_attempts,
+        request_timeout,
     })
 }
 

@@ -64,6 +64,7 @@ impl CredentialError {
 /// Loads the AWS SDK configuration: region, endpoint and base credentials,
 /// from the settings first and the standard AWS environment second.
 pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
+    warn_about_exposed_credentials();
     let region =
         RegionProviderChain::first_try(aws.region.clone().map(aws_types::region::Region::new))
             .or_default_provider()
@@ -76,6 +77,44 @@ pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
         loader = loader.endpoint_url(url);
     }
     loader.load().await
+}
+
+/// Shared AWS files that hold secrets and can be read by other users of the
+/// machine (group or world readable). Checked at start-up; each one draws a
+/// warning that names the file and the fix.
+pub fn exposed_credential_files() -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let file = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+    };
+    [
+        file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+        file("AWS_CONFIG_FILE", "config"),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+            && std::fs::read_to_string(p).is_ok_and(|t| {
+                let t = t.to_ascii_lowercase();
+                t.contains("aws_secret_access_key") || t.contains("aws_session_token")
+            })
+    })
+    .collect()
+}
+
+/// Logs a warning for each file [`exposed_credential_files`] finds.
+pub fn warn_about_exposed_credentials() {
+    for p in exposed_credential_files() {
+        tracing::warn!(
+            file = ?p,
+            "holds AWS secret keys and other users can read it; fix: chmod 600 {}",
+            p.display()
+        );
+    }
 }
 
 /// What signs requests: the base credentials as they are, or a role session.
@@ -170,10 +209,25 @@ pub struct RoleSession {
     generations: AtomicU64,
 }
 
+/// The STS client. An STS that accepts the connection and never answers must
+/// not hold the renewal up: every attempt has a deadline.
+fn sts_client(sdk: &SdkConfig) -> aws_sdk_sts::Client {
+    let conf = aws_sdk_sts::config::Builder::from(sdk)
+        .timeout_config(
+            aws_smithy_types::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(Duration::from_secs(20))
+                .operation_timeout(Duration::from_secs(60))
+                .build(),
+        )
+        .build();
+    aws_sdk_sts::Client::from_conf(conf)
+}
+
 impl RoleSession {
     async fn start(sdk: &SdkConfig, settings: RoleSettings) -> Result<Arc<Self>, CredentialError> {
         let session = Arc::new(RoleSession {
-            sts: aws_sdk_sts::Client::new(sdk),
+            sts: sts_client(sdk),
             settings,
             current: watch::Sender::new(None),
             renew_now: Arc::new(Notify::new()),

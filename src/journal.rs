@@ -95,6 +95,42 @@ pub struct LastError {
     pub at: i64,
 }
 
+/// Marks every unfinished record (pending or failed) of `path` other than
+/// `keep` superseded, dropping its parts; returns (key, upload id) of those
+/// that had a multipart upload under way.
+fn supersede_unfinished(
+    tx: &rusqlite::Transaction<'_>,
+    path: &[u8],
+    keep: i64,
+    t: i64,
+    reason: Option<&str>,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stale = Vec::new();
+    let mut q = tx.prepare(
+        "SELECT id, key, upload_id FROM files
+         WHERE path = ?1 AND state IN ('pending', 'failed') AND id != ?2",
+    )?;
+    let rows = q.query_map(params![path, keep], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, key, upload_id) = row?;
+        if let Some(u) = upload_id {
+            stale.push((key, u));
+        }
+        tx.execute(
+            "UPDATE files SET state = 'superseded', last_error = COALESCE(?3, last_error), updated_at = ?2 WHERE id = ?1",
+            params![id, t, reason],
+        )?;
+        tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+    }
+    Ok(stale)
+}
+
 pub fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -328,27 +364,7 @@ impl Journal {
                 Seen::Upload { id, .. } => *id,
                 _ => -1,
             };
-            let mut stale = Vec::new();
-            {
-                let mut q = tx.prepare(
-                    "SELECT id, key, upload_id FROM files
-                     WHERE path = ?1 AND state = 'pending' AND id != ?2",
-                )?;
-                let rows = q.query_map(params![p, current], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
-                })?;
-                for row in rows {
-                    let (id, key, upload_id) = row?;
-                    if let Some(u) = upload_id {
-                        stale.push((key, u));
-                    }
-                    tx.execute(
-                        "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1",
-                        params![id, t],
-                    )?;
-                    tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
-                }
-            }
+            let stale = supersede_unfinished(&tx, p, current, t, None)?;
             tx.commit()?;
             Ok((seen, stale))
         })
@@ -435,14 +451,16 @@ impl Journal {
         })
     }
 
-    /// The file disappeared before it was sent.
-    pub fn vanished(&self, id: i64) -> Result<(), JournalError> {
+    /// The file at `path` is gone: its unfinished records (pending or
+    /// failed) will never complete and stop counting as work. Returns the
+    /// multipart uploads to abort.
+    pub fn gone(&self, path: &Path) -> Result<Vec<(String, String)>, JournalError> {
+        let p = path.as_os_str().as_bytes();
         self.with(|conn| {
-            conn.execute(
-                "UPDATE files SET state = 'superseded', last_error = 'the file disappeared', updated_at = ?2 WHERE id = ?1",
-                params![id, now()],
-            )
-            .map(|_| ())
+            let tx = conn.transaction()?;
+            let stale = supersede_unfinished(&tx, p, -1, now(), Some("the file disappeared"))?;
+            tx.commit()?;
+            Ok(stale)
         })
     }
 
@@ -607,6 +625,32 @@ mod tests {
             size,
             mtime_ns: mtime,
         }
+    }
+
+    #[test]
+    fn a_gone_file_and_a_replaced_failed_version_stop_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("state")).unwrap();
+        let upload = |seen: Seen| match seen {
+            Seen::Upload { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        // A failed version, then a new version of the same path: the failed
+        // one no longer counts.
+        let id = upload(j.observe("w", Path::new("/a"), v(1, 1), "foo/a").unwrap().0);
+        j.failed(id, "AccessDenied", now() + 3600).unwrap();
+        let id = upload(j.observe("w", Path::new("/a"), v(2, 2), "foo/a").unwrap().0);
+        j.done(id, "etag").unwrap();
+        // A pending multipart upload whose file is deleted.
+        let id = upload(j.observe("w", Path::new("/b"), v(9, 1), "foo/b").unwrap().0);
+        j.multipart_started(id, "up-1", 5, ChecksumKind::Crc64Nvme)
+            .unwrap();
+        assert_eq!(
+            j.gone(Path::new("/b")).unwrap(),
+            vec![("foo/b".to_string(), "up-1".to_string())]
+        );
+        let s = j.status().unwrap();
+        assert_eq!((s.done, s.pending, s.failed), (1, 0, 0));
     }
 
     #[test]

@@ -55,28 +55,28 @@ pub struct PartDone {
 pub enum S3Error {
     #[error("refused before sending: {0}")]
     Refused(#[from] KeyError),
-    #[error("{op} {key}: access denied ({code}): {message}")]
+    #[error("{op} {key:?}: access denied ({code}): {message}")]
     Denied {
         op: &'static str,
         key: String,
         code: String,
         message: String,
     },
-    #[error("{op} {key}: the server rejected the session credentials ({code})")]
+    #[error("{op} {key:?}: the server rejected the session credentials ({code})")]
     CredentialsRejected {
         op: &'static str,
         key: String,
         code: String,
     },
-    #[error("{key}: the server no longer knows multipart upload {upload_id}")]
+    #[error("{key:?}: the server no longer knows multipart upload {upload_id}")]
     NoSuchUpload { key: String, upload_id: String },
-    #[error("{op} {key}: {detail}")]
+    #[error("{op} {key:?}: {detail}")]
     Transient {
         op: &'static str,
         key: String,
         detail: String,
     },
-    #[error("{op} {key}: the server refused the request ({status} {code}): {message}")]
+    #[error("{op} {key:?}: the server refused the request ({status} {code}): {message}")]
     Rejected {
         op: &'static str,
         key: String,
@@ -158,7 +158,12 @@ impl WriteOnlyBucket {
     /// the SDK's own retries are off (the engine retries, by error kind);
     /// checksums are computed by putonly and sent as headers, so the SDK
     /// neither adds its own nor switches to aws-chunked bodies.
-    pub fn new(sdk: &SdkConfig, credentials: CredentialSource, bucket: &BucketSettings) -> Self {
+    pub fn new(
+        sdk: &SdkConfig,
+        credentials: CredentialSource,
+        bucket: &BucketSettings,
+        request_timeout: Duration,
+    ) -> Self {
         let mut conf = aws_sdk_s3::config::Builder::from(sdk)
             .credentials_provider(credentials.provider())
             .force_path_style(sdk.endpoint_url().is_some())
@@ -168,7 +173,7 @@ impl WriteOnlyBucket {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
-                    .read_timeout(Duration::from_secs(120))
+                    .read_timeout(request_timeout)
                     .build(),
             );
         if credentials.role().is_some() {
@@ -492,8 +497,16 @@ where
                     op,
                     key,
                     status,
-                    code,
-                    message,
+                    code: if code.is_empty() {
+                        "no error code".into()
+                    } else {
+                        code
+                    },
+                    message: if message.is_empty() {
+                        "no message".into()
+                    } else {
+                        message
+                    },
                 }
             }
         }

@@ -53,20 +53,20 @@ pub struct Uploaded {
 /// Why a file did not arrive.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path:?}: cannot read: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a regular file")]
+    #[error("{path:?}: not a regular file")]
     NotAFile { path: PathBuf },
-    #[error("{path}: {size} bytes is more than the 5 TiB an S3 object may hold")]
+    #[error("{path:?}: {size} bytes is more than the 5 TiB an S3 object may hold")]
     TooLarge { path: PathBuf, size: u64 },
-    #[error("{path}: changed while it was being uploaded ({what}); the upload was abandoned")]
+    #[error("{path:?}: changed while it was being uploaded ({what}); the upload was abandoned")]
     Changed { path: PathBuf, what: String },
-    #[error("{path}: {source}")]
+    #[error("{path:?}: {source}")]
     S3 { path: PathBuf, source: Box<S3Error> },
-    #[error("{path}: cannot record progress: {reason}")]
+    #[error("{path:?}: cannot record progress: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 }
 
@@ -362,7 +362,7 @@ impl<W: ObjectWriter> Engine<W> {
                 Err(UploadError::S3 { source: e, .. })
                     if matches!(*e, S3Error::NoSuchUpload { .. }) =>
                 {
-                    tracing::info!(key = %job.key, resumed = resume.is_some(), "the server no longer knows the multipart upload; starting over");
+                    tracing::info!(key = ?job.key, resumed = resume.is_some(), "the server no longer knows the multipart upload; starting over");
                     checkpoint
                         .forget()
                         .map_err(|reason| UploadError::Checkpoint {
@@ -438,7 +438,7 @@ impl<W: ObjectWriter> Engine<W> {
         });
         let (upload_id, part_size, mut parts) = match resume {
             Some(r) => {
-                tracing::info!(key = %job.key, upload_id = %r.upload_id, parts_done = r.parts.len(), "resuming multipart upload");
+                tracing::info!(key = ?job.key, upload_id = %r.upload_id, parts_done = r.parts.len(), "resuming multipart upload");
                 (r.upload_id, r.part_size, r.parts)
             }
             None => {
@@ -457,7 +457,7 @@ impl<W: ObjectWriter> Engine<W> {
         parts.retain(|p| p.number >= 1 && (p.number as u64) <= count);
         let already: std::collections::HashSet<i32> = parts.iter().map(|p| p.number).collect();
         progress(parts.iter().map(|p| p.crc.len).sum());
-        tracing::debug!(key = %job.key, %upload_id, parts = count, part_size, "multipart upload started");
+        tracing::debug!(key = ?job.key, %upload_id, parts = count, part_size, "multipart upload started");
 
         let mut tasks: JoinSet<Result<PartDone, UploadError>> = JoinSet::new();
         let mut next: u64 = 0;

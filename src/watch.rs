@@ -25,6 +25,10 @@ use tokio::sync::mpsc;
 use crate::config::WatchSettings;
 use crate::journal::FileVersion;
 
+/// How often the watched folders themselves are checked for having been
+/// removed or recreated.
+const ROOT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
 /// A finished file, ready to be considered for upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -108,6 +112,9 @@ struct Pending {
     closed: bool,
     check_writers: bool,
     not_before: Instant,
+    /// Handed back by the agent: it has a record of this path, so it must
+    /// hear about it again even if the file is gone by now.
+    requeued: bool,
 }
 
 /// The watcher; [`Watch::run`] runs until the task is dropped.
@@ -155,9 +162,10 @@ impl Watch {
                 None
             }
         };
-        let mut watched: HashSet<PathBuf> = HashSet::new();
+        let mut watched = HashMap::new();
         let roots: Vec<PathBuf> = self.watches.iter().map(|w| w.path.clone()).collect();
         add_watches(&mut watcher, &roots, &mut watched);
+        let mut roots_checked = Instant::now();
         spawn_scan(roots.clone(), tx.clone());
 
         let mut waiting: HashMap<PathBuf, Pending> = HashMap::new();
@@ -197,10 +205,21 @@ impl Watch {
                             closed: true,
                             check_writers: false,
                             not_before: rq.not_before,
+                            requeued: true,
                         });
                     }
                 }
-                _ = tick.tick() => self.settle(&mut waiting, &mut ready, &mut queued),
+                _ = tick.tick() => {
+                    self.settle(&mut waiting, &mut ready, &mut queued);
+                    // A watched folder removed and made again is watched anew.
+                    if roots_checked.elapsed() >= ROOT_CHECK_INTERVAL {
+                        roots_checked = Instant::now();
+                        let again = add_watches(&mut watcher, &roots, &mut watched);
+                        if !again.is_empty() {
+                            spawn_scan(again, tx.clone());
+                        }
+                    }
+                }
                 // Room in the queue again: hand one over now, the rest below.
                 permit = self.ready_tx.reserve(), if !ready.is_empty() => {
                     let Ok(permit) = permit else { return };
@@ -211,6 +230,7 @@ impl Watch {
                 }
                 _ = rescan.tick() => {
                     tracing::debug!("periodic rescan");
+                    roots_checked = Instant::now();
                     add_watches(&mut watcher, &roots, &mut watched);
                     spawn_scan(roots.clone(), tx.clone());
                 }
@@ -256,6 +276,7 @@ impl Watch {
                         closed: false,
                         check_writers: true,
                         not_before: now,
+                        requeued: false,
                     },
                 );
             } else if queued.insert(path.clone())
@@ -306,11 +327,15 @@ impl Watch {
                     last: None,
                     stable_since: now,
                     closed,
-                    check_writers: false,
+                    check_writers: !closed,
                     not_before: now,
+                    requeued: false,
                 });
+                // Not (yet) closed after writing: ready anyway once quiet
+                // and no process has it open for writing. A chmod or touch
+                // after the close sends no second close.
                 p.closed = closed;
-                p.check_writers = false;
+                p.check_writers = !closed;
                 p.stable_since = now;
             }
             Intake::Found(path) => {
@@ -323,7 +348,7 @@ impl Watch {
                 if !self.filters[watch].accepts(&rel) {
                     return;
                 }
-                if let Ok(meta) = std::fs::metadata(&path)
+                if let Ok(meta) = std::fs::symlink_metadata(&path)
                     && meta.is_file()
                 {
                     let untouched = std::time::SystemTime::now()
@@ -343,6 +368,7 @@ impl Watch {
                         closed: false,
                         check_writers: true,
                         not_before: now,
+                        requeued: false,
                     },
                 );
             }
@@ -363,15 +389,29 @@ impl Watch {
             if p.not_before > now {
                 continue;
             }
-            let meta = match std::fs::metadata(path) {
+            // lstat: symbolic links are never followed.
+            let meta = match std::fs::symlink_metadata(path) {
                 Ok(m) if m.is_file() => m,
-                Ok(_) => {
+                Ok(m) => {
+                    if m.file_type().is_symlink() {
+                        tracing::info!(path = ?path, "symbolic link; not followed, skipped");
+                    }
                     done.push(path.clone()); // a folder, FIFO, socket or device
                     continue;
                 }
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot look at file; skipped");
+                        tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
+                    } else if p.requeued
+                        && queued.insert(path.clone())
+                        && let Some((watch, rel)) = self.locate(path)
+                    {
+                        // The agent closes its record of a file that is gone.
+                        ready.push_back(Candidate {
+                            watch,
+                            path: path.clone(),
+                            rel,
+                        });
                     }
                     done.push(path.clone());
                     continue;
@@ -490,27 +530,53 @@ fn renamed_in(path: PathBuf) -> Intake {
     }
 }
 
+/// Watches every root that is not watched yet, or that was removed and
+/// recreated since (a new inode needs a new watch). Returns the roots that
+/// were watched again after being lost: their files need a scan.
 fn add_watches(
     watcher: &mut Option<notify::RecommendedWatcher>,
     roots: &[PathBuf],
-    watched: &mut HashSet<PathBuf>,
-) {
-    let Some(w) = watcher else { return };
+    watched: &mut HashMap<PathBuf, Option<(u64, u64)>>,
+) -> Vec<PathBuf> {
+    let mut again = Vec::new();
     for root in roots {
-        // A folder that was removed and recreated needs a new watch.
-        if watched.contains(root) && root.is_dir() {
+        let id = std::fs::metadata(root)
+            .ok()
+            .filter(|m| m.is_dir())
+            .map(|m| (m.dev(), m.ino()));
+        let known = watched.get(root).copied();
+        if id.is_some() && known == Some(id) {
             continue;
+        }
+        if id.is_none() {
+            if known.flatten().is_some() {
+                tracing::warn!(folder = ?root, "watched folder is gone; watching for it to come back");
+            }
+            watched.insert(root.clone(), None);
+            continue;
+        }
+        let Some(w) = watcher.as_mut() else {
+            watched.insert(root.clone(), id);
+            continue;
+        };
+        if known.flatten().is_some() {
+            let _ = w.unwatch(root);
         }
         match w.watch(root, RecursiveMode::Recursive) {
             Ok(()) => {
-                watched.insert(root.clone());
+                if known.is_some() {
+                    tracing::info!(folder = ?root, "watched folder is back; watching and scanning it");
+                    again.push(root.clone());
+                }
+                watched.insert(root.clone(), id);
             }
             Err(e) => {
-                watched.remove(root);
-                tracing::warn!(folder = %root.display(), error = %e, "cannot watch folder; will try again at the next rescan");
+                watched.insert(root.clone(), None);
+                tracing::warn!(folder = ?root, error = %e, "cannot watch folder; will try again shortly");
             }
         }
     }
+    again
 }
 
 /// Walks `roots` off the runtime and reports every regular file found.

@@ -208,7 +208,12 @@ async fn send(
 ) -> Result<SendResult, Box<dyn std::error::Error>> {
     let sdk = load_sdk_config(&settings.aws).await;
     let credentials = CredentialSource::start(&sdk, settings.role.as_ref()).await?;
-    let bucket = Arc::new(WriteOnlyBucket::new(&sdk, credentials, &settings.bucket));
+    let bucket = Arc::new(WriteOnlyBucket::new(
+        &sdk,
+        credentials,
+        &settings.bucket,
+        settings.upload.request_timeout,
+    ));
     let engine = Engine::new(bucket, settings.upload.clone());
     out.begin(&jobs);
     let files_at_once = settings.upload.concurrency;

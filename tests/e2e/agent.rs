@@ -12,7 +12,7 @@ use crate::support::moto::Moto;
 use crate::support::proxy::{Proxy, Record};
 use crate::support::{bytes, get, putonly, run};
 
-const BUCKET: &str = "account-b-bucket";
+pub(crate) const BUCKET: &str = "account-b-bucket";
 const MIB: usize = 1024 * 1024;
 
 /// CI runs a trimmed workload; PUTONLY_LONG=1 runs the full one of the
@@ -26,21 +26,28 @@ fn workload(small: usize, big: &[usize]) -> (usize, Vec<usize>) {
 }
 
 /// A running `putonly run`, its log appended to a file.
-struct Agent {
+pub(crate) struct Agent {
     child: tokio::process::Child,
 }
 
 impl Agent {
-    fn start(creds: &Path, config: &Path, log: &Path) -> Agent {
+    pub(crate) fn start(creds: &Path, config: &Path, log: &Path) -> Agent {
+        Agent::spawn(putonly(Some(creds)), config, log)
+    }
+
+    /// Starts `cmd` (a `putonly` command, set up by the caller) as the agent.
+    pub(crate) fn spawn(mut cmd: tokio::process::Command, config: &Path, log: &Path) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = putonly(Some(creds))
+        if std::env::var_os("PUTONLY_LOG").is_none() {
+            cmd.env("PUTONLY_LOG", "info");
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
-            .env("PUTONLY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -48,16 +55,16 @@ impl Agent {
         Agent { child }
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
 
-    async fn kill9(mut self) {
+    pub(crate) async fn kill9(mut self) {
         self.child.kill().await.unwrap();
     }
 
     /// SIGTERM, then the exit code.
-    async fn stop(mut self) -> Option<i32> {
+    pub(crate) async fn stop(mut self) -> Option<i32> {
         let pid = self.child.id().unwrap() as i32;
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -69,16 +76,16 @@ impl Agent {
     }
 }
 
-struct Setup {
-    moto: Moto,
-    proxy: Proxy,
-    _work: tempfile::TempDir,
-    outbox: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
+pub(crate) struct Setup {
+    pub(crate) moto: Moto,
+    pub(crate) proxy: Proxy,
+    pub(crate) work: tempfile::TempDir,
+    pub(crate) outbox: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
-async fn setup(upload: &str) -> Setup {
+pub(crate) async fn setup(upload: &str) -> Setup {
     setup_with(
         "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"500ms\"\n",
         "[\"foo/\", \"fighters/\"]",
@@ -89,7 +96,19 @@ async fn setup(upload: &str) -> Setup {
 
 /// `watches` may name `{outbox}` and `{work}`; `allowed` is the TOML array
 /// of allowed prefixes.
-async fn setup_with(watches: &str, allowed: &str, upload: &str) -> Setup {
+pub(crate) async fn setup_with(watches: &str, allowed: &str, upload: &str) -> Setup {
+    setup_custom("", watches, allowed, "", upload).await
+}
+
+/// As [`setup_with`], plus lines that continue the [role] table (`role`) and
+/// the [agent] table (`agent`).
+pub(crate) async fn setup_custom(
+    role: &str,
+    watches: &str,
+    allowed: &str,
+    agent: &str,
+    upload: &str,
+) -> Setup {
     let moto = Moto::start();
     let proxy = Proxy::start(&moto.url).await;
     let work = tempfile::tempdir().unwrap();
@@ -101,10 +120,10 @@ async fn setup_with(watches: &str, allowed: &str, upload: &str) -> Setup {
     let config = moto.config(
         &proxy.url,
         &format!(
-            "[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = {allowed}\n\
+            "{role}\n[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = {allowed}\n\
              [state]\ndir = \"{state}\"\n\
              {watches}\
-             [agent]\nrescan_interval = \"10s\"\nshutdown_timeout = \"10s\"\n\
+             [agent]\nrescan_interval = \"10s\"\nshutdown_timeout = \"10s\"\n{agent}\n\
              [upload]\n{upload}\n",
             state = work.path().join("state").display(),
         ),
@@ -113,7 +132,7 @@ async fn setup_with(watches: &str, allowed: &str, upload: &str) -> Setup {
     Setup {
         moto,
         proxy,
-        _work: work,
+        work,
         outbox,
         config,
         log,
@@ -124,7 +143,7 @@ async fn setup_with(watches: &str, allowed: &str, upload: &str) -> Setup {
 /// Small files: written at once, renamed into place from a .tmp name, or
 /// created in new nested folders; some written slowly in pieces. Big files:
 /// written in 4 MiB pieces.
-async fn produce(
+pub(crate) async fn produce(
     outbox: &Path,
     small: usize,
     big_mib: &[usize],
@@ -197,7 +216,7 @@ async fn produce(
 
 /// `putonly status --json`; waits (up to 30 s) for an agent just started
 /// to create its journal.
-async fn status(s: &Setup) -> serde_json::Value {
+pub(crate) async fn status(s: &Setup) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = putonly(Some(s.moto.dir.path()))
@@ -219,7 +238,7 @@ async fn status(s: &Setup) -> serde_json::Value {
 }
 
 /// Waits until the journal records `n` files done and none pending.
-async fn wait_done(s: &Setup, n: usize, limit: Duration) {
+pub(crate) async fn wait_done(s: &Setup, n: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         let st = status(s).await;
@@ -238,7 +257,7 @@ async fn wait_done(s: &Setup, n: usize, limit: Duration) {
     }
 }
 
-async fn assert_all_arrived(s: &Setup, files: &BTreeMap<String, Vec<u8>>) {
+pub(crate) async fn assert_all_arrived(s: &Setup, files: &BTreeMap<String, Vec<u8>>) {
     let admin = s.moto.admin();
     for (rel, data) in files {
         let key = format!("fighters/in/{rel}");
@@ -251,7 +270,7 @@ async fn assert_all_arrived(s: &Setup, files: &BTreeMap<String, Vec<u8>>) {
 
 /// Every successful write of a key announced the size of the finished file:
 /// no object ever held partial content.
-fn assert_no_partial_writes(
+pub(crate) fn assert_no_partial_writes(
     records: &[Record],
     files: &BTreeMap<String, Vec<u8>>,
 ) -> HashMap<String, usize> {

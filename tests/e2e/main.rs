@@ -3,5 +3,6 @@
 
 mod agent;
 mod garage;
+mod hostile;
 mod push;
 mod support;

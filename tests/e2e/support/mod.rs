@@ -211,3 +211,37 @@ pub async fn stored_checksum(
         _ => None,
     }
 }
+
+/// Makes `cmd` run without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that
+/// file permissions apply to it even when the tests run as root (as they do
+/// in CI containers). A no-op for other users, who have neither.
+pub fn drop_dac_override(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in [1, 2] {
+                // CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2. Failing to
+                // drop (no CAP_SETPCAP) is reported by dac_is_enforced.
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether a process started through [`drop_dac_override`] is refused a
+/// file with mode 000 (false when the capabilities could not be dropped).
+pub fn dac_is_enforced() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("locked");
+    std::fs::write(&f, b"x").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = tokio::process::Command::new("cat");
+    cmd.arg(&f)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    drop_dac_override(&mut cmd);
+    let std_cmd = cmd.as_std_mut();
+    !std_cmd.status().is_ok_and(|s| s.success())
+}

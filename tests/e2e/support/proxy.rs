@@ -5,7 +5,6 @@
 //! crossed the wire.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One request as it crossed the proxy.
 #[derive(Debug, Clone)]
@@ -41,6 +41,11 @@ pub struct Record {
     pub upload_id: Option<String>,
     /// The x-amz-acl header, if any.
     pub acl: Option<String>,
+    /// A random fault from [`Proxy::chaos`]: "slowdown" (503), "error" (500),
+    /// "reset" (connection dropped mid-body; never reached the server) or
+    /// "delay" (forwarded, then the answer held back past the client's
+    /// timeout: the server did the work, the client did not hear it).
+    pub chaos: Option<&'static str>,
 }
 
 /// Operations putonly may send.
@@ -57,8 +62,16 @@ pub const ALLOWED_OPS: [&str; 7] = [
 struct Fault {
     op: String,
     remaining: usize,
+    /// While set, the fault holds until then instead of counting down.
+    until: Option<Instant>,
     status: u16,
     code: String,
+}
+
+struct Chaos {
+    rng: fastrand::Rng,
+    rate: f64,
+    delay: Duration,
 }
 
 #[derive(Default)]
@@ -69,6 +82,7 @@ struct State {
     secrets: Mutex<Vec<String>>,
     faults: Mutex<Vec<Fault>>,
     outage_until: Mutex<Option<Instant>>,
+    chaos: Mutex<Option<Chaos>>,
 }
 
 pub struct Proxy {
@@ -160,9 +174,37 @@ impl Proxy {
         self.state.faults.lock().unwrap().push(Fault {
             op: op.to_string(),
             remaining: count,
+            until: None,
             status,
             code: code.to_string(),
         });
+    }
+
+    /// Answers every request of `op` with `status` and `code` for `d`.
+    pub fn fail_for(&self, op: &str, d: Duration, status: u16, code: &str) {
+        self.state.faults.lock().unwrap().push(Fault {
+            op: op.to_string(),
+            remaining: 0,
+            until: Some(Instant::now() + d),
+            status,
+            code: code.to_string(),
+        });
+    }
+
+    /// From now on, each S3 request meets a fault with probability `rate`,
+    /// drawn from a generator seeded with `seed`: 503 SlowDown, 500, the
+    /// connection reset mid-body, or the answer delayed by `delay`.
+    pub fn chaos(&self, seed: u64, rate: f64, delay: Duration) {
+        *self.state.chaos.lock().unwrap() = Some(Chaos {
+            rng: fastrand::Rng::with_seed(seed),
+            rate,
+            delay,
+        });
+    }
+
+    /// Stops injecting random faults.
+    pub fn calm(&self) {
+        *self.state.chaos.lock().unwrap() = None;
     }
 
     /// Closes every new connection for `d`.
@@ -211,7 +253,7 @@ async fn handle(
     state: Arc<State>,
     client: Client<HttpConnector, Body>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, BoxError> {
     let at = SystemTime::now();
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
@@ -270,6 +312,7 @@ async fn handle(
         acl,
         size,
         upload_id,
+        chaos: None,
         at,
         method: parts.method.to_string(),
         op: op.clone(),
@@ -283,15 +326,44 @@ async fn handle(
     };
 
     let injected = {
+        let now = Instant::now();
         let mut faults = state.faults.lock().unwrap();
         faults
             .iter_mut()
-            .find(|f| f.op == op && f.remaining > 0)
+            .find(|f| f.op == op && (f.remaining > 0 || f.until.is_some_and(|u| now < u)))
             .map(|f| {
-                f.remaining -= 1;
+                f.remaining = f.remaining.saturating_sub(1);
                 (f.status, f.code.clone())
             })
     };
+    let chaos = if record.bucket.is_some() {
+        state.chaos.lock().unwrap().as_mut().and_then(|c| {
+            (c.rng.f64() < c.rate).then(|| {
+                let kind = ["slowdown", "error", "reset", "delay"][c.rng.usize(0..4)];
+                (kind, c.delay)
+            })
+        })
+    } else {
+        None
+    };
+    let (injected, delay) = match chaos {
+        None => (injected, None),
+        Some(("slowdown", _)) => (Some((503, "SlowDown".to_string())), None),
+        Some(("error", _)) => (Some((500, "InternalError".to_string())), None),
+        Some(("reset", _)) => {
+            // Take a little of the body, then drop the connection.
+            let mut body = body;
+            let _ = body.frame().await;
+            record.chaos = Some("reset");
+            record.injected = true;
+            state.log.lock().unwrap().push(record);
+            return Err("connection reset by the test proxy".into());
+        }
+        Some((_, d)) => (injected, Some(d)),
+    };
+    if let Some((kind, _)) = chaos {
+        record.chaos = Some(kind);
+    }
     if let Some((status, code)) = injected {
         record.status = status;
         record.injected = true;
@@ -352,6 +424,16 @@ async fn handle(
         rbody.boxed()
     };
     state.log.lock().unwrap().push(record);
+    if let Some(d) = delay {
+        // The server has answered; the client hears it too late, if at all.
+        let bytes = rbody
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        tokio::time::sleep(d).await;
+        return Ok(Response::from_parts(rparts, full(bytes)));
+    }
     Ok(Response::from_parts(rparts, rbody))
 }
 
