@@ -352,11 +352,11 @@ async fn kill_9_at_random_moments_loses_nothing_and_resumes_uploads() {
             .filter(|r| r.op == "UploadPart" && r.status == 200)
             .count()
     };
-    for i in 0..10 {
-        tokio::time::sleep(Duration::from_millis(rng.u64(700..2500))).await;
-        if i >= 5 {
-            // The later kills land while multipart uploads are under way:
-            // after this agent sent at least one part (if any are left).
+    for i in 0..30 {
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
+        if i % 2 == 1 {
+            // Every other kill lands while multipart uploads are under
+            // way: after this agent sent at least one part (if any are left).
             let seen = parts_sent(&s.proxy);
             let deadline = Instant::now() + Duration::from_secs(120);
             let completed = |p: &Proxy| {
