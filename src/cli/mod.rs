@@ -295,8 +295,10 @@ pub struct PushArgs {
 pub fn init_logging(cli: &Cli) {
     let daemon = matches!(cli.command, Command::Run(_));
     let default = match (cli.verbose, daemon) {
-        (0, false) => "warn",
-        (0, true) | (1, _) => "warn,putonly=info",
+        // The SDK's own warnings (an unreachable instance metadata service
+        // while looking for credentials, ...) repeat what putonly reports.
+        (0, false) => "warn,aws_config=error",
+        (0, true) | (1, _) => "warn,aws_config=error,putonly=info",
         (2, _) => "info,putonly=debug",
         _ => "debug,putonly=trace",
     };

@@ -349,3 +349,151 @@ async fn files_changed_during_their_upload_arrive_as_their_final_version() {
     let st = status(&s).await;
     assert_eq!(st["failed"].as_u64(), Some(0), "{st}");
 }
+
+/// Every broken configuration: one line on stderr naming the problem, exit
+/// 2, and not a single request (not even STS) on the wire.
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_abuse_is_one_line_exit_2_and_sends_nothing() {
+    let moto = crate::support::moto::Moto::start();
+    let proxy = crate::support::proxy::Proxy::start(&moto.url).await;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().display().to_string();
+    let aws = format!(
+        "[aws]\nregion = \"us-east-1\"\nprofile = \"s3-test\"\nendpoint_url = \"{}\"\n",
+        proxy.url
+    );
+    let role = "[role]\narn = \"arn:aws:iam::123456789012:role/account-a-s3-role\"\n";
+    let bucket =
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n";
+    let state = format!("[state]\ndir = \"{w}/state\"\n");
+    let watch =
+        |path: &str, prefix: &str| format!("[[watch]]\npath = \"{path}\"\nprefix = \"{prefix}\"\n");
+    let good = format!(
+        "{aws}{role}{bucket}{state}{}",
+        watch(&format!("{w}/out"), "foo/")
+    );
+    let cases: Vec<(&str, String, &str, bool)> = vec![
+        // (name, text, expected in the message, also for push)
+        (
+            "malformed",
+            format!("{good}[upload\n"),
+            "line 15, column 8: unclosed table",
+            true,
+        ),
+        (
+            "wrong type",
+            format!("{good}[upload]\nconcurrency = \"eight\"\n"),
+            "invalid type: string \"eight\"",
+            true,
+        ),
+        (
+            "unknown key",
+            format!("{good}[upload]\nconcurency = 8\n"),
+            "unknown field `concurency`",
+            true,
+        ),
+        (
+            "missing role arn",
+            format!("{aws}[role]\nsession_name = \"producer\"\n{bucket}{state}"),
+            "role.arn: is missing",
+            true,
+        ),
+        (
+            "prefix outside allowed_prefixes",
+            format!(
+                "{aws}{role}{bucket}{state}{}",
+                watch(&format!("{w}/out"), "bar/")
+            ),
+            "watch[0].prefix: \"bar/\" is not inside bucket.allowed_prefixes",
+            false,
+        ),
+        (
+            "overlapping watches",
+            format!(
+                "{aws}{role}{bucket}{state}{}{}",
+                watch(&format!("{w}/out"), "foo/"),
+                watch(&format!("{w}/out/sub"), "fighters/")
+            ),
+            "overlaps watch[0]",
+            false,
+        ),
+        (
+            "watch on /",
+            format!("{aws}{role}{bucket}{state}{}", watch("/", "foo/")),
+            "watch[0].path: is the root folder",
+            false,
+        ),
+        (
+            "state folder inside a watch",
+            format!("{aws}{role}{bucket}{state}{}", watch(&w, "foo/")),
+            "state.dir:",
+            false,
+        ),
+        (
+            "unreadable",
+            good.clone(),
+            "cannot read configuration file",
+            true,
+        ),
+    ];
+    let file = work.path().join("hello.txt");
+    std::fs::write(&file, b"hello").unwrap();
+    let dac = crate::support::dac_is_enforced();
+    for (name, text, expected, push_too) in &cases {
+        let slug: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let config = work.path().join(format!("{slug}.toml"));
+        std::fs::write(&config, text).unwrap();
+        if *name == "unreadable" {
+            if !dac {
+                eprintln!("unreadable case skipped: file permissions are not enforced here");
+                continue;
+            }
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o000)).unwrap();
+        }
+        let mut commands = vec![vec!["run".to_string()]];
+        if *push_too {
+            commands.push(vec!["push".into(), "--prefix".into(), "foo/".into()]);
+        }
+        for args in commands {
+            let mut cmd = putonly(Some(moto.dir.path()));
+            crate::support::drop_dac_override(&mut cmd);
+            cmd.args(&args).arg("--config").arg(&config);
+            if args[0] == "push" {
+                cmd.arg(&file);
+            }
+            let out = crate::support::run(&mut cmd).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = stderr.trim_end().lines().collect();
+            assert_eq!(out.status.code(), Some(2), "{name} ({}): {stderr}", args[0]);
+            assert_eq!(
+                lines.len(),
+                1,
+                "{name} ({}): not one line: {stderr}",
+                args[0]
+            );
+            assert!(
+                lines[0].starts_with("putonly: ") && lines[0].contains(expected),
+                "{name} ({}): {stderr}",
+                args[0]
+            );
+        }
+    }
+    // A folder where the file should be, and usage errors.
+    for args in [
+        vec!["run", "--config", "/"],
+        vec!["push", "--concurrency", "0", "--prefix", "foo/", "x"],
+        vec!["push", "--prefix", "foo/"],
+        vec!["frobnicate"],
+    ] {
+        let out = crate::support::run(putonly(Some(moto.dir.path())).args(&args)).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    assert!(
+        proxy.records().is_empty(),
+        "requests were sent: {:?}",
+        proxy.records()
+    );
+}

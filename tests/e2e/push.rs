@@ -536,6 +536,20 @@ async fn no_secret_appears_in_output_logs_or_status_even_at_trace_level() {
         everything += &String::from_utf8_lossy(&out.stdout);
         everything += &String::from_utf8_lossy(&out.stderr);
     }
+    // Error messages: a refused key, and a write the server denies.
+    proxy.fail_next("PutObject", 1, 403, "AccessDenied");
+    for prefix in ["bar/", "foo/"] {
+        let out = run(putonly(Some(moto.dir.path()))
+            .env("PUTONLY_LOG", "trace")
+            .args(["push", "--json", "--config"])
+            .arg(&config)
+            .args(["--prefix", prefix, "outbox/b.txt"])
+            .current_dir(work.path()))
+        .await;
+        assert_eq!(out.status.code(), Some(1), "{prefix} must fail");
+        everything += &String::from_utf8_lossy(&out.stdout);
+        everything += &String::from_utf8_lossy(&out.stderr);
+    }
     // The agent at trace level, with renewals, then its status.
     let agent = putonly(Some(moto.dir.path()))
         .env("PUTONLY_LOG", "trace")
@@ -575,6 +589,11 @@ async fn no_secret_appears_in_output_logs_or_status_even_at_trace_level() {
             "a secret leaked into the output"
         );
     }
+    // The state folder and the journal are the agent user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&work.path().join("state")), 0o700);
+    assert_eq!(mode(&work.path().join("state/journal.sqlite")), 0o600);
     // And the journal files hold none either.
     let mut journal = Vec::new();
     for name in ["journal.sqlite", "journal.sqlite-wal"] {
@@ -625,4 +644,36 @@ async fn ctrl_c_stops_a_push_without_completing_anything() {
         "the upload had started"
     );
     proxy.assert_only_writes();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_credentials_file_others_can_read_draws_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "w.txt", 10, 21);
+    let creds = moto.dir.path().join("credentials");
+    let mut warned = Vec::new();
+    for mode in [0o644, 0o600] {
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = run(putonly(Some(moto.dir.path()))
+            .args(["push", "--config"])
+            .arg(&config)
+            .args(["--prefix", "foo/", "w.txt"])
+            .current_dir(work.path()))
+        .await;
+        assert_eq!(out.status.code(), Some(0));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        warned.push(stderr.contains(&format!("chmod 600 {}", creds.display())));
+    }
+    assert_eq!(
+        warned,
+        vec![true, false],
+        "a warning for mode 644 (naming the file and the fix), none for 600"
+    );
 }
