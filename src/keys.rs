@@ -249,22 +249,72 @@ mod tests {
         assert_eq!(folder_prefix("foo/"), "foo/");
     }
 
+    /// A path segment: mostly ordinary names (any Unicode, spaces, '%',
+    /// '+', '\\'...), sometimes the ones that must never reach a key.
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => "[^/\\x00]{1,12}",
+            1 => Just(".".to_string()),
+            1 => Just("..".to_string()),
+            1 => Just("...".to_string()),
+        ]
+    }
+
+    fn allowed_prefix() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("foo/".to_string()),
+            Just("fighters/".to_string()),
+            "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,2}/",
+            "[a-z]{1,6}-", // a non-folder prefix such as "logs-"
+        ]
+    }
+
     proptest! {
         #[test]
-        fn built_keys_stay_inside_their_prefix(
-            segments in proptest::collection::vec("[^/\\x00]{1,20}", 1..6)
+        fn built_keys_stay_inside_their_prefix_with_clean_segments(
+            prefix in allowed_prefix(),
+            segments in proptest::collection::vec(segment(), 1..8),
+        ) {
+            let rel: std::path::PathBuf = segments.iter().collect();
+            match key_for(&prefix, &rel) {
+                Ok(key) => {
+                    prop_assert!(!segments.iter().any(|s| s == ".."), "{rel:?} escaped");
+                    prop_assert!(key.starts_with(&prefix));
+                    let tail = &key[prefix.len()..];
+                    prop_assert!(
+                        tail.split('/').all(|s| !s.is_empty() && s != "." && s != ".."),
+                        "{key:?}"
+                    );
+                    // Stable: the same path always gives the same key.
+                    prop_assert_eq!(key_for(&prefix, &rel).unwrap(), key.clone());
+                    // And the guard for that prefix lets it through (when it fits S3).
+                    let g = PrefixGuard::new(vec![prefix.clone()]).unwrap();
+                    prop_assert_eq!(g.check(&key).is_ok(), key.len() <= MAX_KEY_BYTES);
+                }
+                Err(_) => prop_assert!(
+                    segments.iter().any(|s| s == "..") || segments.iter().all(|s| s == "."),
+                    "{rel:?} refused"
+                ),
+            }
+        }
+
+        #[test]
+        fn guard_accepts_exactly_the_keys_inside_the_allowed_prefixes(
+            head in prop_oneof![
+                Just("foo/"), Just("fighters/"), Just("foo"), Just("fo/"),
+                Just("Foo/"), Just("/foo/"), Just("foo//"), Just("foo/../"),
+                Just("foo/./"), Just("fighters"), Just("bar/"), Just(""),
+            ],
+            tail in "[^\\x00]{0,30}",
         ) {
             let g = seed();
-            let rel: std::path::PathBuf = segments.iter().collect();
-            if let Ok(key) = key_for("foo/", &rel) {
-                // Whatever was built is either refused or inside foo/ with clean segments.
-                if g.check(&key).is_ok() {
-                    prop_assert!(key.starts_with("foo/"));
-                    prop_assert!(key["foo/".len()..].split('/').all(|s| !s.is_empty() && s != "." && s != ".."));
-                }
-                // Stable: the same path always gives the same key.
-                prop_assert_eq!(key_for("foo/", &rel).unwrap(), key);
-            }
+            let key = format!("{head}{tail}");
+            let inside = ["foo/", "fighters/"].iter().any(|p| {
+                key.strip_prefix(p).is_some_and(|rest| {
+                    !rest.is_empty() && rest.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
+                })
+            });
+            prop_assert_eq!(g.check(&key).is_ok(), inside, "{:?}", key);
         }
 
         #[test]

@@ -691,6 +691,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_overflow_ends_in_a_rescan_that_finds_unannounced_files() {
+        use notify::event::Flag;
+        // What notify reports when the kernel queue overflowed.
+        let overflow = notify::Event::new(EventKind::Other).set_flag(Flag::Rescan);
+        assert!(matches!(classify(overflow)[..], [Intake::Rescan]));
+
+        // Files no event announced are found by the rescan it triggers.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watch(&[], &[]);
+        w.path = dir.path().to_path_buf();
+        for i in 0..50 {
+            std::fs::write(dir.path().join(format!("lost-{i}.dat")), b"x").unwrap();
+        }
+        let (ready_tx, _ready_rx) = mpsc::channel(16);
+        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
+        let watcher = Watch::new(vec![w], Duration::from_secs(3600), ready_tx, rq_rx);
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut waiting = HashMap::new();
+        let mut settled = Vec::new();
+        watcher.intake(Intake::Rescan, &mut waiting, &mut settled, &tx);
+        drop(tx);
+        let mut found = 0;
+        while let Some(item) = rx.recv().await {
+            assert!(matches!(item, Intake::Found(_)));
+            watcher.intake(item, &mut waiting, &mut settled, &tx_closed());
+            found += 1;
+        }
+        assert_eq!(found, 50);
+        assert_eq!(
+            waiting.len() + settled.len(),
+            50,
+            "every file is on its way"
+        );
+    }
+
+    fn tx_closed() -> mpsc::Sender<Intake> {
+        mpsc::channel(1).0
+    }
+
+    #[tokio::test]
     async fn finished_files_become_ready_and_open_ones_wait() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();

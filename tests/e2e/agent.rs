@@ -55,6 +55,10 @@ impl Agent {
         Agent { child }
     }
 
+    pub(crate) fn pid(&self) -> i32 {
+        self.child.id().unwrap() as i32
+    }
+
     pub(crate) fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

@@ -12,7 +12,7 @@ const MIB: usize = 1024 * 1024;
 
 /// Without Garage these tests pass with a note, unless the runner said they
 /// must run (scripts/test.sh sets PUTONLY_REQUIRE_GARAGE=1).
-fn skip_or_fail() {
+pub(crate) fn skip_or_fail() {
     assert!(
         std::env::var_os("PUTONLY_REQUIRE_GARAGE").is_none(),
         "PUTONLY_REQUIRE_GARAGE is set but there is no garage binary: run scripts/install-garage.sh"

@@ -6,4 +6,5 @@ mod faults;
 mod garage;
 mod hostile;
 mod push;
+mod resources;
 mod support;
