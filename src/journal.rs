@@ -41,6 +41,38 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "journal {path} is damaged ({source}); move it aside with its -wal and -shm files and start again: every file still in the watched folders is then sent once more"
+    )]
+    Damaged {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+impl JournalError {
+    /// Whether the journal file does not exist yet (the agent never ran).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, JournalError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if e.code == rusqlite::ErrorCode::CannotOpen)
+    }
+}
+
+/// Sorts SQLite errors: a damaged file gets its own message and fix.
+fn sqlite_error(path: &Path, source: rusqlite::Error) -> JournalError {
+    let damaged = matches!(&source, rusqlite::Error::SqliteFailure(e, _)
+        if matches!(e.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt));
+    if damaged {
+        JournalError::Damaged {
+            path: path.to_path_buf(),
+            source,
+        }
+    } else {
+        JournalError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// A multipart upload that was started and may be continued.
@@ -244,10 +276,7 @@ impl Journal {
     }
 
     fn connect(path: &Path, read_only: bool) -> Result<Connection, JournalError> {
-        let err = |source| JournalError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        };
+        let err = |source| sqlite_error(path, source);
         let conn = if read_only {
             Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         } else {
@@ -276,10 +305,7 @@ impl Journal {
             .conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut conn).map_err(|source| JournalError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })
+        f(&mut conn).map_err(|source| sqlite_error(&self.path, source))
     }
 
     /// Looks a file version up, recording it as pending if it is new. Older
@@ -625,6 +651,19 @@ mod tests {
             size,
             mtime_ns: mtime,
         }
+    }
+
+    #[test]
+    fn a_damaged_journal_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join(FILE_NAME), [7u8; 4096]).unwrap();
+        let err = Journal::open(&state).unwrap_err();
+        assert!(matches!(err, JournalError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("move it aside"), "{err}");
+        let missing = Journal::open_read_only(&dir.path().join("never")).unwrap_err();
+        assert!(missing.is_missing(), "{missing}");
     }
 
     #[test]

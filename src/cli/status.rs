@@ -23,10 +23,12 @@ pub fn run(args: StatusArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             report_error(&e);
-            eprintln!(
-                "putonly: has the agent run with this configuration yet? (putonly run --config {})",
-                args.agent.config.display()
-            );
+            if e.is_missing() {
+                eprintln!(
+                    "putonly: has the agent run with this configuration yet? (putonly run --config {})",
+                    args.agent.config.display()
+                );
+            }
             return ExitCode::from(EXIT_USAGE);
         }
     };
