@@ -187,7 +187,7 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Sk
                         add(entry.path().to_path_buf(), key);
                     }
                     Ok(entry) => tracing::warn!(
-                        path = %entry.path().display(),
+                        path = ?entry.path(),
                         "skipped: not a regular file (FIFO, socket or device)"
                     ),
                 }

@@ -497,3 +497,88 @@ async fn configuration_abuse_is_one_line_exit_2_and_sends_nothing() {
         proxy.records()
     );
 }
+
+/// `putonly push` of a folder holding odd files: regular files (and links,
+/// which a push follows: you named the folder) go up, special files are
+/// skipped without blocking, and files that cannot become objects are
+/// reported failed, with exit 1 and no request for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn push_of_a_folder_with_odd_files_follows_its_rules() {
+    let moto = crate::support::moto::Moto::start();
+    let proxy = crate::support::proxy::Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let batch = work.path().join("batch");
+    let ok = bytes(1000, 1);
+    let spaced = bytes(2000, 2);
+    write(&batch, "ok.txt", &ok);
+    write(&batch, "sp ace + 100%.txt", &spaced);
+    std::os::unix::fs::symlink(batch.join("ok.txt"), batch.join("link.txt")).unwrap();
+    let c = std::ffi::CString::new(batch.join("fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a libc call on a NUL-terminated path we own.
+    unsafe { assert_eq!(libc::mkfifo(c.as_ptr(), 0o644), 0) };
+    write(&batch, OsStr::from_bytes(b"latin1-\xe9.txt"), b"x");
+    let long = "n".repeat(250);
+    write(
+        &batch,
+        format!("{long}/{long}/{long}/{long}/too-long.txt"),
+        b"x",
+    );
+    let dac = crate::support::dac_is_enforced();
+    if dac {
+        let p = write(&batch, "locked.txt", b"secret");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let mut cmd = putonly(Some(moto.dir.path()));
+    crate::support::drop_dac_override(&mut cmd);
+    cmd.args(["push", "--json", "--prefix", "foo/batch", "--config"])
+        .arg(&config)
+        .arg("batch")
+        .current_dir(work.path());
+    let out = tokio::time::timeout(Duration::from_secs(60), crate::support::run(&mut cmd))
+        .await
+        .expect("push must not block on a FIFO");
+    assert_eq!(out.status.code(), Some(1), "some files failed");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let by_status = |status: &str| {
+        let mut v: Vec<String> = lines
+            .iter()
+            .filter(|l| l["status"] == status)
+            .map(|l| l["path"].as_str().unwrap_or_default().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let uploaded = by_status("uploaded");
+    assert_eq!(uploaded.len(), 3, "{lines:?}");
+    let failed = by_status("failed");
+    assert_eq!(failed.len(), 2 + usize::from(dac), "{lines:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("not valid UTF-8"), "{stdout}");
+    assert!(stdout.contains("at most 1024 bytes"), "{stdout}");
+    if dac {
+        assert!(stdout.contains("ermission denied"), "{stdout}");
+    }
+    assert!(!stdout.contains("fifo"), "a FIFO is skipped, not failed");
+    let admin = moto.admin();
+    assert!(get(&admin, BUCKET, "foo/batch/ok.txt").await == ok);
+    assert!(get(&admin, BUCKET, "foo/batch/link.txt").await == ok);
+    assert!(get(&admin, BUCKET, "foo/batch/sp ace + 100%.txt").await == spaced);
+    let keys: BTreeSet<String> = proxy
+        .s3_records()
+        .into_iter()
+        .filter_map(|r| r.key)
+        .collect();
+    assert_eq!(
+        keys.len(),
+        3,
+        "requests only for the uploaded files: {keys:?}"
+    );
+    proxy.assert_only_writes();
+}
