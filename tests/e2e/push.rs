@@ -338,7 +338,7 @@ async fn configuration_errors_exit_2_and_send_nothing() {
             "[role]\nsession_name = \"x\"\n[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n",
             "role.arn",
         ),
-        ("this is not toml", "TOML parse error"),
+        ("this is not toml", "line 3, column 6: key with no value"),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {
         let path = work.path().join(format!("bad-{i}.toml"));
