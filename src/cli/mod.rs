@@ -111,9 +111,11 @@ one-shot push needs no file:
 Run the agent: watch the configured folders and upload every finished file, \
 once, across restarts, crashes, network loss and credential renewals.
 
-A file is taken when its writer closed it (or it was renamed into the \
-folder) and nothing changed for `settle`; hidden and temporary files are \
-ignored. Its key is the watch's prefix plus its path inside the folder. The \
+A file is taken once nothing changed for `settle` and its writer closed it, \
+it was renamed into the folder, or no process has it open for writing; \
+hidden and temporary files are ignored, symbolic links are never followed, \
+FIFOs, sockets and devices are never opened (docs/SEMANTICS.md has the rule \
+for every odd case). Its key is the watch's prefix plus its path inside the folder. The \
 journal in [state] dir is the agent's only memory of what was sent (the \
 bucket is never read): a done file is not sent again after a restart, and an \
 interrupted multipart upload continues where it stopped.
