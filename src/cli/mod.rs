@@ -3,6 +3,7 @@
 //! configuration once ([`AwsFlags::apply`]); the subcommands receive checked
 //! settings. This module never talks to S3 itself.
 
+mod policy;
 mod push;
 mod status;
 
@@ -129,6 +130,73 @@ restart the agent instead (safe at any time).",
 
     /// Show what the agent did and what waits, from the journal alone.
     Status(StatusArgs),
+
+    /// Print the IAM documents the set-up needs, or lint existing ones.
+    #[command(
+        long_about = "\
+Print the documents the cross-account set-up needs, generated from the \
+configuration: the bucket policy for account B, the trust policy and the \
+inline permission policy for the role in account A, and a lifecycle rule that \
+removes abandoned multipart uploads. They grant only s3:PutObject on exactly \
+the allowed prefixes (arn:aws:s3:::BUCKET/PREFIX*), plus s3:PutObjectAcl when \
+bucket.acl is set and kms:GenerateDataKey/kms:Decrypt when SSE-KMS is.
+
+`putonly policy lint FILE...` checks existing documents instead. Offline: \
+nothing is sent to AWS.",
+        after_long_help = "Exit status: 0, or 2 for a configuration error."
+    )]
+    Policy(PolicyArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    pub command: Option<PolicyCommand>,
+
+    #[command(flatten)]
+    pub aws: AwsFlags,
+
+    /// Who assumes the role (trust policy), e.g.
+    /// arn:aws:iam::111122223333:user/bobbytables. Default: account A itself
+    /// (arn:aws:iam::A:root), leaving the choice to IAM policies there.
+    /// Without a [role], the user or role whose keys write.
+    #[arg(long, value_name = "ARN")]
+    pub principal: Option<String>,
+
+    /// One JSON object with the keys bucket_policy, trust_policy,
+    /// role_policy and lifecycle_rule.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check policy documents against the configuration; report every
+    /// problem with its location.
+    #[command(
+        long_about = "\
+Check bucket, trust and role policy documents (JSON files, any order) \
+against each other and, with --config (or --bucket and --allowed-prefix), \
+against the configuration. Reports, each with FILE:LOCATION: invalid JSON \
+(line:column), account ids that are not 12 digits, resources that do not \
+cover or that exceed the allowed prefixes, `foo*` against `foo/*` between \
+bucket and role policy, needless service principals in a trust policy, \
+wildcard principals, and read or wildcard actions granted to the writer.",
+        after_long_help = "Exit status: 0 when no problem was found, 1 when some were, 2 for a \
+usage error (a file or the configuration cannot be read)."
+    )]
+    Lint(LintArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LintArgs {
+    #[command(flatten)]
+    pub aws: AwsFlags,
+
+    /// Policy documents (JSON).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 /// The agent's configuration file, shared by run and status.
@@ -325,6 +393,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Push(args) => push::run(*args).await,
         Command::Run(args) => run_agent(args).await,
         Command::Status(args) => status::run(args),
+        Command::Policy(args) => match args.command {
+            Some(PolicyCommand::Lint(lint)) => policy::lint(lint),
+            None => policy::run(args),
+        },
     }
 }
 

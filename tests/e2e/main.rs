@@ -5,6 +5,7 @@ mod agent;
 mod faults;
 mod garage;
 mod hostile;
+mod policy;
 mod push;
 mod resources;
 mod support;
