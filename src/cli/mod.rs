@@ -145,7 +145,7 @@ bucket.acl is set and kms:GenerateDataKey/kms:Decrypt when SSE-KMS is.
 nothing is sent to AWS.",
         after_long_help = "Exit status: 0, or 2 for a configuration error."
     )]
-    Policy(PolicyArgs),
+    Policy(Box<PolicyArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -395,7 +395,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Policy(args) => match args.command {
             Some(PolicyCommand::Lint(lint)) => policy::lint(lint),
-            None => policy::run(args),
+            None => policy::run(*args),
         },
     }
 }
