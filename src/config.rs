@@ -871,6 +871,18 @@ fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
     })
 }
 
+/// This machine's host name (for probe keys and `{hostname}` in prefixes).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 /// Parses a size such as `16MiB`, `8 MB` or `1048576`.
 pub fn parse_size(setting: &str, s: &str) -> Result<u64, ConfigError> {
     s.trim()

@@ -117,6 +117,28 @@ pub fn warn_about_exposed_credentials() {
     }
 }
 
+/// The identity the base credentials belong to (STS GetCallerIdentity):
+/// (ARN, account).
+pub async fn caller_identity(sdk: &SdkConfig) -> Result<(String, String), CredentialError> {
+    let out =
+        sts_client(sdk)
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|e| match classify_sts("(GetCallerIdentity)", e) {
+                CredentialError::AssumeRoleDenied { code, message, .. } => {
+                    CredentialError::NoBaseCredentials(format!(
+                        "STS refused them: {code}: {message}"
+                    ))
+                }
+                other => other,
+            })?;
+    Ok((
+        out.arn().unwrap_or_default().to_string(),
+        out.account().unwrap_or_default().to_string(),
+    ))
+}
+
 /// What signs requests: the base credentials as they are, or a role session.
 #[derive(Clone, Debug)]
 pub struct CredentialSource {
@@ -197,6 +219,8 @@ struct Session {
     credentials: Credentials,
     expires: SystemTime,
     generation: u64,
+    /// The assumed-role identity STS reported.
+    assumed_arn: String,
 }
 
 /// An assumed role, renewed in the background.
@@ -274,6 +298,14 @@ impl RoleSession {
     /// When the current credentials expire.
     pub fn expiry(&self) -> Option<SystemTime> {
         self.current.borrow().as_ref().map(|s| s.expires)
+    }
+
+    /// The assumed-role identity of the current credentials.
+    pub fn assumed_arn(&self) -> Option<String> {
+        self.current
+            .borrow()
+            .as_ref()
+            .map(|s| s.assumed_arn.clone())
     }
 
     async fn ready(&self, patience: Duration) -> Result<(), CredentialError> {
@@ -366,6 +398,10 @@ impl RoleSession {
             ),
             expires,
             generation: 0,
+            assumed_arn: out
+                .assumed_role_user()
+                .map(|u| u.arn().to_string())
+                .unwrap_or_default(),
         })
     }
 }
@@ -480,7 +516,11 @@ where
                 } else {
                     code
                 },
-                message,
+                message: if message.is_empty() {
+                    "no message".into()
+                } else {
+                    message
+                },
             };
         }
     }

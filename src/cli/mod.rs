@@ -3,6 +3,7 @@
 //! configuration once ([`AwsFlags::apply`]); the subcommands receive checked
 //! settings. This module never talks to S3 itself.
 
+mod check;
 mod policy;
 mod push;
 mod status;
@@ -131,6 +132,27 @@ restart the agent instead (safe at any time).",
     /// Show what the agent did and what waits, from the journal alone.
     Status(StatusArgs),
 
+    /// Check the set-up: configuration, folders, identity, role, and
+    /// optionally one write per allowed prefix.
+    #[command(
+        long_about = "\
+Check the set-up before the agent runs, the seed's \"assume the role and test\" \
+step as one command: the configuration is valid (each problem names the key \
+and the fix); each watched folder is readable and the state folder writable; \
+every watch prefix lies inside bucket.allowed_prefixes; the base identity \
+(STS GetCallerIdentity); the role can be assumed, as whom, and when its \
+credentials expire.
+
+Nothing is read from the bucket. --probe-write additionally writes one small \
+object per allowed prefix (PREFIX/putonly-check/HOST-TIME.txt) to prove the \
+permissions end to end, and explains an access denied answer. --offline \
+checks only the configuration and the folders, sending nothing (for \
+systemd's ExecStartPre).",
+        after_long_help = "Exit status: 0 when every check passed, 1 when one failed, 2 for a \
+configuration error."
+    )]
+    Check(CheckArgs),
+
     /// Print the IAM documents the set-up needs, or lint existing ones.
     #[command(
         long_about = "\
@@ -146,6 +168,20 @@ nothing is sent to AWS.",
         after_long_help = "Exit status: 0, or 2 for a configuration error."
     )]
     Policy(Box<PolicyArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub agent: AgentConfig,
+
+    /// Check the configuration and the folders only; send nothing.
+    #[arg(long, conflicts_with = "probe_write")]
+    pub offline: bool,
+
+    /// Also write one small object per allowed prefix.
+    #[arg(long)]
+    pub probe_write: bool,
 }
 
 #[derive(Debug, Args)]
@@ -393,6 +429,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Push(args) => push::run(*args).await,
         Command::Run(args) => run_agent(args).await,
         Command::Status(args) => status::run(args),
+        Command::Check(args) => check::run(args).await,
         Command::Policy(args) => match args.command {
             Some(PolicyCommand::Lint(lint)) => policy::lint(lint),
             None => policy::run(*args),

@@ -2,6 +2,7 @@
 //! with IAM authorization on, Garage), through the recording proxy.
 
 mod agent;
+mod check;
 mod faults;
 mod garage;
 mod hostile;

@@ -1,0 +1,239 @@
+//! `putonly check`: the set-up checked end to end before the agent runs —
+//! configuration, folders, state folder, base identity, the role, and (only
+//! when asked with --probe-write) one small write per allowed prefix.
+//! It never reads the bucket; `--offline` sends nothing at all.
+
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::{CheckArgs, EXIT_FAILED, EXIT_OK};
+use crate::checksum::Crc;
+use crate::config::{Settings, Sse};
+use crate::credentials::{CredentialSource, caller_identity, error_chain, load_sdk_config};
+use crate::s3::{ObjectWriter, S3Error, WriteOnlyBucket};
+
+/// Lines of the report and whether any check failed.
+#[derive(Default)]
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl std::fmt::Display) {
+        println!("[ ok ] {what}: {detail}");
+    }
+    fn fail(&mut self, what: &str, detail: impl std::fmt::Display) {
+        self.failed += 1;
+        println!("[FAIL] {what}: {detail}");
+    }
+}
+
+pub async fn run(args: CheckArgs) -> ExitCode {
+    let settings = match args.agent.settings() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut r = Report::default();
+    r.ok(
+        "configuration",
+        format!("{} is valid", args.agent.config.display()),
+    );
+    local_checks(&settings, &mut r);
+    if !args.offline {
+        remote_checks(&settings, args.probe_write, &mut r).await;
+    }
+    if r.failed == 0 {
+        println!("all checks passed");
+        ExitCode::from(EXIT_OK)
+    } else {
+        println!("{} check(s) failed", r.failed);
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+/// Folders and prefixes: no network.
+fn local_checks(settings: &Settings, r: &mut Report) {
+    if settings.watches.is_empty() {
+        r.ok(
+            "watch",
+            "none configured (enough for push; `putonly run` needs a [[watch]])",
+        );
+    }
+    for (i, w) in settings.watches.iter().enumerate() {
+        let what = format!("watch[{i}]");
+        match std::fs::read_dir(&w.path) {
+            Ok(_) => r.ok(
+                &what,
+                format!(
+                    "{} is readable; its files go to {} (inside bucket.allowed_prefixes)",
+                    w.path.display(),
+                    w.prefix
+                ),
+            ),
+            Err(e) => r.fail(
+                &format!("{what}.path"),
+                format!(
+                    "{}: {e}; create it, or give the agent's user read and execute permission on it",
+                    w.path.display()
+                ),
+            ),
+        }
+    }
+    if let Some(state) = &settings.state {
+        match state_writable(&state.dir) {
+            Ok(()) => r.ok(
+                "state.dir",
+                format!("{} is writable (owner-only)", state.dir.display()),
+            ),
+            Err(e) => r.fail(
+                "state.dir",
+                format!(
+                    "{}: {e}; create it and give it to the agent's user (systemd: StateDirectory=putonly)",
+                    state.dir.display()
+                ),
+            ),
+        }
+    }
+}
+
+/// Creates the state folder as the agent would and writes a file in it.
+fn state_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let probe = dir.join(format!(".putonly-check-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")?;
+    std::fs::remove_file(&probe)
+}
+
+async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
+    let sdk = load_sdk_config(&settings.aws).await;
+    match caller_identity(&sdk).await {
+        Ok((arn, account)) => r.ok("base identity", format!("{arn} (account {account})")),
+        Err(e) => {
+            r.fail("base identity", e);
+            return;
+        }
+    }
+    let credentials = match CredentialSource::start(&sdk, settings.role.as_ref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail("role", e);
+            return;
+        }
+    };
+    match (credentials.role(), credentials.expiry()) {
+        (Some(session), Some(expiry)) => {
+            let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+            r.ok(
+                "role",
+                format!(
+                    "assumed as {}; credentials expire at {} (in {}), renewed {} before",
+                    session.assumed_arn().unwrap_or_default(),
+                    humantime::format_rfc3339_seconds(expiry),
+                    humantime::format_duration(std::time::Duration::from_secs(left.as_secs())),
+                    humantime::format_duration(
+                        settings
+                            .role
+                            .as_ref()
+                            .map(|x| x.refresh_before)
+                            .unwrap_or_default()
+                    )
+                ),
+            );
+        }
+        _ => r.ok(
+            "role",
+            "none configured: the base credentials write directly",
+        ),
+    }
+    if !probe {
+        println!(
+            "       (write permissions not tested: add --probe-write to write one small object per allowed prefix)"
+        );
+        return;
+    }
+    let bucket = WriteOnlyBucket::new(
+        &sdk,
+        credentials,
+        &settings.bucket,
+        settings.upload.request_timeout,
+    );
+    let host = crate::config::hostname();
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    for prefix in settings.bucket.guard.prefixes() {
+        let key = format!("{prefix}putonly-check/{host}-{stamp}.txt");
+        let body = Bytes::from(format!(
+            "written by `putonly check --probe-write` from {host} at {stamp}\n"
+        ));
+        let crc = Crc::of(settings.upload.checksum, &body);
+        match bucket.put_object(&key, body, crc).await {
+            Ok(_) => r.ok(
+                &format!("write into {prefix}"),
+                format!("PutObject s3://{}/{key} succeeded", settings.bucket.name),
+            ),
+            Err(e) => r.fail(
+                &format!("write into {prefix}"),
+                format!("{}{}", error_chain(&e), explain(settings, prefix, &e)),
+            ),
+        }
+    }
+}
+
+/// For an access denied answer: which statement is most likely missing.
+pub fn explain(settings: &Settings, prefix: &str, e: &S3Error) -> String {
+    let S3Error::Denied { message, .. } = e else {
+        return String::new();
+    };
+    let m = message.to_ascii_lowercase();
+    let bucket = &settings.bucket.name;
+    let resource = format!("arn:aws:s3:::{bucket}/{prefix}*");
+    let writer = settings
+        .role
+        .as_ref()
+        .map_or("the writing identity".to_string(), |r| r.arn.clone());
+    let role_policy =
+        format!("the role policy in account A does not allow s3:PutObject on {resource}");
+    let bucket_policy = format!(
+        "the bucket policy of {bucket} (account B) does not allow {writer} s3:PutObject on {resource}"
+    );
+    let mut likely = Vec::new();
+    if m.contains("explicit deny") {
+        likely.push(
+            "an explicit Deny applies (bucket policy, SCP or permissions boundary)".to_string(),
+        );
+    } else if m.contains("identity-based") {
+        likely.push(role_policy);
+    } else if m.contains("resource-based") {
+        likely.push(bucket_policy);
+    } else if m.contains("kms") {
+        likely.push(
+            "the KMS key does not allow kms:GenerateDataKey and kms:Decrypt to the writer".into(),
+        );
+    } else {
+        likely.push(role_policy);
+        likely.push(bucket_policy);
+    }
+    if settings.bucket.acl.is_some() {
+        likely.push(
+            "bucket.acl is set, so s3:PutObjectAcl must be granted in both policies too".into(),
+        );
+    }
+    if let Some(Sse::Kms { .. }) = settings.bucket.sse {
+        likely.push(
+            "SSE-KMS is set: the writer needs kms:GenerateDataKey and kms:Decrypt on the key"
+                .into(),
+        );
+    }
+    format!(
+        ". Likely: {}. `putonly policy` prints documents that grant exactly this",
+        likely.join("; or ")
+    )
+}
