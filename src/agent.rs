@@ -25,6 +25,7 @@ use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::journal::{FileVersion, Journal, JournalError, Resume, Seen, now};
 use crate::keys::key_for;
+use crate::metrics::{self as m, Health};
 use crate::retry::Backoff;
 use crate::s3::{ObjectWriter, PartDone, WriteOnlyBucket};
 use crate::upload::{Checkpoint, Engine, Job, UploadError};
@@ -38,6 +39,8 @@ pub enum AgentError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Credentials(#[from] CredentialError),
+    #[error("metrics.listen: {0}")]
+    Metrics(String),
 }
 
 /// The longest pause between two attempts at a file after transient failures.
@@ -51,6 +54,7 @@ struct Ctx {
     requeue: mpsc::UnboundedSender<Requeue>,
     in_flight: Mutex<HashSet<PathBuf>>,
     backoff: Backoff,
+    health: Arc<Health>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -61,6 +65,27 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
     let state = settings.require_agent()?.clone();
     let journal = Arc::new(Journal::open(&state.dir)?);
+    let health = Arc::new(Health::new(
+        settings
+            .metrics
+            .as_ref()
+            .map_or(Duration::from_secs(600), |m| m.unhealthy_after),
+    ));
+    let metrics_server = match &settings.metrics {
+        Some(ms) => {
+            let handle = m::install().map_err(AgentError::Metrics)?;
+            let server = m::serve(ms.listen, handle, health.clone())
+                .await
+                .map_err(|e| {
+                    AgentError::Metrics(format!(
+                        "cannot listen on {}: {e}; choose a free address and port",
+                        ms.listen
+                    ))
+                })?;
+            Some(server)
+        }
+        None => None,
+    };
     tracing::info!(journal = %state.dir.display(), watches = settings.watches.len(), "putonly agent starting");
     let sdk = load_sdk_config(&settings.aws).await;
     let credentials = tokio::select! {
@@ -101,12 +126,19 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         requeue: requeue_tx,
         in_flight: Mutex::new(HashSet::new()),
         backoff: Backoff::new(Duration::from_secs(1), MAX_FILE_BACKOFF),
+        health: health.clone(),
     });
-    let housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), retention));
+    let housekeeping = tokio::spawn(housekeeping(
+        journal.clone(),
+        bucket.clone(),
+        retention,
+        health,
+    ));
 
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<()> = JoinSet::new();
     tracing::info!("watching; ready");
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
             _ = recv(&mut term) => { tracing::info!("SIGTERM: stopping"); break; }
@@ -137,7 +169,11 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     }
 
     // Stop intake, then give in-flight uploads their deadline.
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     watcher.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     housekeeping.abort();
     drop(ready_rx);
     let in_flight = tasks.len();
@@ -196,17 +232,57 @@ async fn start_credentials(
     }
 }
 
-/// Heartbeat and credential expiry for `putonly status`; journal pruning.
-async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, retention: Duration) {
-    let mut beat = tokio::time::interval(Duration::from_secs(10));
+/// Tells systemd (Type=notify) how the agent is doing; nothing without
+/// NOTIFY_SOCKET.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Heartbeat (journal and systemd watchdog), credential expiry, gauges and
+/// health; journal pruning.
+async fn housekeeping(
+    journal: Arc<Journal>,
+    bucket: Arc<WriteOnlyBucket>,
+    retention: Duration,
+    health: Arc<Health>,
+) {
+    // Twice per systemd watchdog period, and at least every 5 s.
+    let period = sd_notify::watchdog_enabled()
+        .map_or(Duration::from_secs(5), |w| {
+            (w / 2).min(Duration::from_secs(5))
+        })
+        .max(Duration::from_millis(100));
+    let mut beat = tokio::time::interval(period);
+    let mut last_heartbeat = Instant::now() - Duration::from_secs(3600);
     let mut last_prune = Instant::now() - Duration::from_secs(3600);
     loop {
         beat.tick().await;
+        notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+        let expiry = bucket
+            .credentials()
+            .expiry()
+            .and_then(|exp| exp.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
+        if let Some(exp) = expiry {
+            ::metrics::gauge!(m::CREDENTIALS_EXPIRY).set((exp - now()) as f64);
+        }
+        let j = journal.clone();
+        if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || j.status()).await {
+            ::metrics::gauge!(m::QUEUE_DEPTH).set(st.pending as f64);
+            ::metrics::gauge!(m::FAILED_FILES).set(st.failed as f64);
+            let oldest = st.oldest_pending.map_or(0, |o| (now() - o.since).max(0));
+            ::metrics::gauge!(m::OLDEST_PENDING).set(oldest as f64);
+            health.observe(st.pending, expiry);
+        }
+        if last_heartbeat.elapsed() < Duration::from_secs(10) {
+            continue;
+        }
+        last_heartbeat = Instant::now();
         let _ = journal.set_meta("agent_heartbeat_at", &now().to_string());
-        if let Some(exp) = bucket.credentials().expiry()
-            && let Ok(d) = exp.duration_since(std::time::UNIX_EPOCH)
-        {
-            let _ = journal.set_meta("credentials_expire_at", &d.as_secs().to_string());
+        if let Some(exp) = expiry {
+            let _ = journal.set_meta("credentials_expire_at", &exp.to_string());
         }
         if last_prune.elapsed() >= Duration::from_secs(3600) {
             last_prune = Instant::now();
@@ -281,7 +357,9 @@ impl Ctx {
                 return;
             }
         }
+        ::metrics::gauge!(m::IN_FLIGHT).increment(1.0);
         self.process_file(&cand, watch).await;
+        ::metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -345,6 +423,7 @@ impl Ctx {
         let key = match checked {
             Ok(k) => k,
             Err(e) => {
+                failure("refused");
                 let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
                 let _ = self.journal.failed(id, &e.to_string(), retry_at);
                 tracing::error!(path = ?path, error = %e, "refused; marked failed (see putonly status)");
@@ -373,6 +452,10 @@ impl Ctx {
                     tracing::error!(path = ?path, error = %e, "uploaded, but the journal could not record it");
                     return;
                 }
+                ::metrics::counter!(m::FILES_UPLOADED).increment(1);
+                ::metrics::counter!(m::BYTES_UPLOADED).increment(up.size);
+                ::metrics::histogram!(m::UPLOAD_SECONDS).record(started.elapsed().as_secs_f64());
+                self.health.success();
                 tracing::info!(
                     path = ?path,
                     key = ?up.key,
@@ -390,17 +473,20 @@ impl Ctx {
                 self.forget_gone(path);
             }
             Err(e @ UploadError::Changed { .. }) => {
+                failure("changed");
                 let _ = self.journal.attempt_failed(id, &e.to_string());
                 tracing::info!(path = ?path, "changed during upload; will send it once it settles");
                 self.requeue(path.clone(), watch.settle);
             }
             Err(e) if e.is_transient() => {
+                failure("transient");
                 let _ = self.journal.attempt_failed(id, &e.to_string());
                 let delay = self.backoff.delay(attempts + 1);
                 tracing::warn!(path = ?path, error = %e, retry_in = ?delay, "upload failed; will retry");
                 self.requeue(path.clone(), delay);
             }
             Err(e) => {
+                failure(permanent_reason(&e));
                 let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
                 let _ = self.journal.failed(id, &e.to_string(), retry_at);
                 tracing::error!(path = ?path, error = %e, "upload failed for good; marked failed (see putonly status)");
@@ -445,6 +531,25 @@ impl Ctx {
         if let Err(e) = result {
             tracing::warn!(path = ?cand.path, error = %e, "uploaded, but the after_upload action failed");
         }
+    }
+}
+
+/// Counts a failed attempt under its reason.
+fn failure(reason: &'static str) {
+    ::metrics::counter!(m::FAILURES, "reason" => reason).increment(1);
+}
+
+/// The reason label of a permanent failure.
+fn permanent_reason(e: &UploadError) -> &'static str {
+    match e {
+        UploadError::S3 { source, .. } => match **source {
+            crate::s3::S3Error::Denied { .. } => "denied",
+            crate::s3::S3Error::Refused(_) => "refused",
+            _ => "rejected",
+        },
+        UploadError::Read { .. } | UploadError::NotAFile { .. } => "unreadable",
+        UploadError::TooLarge { .. } => "too_large",
+        _ => "other",
     }
 }
 

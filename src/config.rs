@@ -69,6 +69,14 @@ pub struct RawConfig {
     pub watches: Vec<RawWatch>,
     #[serde(default)]
     pub agent: RawAgent,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+    pub unhealthy_after: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -370,6 +378,15 @@ pub struct Settings {
     pub state: Option<StateSettings>,
     pub watches: Vec<WatchSettings>,
     pub agent: AgentSettings,
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// The optional /metrics and /healthz listener of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub listen: std::net::SocketAddr,
+    /// /healthz turns unhealthy when files wait and nothing succeeded for this long.
+    pub unhealthy_after: Duration,
 }
 
 impl Settings {
@@ -407,6 +424,7 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         check_watches(&watches, state.as_ref())?;
         let agent = resolve_agent(&raw.agent)?;
+        let metrics = raw.metrics.as_ref().map(resolve_metrics).transpose()?;
         Ok(Settings {
             aws,
             role,
@@ -415,6 +433,7 @@ impl Settings {
             state,
             watches,
             agent,
+            metrics,
         })
     }
 
@@ -868,6 +887,31 @@ fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
         checksum,
         max_attempts,
         request_timeout,
+    })
+}
+
+fn resolve_metrics(m: &RawMetrics) -> Result<MetricsSettings, ConfigError> {
+    let listen = m.listen.as_deref().ok_or_else(|| {
+        ConfigError::invalid(
+            "metrics.listen",
+            "is missing",
+            "give an address such as \"127.0.0.1:9464\", or remove [metrics]",
+        )
+    })?;
+    let listen = listen.parse().map_err(|_| {
+        ConfigError::invalid(
+            "metrics.listen",
+            format!("{listen:?} is not an address with a port"),
+            "use the form \"127.0.0.1:9464\" (or \"[::1]:9464\")",
+        )
+    })?;
+    let unhealthy_after = match &m.unhealthy_after {
+        Some(s) => parse_duration("metrics.unhealthy_after", s)?,
+        None => Duration::from_secs(600),
+    };
+    Ok(MetricsSettings {
+        listen,
+        unhealthy_after,
     })
 }
 

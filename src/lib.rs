@@ -16,6 +16,7 @@ pub mod config;
 pub mod credentials;
 pub mod journal;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod retry;
 pub mod s3;

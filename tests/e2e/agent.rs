@@ -622,3 +622,119 @@ async fn run_and_status_refuse_a_bad_configuration_with_exit_2() {
         assert!(stderr.contains(expected), "{cmd}: {stderr}");
     }
 }
+
+/// A plain HTTP/1.0 GET: (status, body).
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of an unlabelled metric (or 0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_healthz_answer_and_move_during_a_run() {
+    let port = crate::support::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let s = setup_custom(
+        "",
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"300ms\"\n",
+        "[\"foo/\", \"fighters/\"]",
+        "",
+        &format!("concurrency = 4\n[metrics]\nlisten = \"{addr}\"\nunhealthy_after = \"3s\"\n"),
+    )
+    .await;
+    let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        assert!(Instant::now() < deadline, "no metrics listener");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, before) = http_get(&addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert_eq!(metric(&before, "putonly_files_uploaded_total"), 0.0);
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+
+    let files = produce(&s.outbox, 20, &[6], 31).await;
+    wait_done(&s, files.len(), Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await; // a housekeeping tick
+    let (_, after) = http_get(&addr, "/metrics").await;
+    let bytes: usize = files.values().map(Vec::len).sum();
+    assert_eq!(
+        metric(&after, "putonly_files_uploaded_total"),
+        files.len() as f64,
+        "{after}"
+    );
+    assert_eq!(metric(&after, "putonly_bytes_uploaded_total"), bytes as f64);
+    assert_eq!(
+        metric(&after, "putonly_upload_duration_seconds_count"),
+        files.len() as f64
+    );
+    assert!(metric(&after, "putonly_last_success_timestamp_seconds") > 0.0);
+    let expiry = metric(&after, "putonly_credentials_expiry_seconds");
+    assert!(expiry > 3000.0 && expiry <= 3600.0, "{expiry}");
+    assert_eq!(metric(&after, "putonly_queue_depth"), 0.0);
+    assert!(after.contains("# TYPE putonly_upload_duration_seconds histogram"));
+    for secret in s.proxy.secrets() {
+        assert!(!after.contains(&secret), "a secret in /metrics");
+    }
+
+    // The endpoint goes away with files waiting: unhealthy after 3 s, and
+    // the failures are counted by reason; healthy again once they arrive.
+    s.proxy.outage(Duration::from_secs(12));
+    std::fs::write(s.outbox.join("late.txt"), b"late").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, body) = loop {
+        let (code, body) = http_get(&addr, "/healthz").await;
+        if code == 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no upload succeeded"), "{body}");
+    let (_, during) = http_get(&addr, "/metrics").await;
+    assert!(metric(&during, "putonly_queue_depth") >= 1.0, "{during}");
+    wait_done(&s, files.len() + 1, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+
+    // A refused file is counted under its reason.
+    s.proxy.fail_next("PutObject", 1, 403, "AccessDenied");
+    std::fs::write(s.outbox.join("denied.txt"), b"denied").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let (_, text) = http_get(&addr, "/metrics").await;
+        if metric(&text, "putonly_failed_files") >= 1.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        failed.contains("putonly_upload_failures_total{reason=\"denied\"} 1"),
+        "{failed}"
+    );
+    assert!(agent.alive());
+    assert_eq!(agent.stop().await, Some(0));
+}
