@@ -508,7 +508,7 @@ fn resolve_watch(
             format!("give the key prefix, one of or below: {guard}"),
         )
     })?;
-    let prefix = crate::keys::folder_prefix(&prefix);
+    let prefix = crate::keys::folder_prefix(&expand_template(&name("prefix"), &prefix)?);
     if !guard.covers(&prefix) || prefix.split('/').any(|s| s == "." || s == "..") {
         return Err(ConfigError::invalid(
             &name("prefix"),
@@ -915,6 +915,55 @@ fn resolve_metrics(m: &RawMetrics) -> Result<MetricsSettings, ConfigError> {
     })
 }
 
+/// Expands `{hostname}` and `{env:NAME}` in a watch prefix, so one
+/// configuration serves a fleet, each host writing under its own prefix. An
+/// expanded value must be one plain key segment.
+pub fn expand_template(setting: &str, template: &str) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let Some(len) = rest[start..].find('}') else {
+            return Err(ConfigError::invalid(
+                setting,
+                format!("{template:?} has an unclosed '{{'"),
+                "write {hostname} or {env:NAME}",
+            ));
+        };
+        let name = &rest[start + 1..start + len];
+        let value = match name {
+            "hostname" => hostname(),
+            _ => match name.strip_prefix("env:") {
+                Some(var) => std::env::var(var).map_err(|_| {
+                    ConfigError::invalid(
+                        setting,
+                        format!("uses {{{name}}} but the environment variable {var} is not set"),
+                        format!("set {var} for the agent (a DaemonSet can pass spec.nodeName)"),
+                    )
+                })?,
+                None => {
+                    return Err(ConfigError::invalid(
+                        setting,
+                        format!("{{{name}}} is not a known placeholder"),
+                        "use {hostname} or {env:NAME}",
+                    ));
+                }
+            },
+        };
+        if value.is_empty() || value.contains('/') || value == "." || value == ".." {
+            return Err(ConfigError::invalid(
+                setting,
+                format!("{{{name}}} expands to {value:?}, which is not one plain key segment"),
+                "use a placeholder whose value has no '/' and is not empty, '.' or '..'",
+            ));
+        }
+        out.push_str(&value);
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// This machine's host name (for probe keys and `{hostname}` in prefixes).
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
@@ -1166,6 +1215,33 @@ mod tests {
                 .to_string()
                 .starts_with("watch")
         );
+    }
+
+    #[test]
+    fn prefix_templates_expand_per_host() {
+        let host = hostname();
+        assert_eq!(
+            expand_template("p", "fleet/{hostname}/logs").unwrap(),
+            format!("fleet/{host}/logs")
+        );
+        // SAFETY: a test-only variable no other test reads.
+        unsafe { std::env::set_var("PUTONLY_TEST_NODE", "node-7") };
+        assert_eq!(
+            expand_template("p", "fleet/{env:PUTONLY_TEST_NODE}/").unwrap(),
+            "fleet/node-7/"
+        );
+        unsafe { std::env::set_var("PUTONLY_TEST_SLASH", "a/../b") };
+        for bad in [
+            "{env:PUTONLY_TEST_SLASH}/",
+            "{nope}",
+            "{hostname",
+            "{env:PUTONLY_UNSET_X}",
+        ] {
+            let e = expand_template("watch[0].prefix", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("watch[0].prefix"), "{bad}: {e}");
+        }
     }
 
     #[test]
