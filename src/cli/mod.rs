@@ -153,6 +153,22 @@ configuration error."
     )]
     Check(CheckArgs),
 
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(
+        long_about = "Print a completion script for SHELL on standard output, generated \
+from the command-line definition.\n\n  putonly completions bash > /usr/share/bash-completion/completions/putonly"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff), generated from the command-line definition.
+    #[command(
+        long_about = "Print the putonly(1) man page in roff on standard output.\n\n  putonly man > putonly.1 && man ./putonly.1"
+    )]
+    Man,
+
     /// Print the IAM documents the set-up needs, or lint existing ones.
     #[command(
         long_about = "\
@@ -430,6 +446,17 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run(args) => run_agent(args).await,
         Command::Status(args) => status::run(args),
         Command::Check(args) => check::run(args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "putonly",
+                &mut std::io::stdout(),
+            );
+            ExitCode::from(EXIT_OK)
+        }
+        Command::Man => man(),
         Command::Policy(args) => match args.command {
             Some(PolicyCommand::Lint(lint)) => policy::lint(lint),
             None => policy::run(*args),
@@ -450,6 +477,35 @@ async fn run_agent(args: RunArgs) -> ExitCode {
         }
         Err(e) => {
             report_error(&e);
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// The man page: the top-level page with every subcommand's help appended.
+fn man() -> ExitCode {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let mut out = Vec::new();
+    let page = clap_mangen::Man::new(cmd.clone());
+    let rendered = page.render(&mut out).and_then(|()| {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = sub.get_name().to_string();
+            let mut section = Vec::new();
+            clap_mangen::Man::new(sub.clone()).render_description_section(&mut section)?;
+            let mut opts = Vec::new();
+            clap_mangen::Man::new(sub.clone()).render_options_section(&mut opts)?;
+            out.extend_from_slice(format!(".SH \"PUTONLY {}\"\n", name.to_uppercase()).as_bytes());
+            out.extend(section.into_iter().skip_while(|&b| b != b'\n').skip(1));
+            out.extend(opts.into_iter().skip_while(|&b| b != b'\n').skip(1));
+        }
+        use std::io::Write;
+        std::io::stdout().write_all(&out)
+    });
+    match rendered {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!("putonly: cannot write the man page: {e}");
             ExitCode::from(EXIT_FAILED)
         }
     }

@@ -738,3 +738,60 @@ async fn metrics_and_healthz_answer_and_move_during_a_run() {
     assert!(agent.alive());
     assert_eq!(agent.stop().await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_speaks_the_systemd_notify_protocol() {
+    let s = setup("concurrency = 2\n").await;
+    let socket_path = s.work.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut cmd = putonly(Some(s.moto.dir.path()));
+    cmd.env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000");
+    let agent = Agent::spawn(cmd, &s.config, &s.log);
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    for want in ["READY=1", "WATCHDOG=1"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen.iter().any(|m| m.lines().any(|l| l == want)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let n = tokio::time::timeout(left, socket.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {want} within 30 s; got {seen:?}"))
+                .unwrap();
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert_eq!(agent.stop().await, Some(0));
+    let mut rest = Vec::new();
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await
+    {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        rest.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
+        "no STOPPING=1 at shutdown: {rest:?}"
+    );
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    }
+    let out = std::process::Command::new(crate::support::repo().join("packaging/verify-unit.sh"))
+        .arg(env!("CARGO_BIN_EXE_putonly"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
