@@ -773,25 +773,3 @@ async fn the_agent_speaks_the_systemd_notify_protocol() {
         "no STOPPING=1 at shutdown: {rest:?}"
     );
 }
-
-#[test]
-fn systemd_analyze_verify_accepts_the_unit() {
-    if std::process::Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: systemd-analyze is not installed");
-        return;
-    }
-    let out = std::process::Command::new(crate::support::repo().join("packaging/verify-unit.sh"))
-        .arg(env!("CARGO_BIN_EXE_putonly"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}

@@ -1,0 +1,116 @@
+//! Packaging artefacts that can be checked without a package manager or a
+//! cluster: the systemd unit (systemd-analyze verify), the notify protocol
+//! the unit relies on (in agent.rs), the DaemonSet's embedded configuration,
+//! the man page and the completions generated from the CLI.
+
+use crate::support::{putonly, repo, run, tool_path};
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    }
+    let out = std::process::Command::new(repo().join("packaging/verify-unit.sh"))
+        .arg(env!("CARGO_BIN_EXE_putonly"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The configuration inside the DaemonSet example is a valid putonly
+/// configuration, and its per-node prefix expands from NODE_NAME.
+#[tokio::test]
+async fn the_daemonset_configuration_is_valid_and_per_node() {
+    let python = tool_path("PUTONLY_MOTO_SERVER").with_file_name("python");
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("agent.toml");
+    let script = "import sys, yaml\n\
+        docs = list(yaml.safe_load_all(open(sys.argv[1])))\n\
+        kinds = [d['kind'] for d in docs]\n\
+        assert 'DaemonSet' in kinds, kinds\n\
+        cm = next(d for d in docs if d['kind'] == 'ConfigMap')\n\
+        open(sys.argv[2], 'w').write(cm['data']['agent.toml'])\n";
+    let out = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(repo().join("packaging/kubernetes/daemonset.yaml"))
+        .arg(&config)
+        .output()
+        .expect("python with PyYAML from the moto install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The node's folders, moved into the temporary folder.
+    let outbox = work.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "\"/srv/outbox\"",
+            &format!("{:?}", outbox.display().to_string()),
+        )
+        .replace(
+            "\"/var/lib/putonly\"",
+            &format!("{:?}", work.path().join("state").display().to_string()),
+        );
+    std::fs::write(&config, text).unwrap();
+    let out = run(putonly(None)
+        .env("NODE_NAME", "node-a")
+        .args(["check", "--offline", "--config"])
+        .arg(&config))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(stdout.contains("files go to fleet/node-a/"), "{stdout}");
+    // Without NODE_NAME the configuration names what is missing.
+    let out = run(putonly(None)
+        .args(["check", "--offline", "--config"])
+        .arg(&config))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NODE_NAME is not set"));
+}
+
+#[tokio::test]
+async fn man_page_and_completions_come_from_the_cli() {
+    let out = run(putonly(None).arg("man")).await;
+    assert_eq!(out.status.code(), Some(0));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH putonly 1"),
+        "roff"
+    );
+    for section in [
+        "PUTONLY PUSH",
+        "PUTONLY RUN",
+        "PUTONLY CHECK",
+        "PUTONLY POLICY",
+        "probe\\-write",
+    ] {
+        assert!(
+            page.contains(section),
+            "{section} missing from the man page"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(putonly(None).args(["completions", shell])).await;
+        assert_eq!(out.status.code(), Some(0));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains("putonly") && script.contains("probe-write"),
+            "{shell}"
+        );
+    }
+}
