@@ -7,7 +7,10 @@
 //! [`upload`] (how a file becomes an object, through [`throttle`] and
 //! [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
 //! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
-//! server verifies. `docs/ARCHITECTURE.md` draws the flow.
+//! server verifies. The agent adds [`watch`] (which files are finished),
+//! [`journal`] (its only memory), [`agent`] (the loop) and [`metrics`];
+//! [`policy`] generates and lints the IAM documents. `docs/ARCHITECTURE.md`
+//! draws the flow.
 
 pub mod agent;
 pub mod checksum;
