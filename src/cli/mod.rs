@@ -153,22 +153,6 @@ configuration error."
     )]
     Check(CheckArgs),
 
-    /// Print shell completions (bash, zsh, fish, elvish, powershell).
-    #[command(
-        long_about = "Print a completion script for SHELL on standard output, generated \
-from the command-line definition.\n\n  putonly completions bash > /usr/share/bash-completion/completions/putonly"
-    )]
-    Completions {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-
-    /// Print the man page (roff), generated from the command-line definition.
-    #[command(
-        long_about = "Print the putonly(1) man page in roff on standard output.\n\n  putonly man > putonly.1 && man ./putonly.1"
-    )]
-    Man,
-
     /// Print the IAM documents the set-up needs, or lint existing ones.
     #[command(
         long_about = "\
@@ -184,6 +168,22 @@ nothing is sent to AWS.",
         after_long_help = "Exit status: 0, or 2 for a configuration error."
     )]
     Policy(Box<PolicyArgs>),
+
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(
+        long_about = "Print a completion script for SHELL on standard output, generated \
+from the command-line definition.\n\n  putonly completions bash > /usr/share/bash-completion/completions/putonly"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff), generated from the command-line definition.
+    #[command(
+        long_about = "Print the putonly(1) man page in roff on standard output.\n\n  putonly man > putonly.1 && man ./putonly.1"
+    )]
+    Man,
 }
 
 #[derive(Debug, Args)]
