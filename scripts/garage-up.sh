@@ -36,7 +36,9 @@ root_domain = ".s3.garage.localhost"
 TOML
 chmod 600 "$dir/garage.toml"
 g() { "$garage" -c "$dir/garage.toml" "$@"; }
-g server >"$dir/garage.log" 2>&1 &
+# Started directly (not through g, which would run in a background subshell):
+# garage.pid must be garage's own pid, or killing it leaves garage running.
+"$garage" -c "$dir/garage.toml" server >"$dir/garage.log" 2>&1 &
 echo $! >"$dir/garage.pid"
 for _ in $(seq 1 300); do
   if g node id -q >/dev/null 2>&1; then break; fi
