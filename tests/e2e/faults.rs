@@ -251,3 +251,62 @@ async fn a_journal_cut_short_by_power_loss_opens_and_nothing_is_lost() {
         s.proxy.s3_records().len() - before
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sts_that_never_answers_does_not_stall_the_renewal() {
+    // Credentials live 30 s and are renewed from 5 s on. STS accepts the
+    // renewal requests of the next 10 s and never answers them. Only the
+    // per-attempt deadline (20 s) gets the renewal out in time, before the
+    // first credentials expire in the middle of a 40 s upload.
+    let moto = crate::support::moto::Moto::start();
+    let proxy = crate::support::proxy::Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "duration = \"30s\"\nrefresh_before = \"25s\"\n\
+         [bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n\
+         [upload]\npart_size = \"5MiB\"\nconcurrency = 2\nbandwidth_limit = \"1MiB/s\"\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let data = crate::support::write_file(work.path(), "slow.bin", 40 * 1024 * 1024, 41);
+    let mut cmd = crate::support::putonly(Some(moto.dir.path()));
+    cmd.args(["push", "--prefix", "foo/", "--config"])
+        .arg(&config)
+        .arg("slow.bin")
+        .current_dir(work.path());
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.count("AssumeRole") == 0 {
+        assert!(Instant::now() < deadline, "no AssumeRole");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.hang_for(
+        "AssumeRole",
+        Duration::from_secs(12),
+        Duration::from_secs(300),
+    );
+    let out = child.wait_with_output().await.unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "the push outlived the hung STS");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("no valid credentials"),
+        "the upload had to wait for credentials: the renewal was stalled"
+    );
+    let records = proxy.records();
+    let held = records
+        .iter()
+        .filter(|r| r.op == "AssumeRole" && r.injected)
+        .count();
+    let answered = records
+        .iter()
+        .filter(|r| r.op == "AssumeRole" && r.status == 200)
+        .count();
+    assert!(held >= 1, "a renewal was held");
+    assert!(answered >= 2, "a renewal got through after the hang");
+    let checked = proxy.assert_no_expired_credentials();
+    assert!(crate::support::get(&moto.admin(), "account-b-bucket", "foo/slow.bin").await == data);
+    proxy.assert_only_writes();
+    eprintln!(
+        "{held} AssumeRole held unanswered, {answered} answered; {checked} S3 requests checked against expiry"
+    );
+}

@@ -83,6 +83,9 @@ struct State {
     faults: Mutex<Vec<Fault>>,
     outage_until: Mutex<Option<Instant>>,
     chaos: Mutex<Option<Chaos>>,
+    /// Requests of this operation arriving before the instant are held
+    /// this long before being forwarded: a server that never answers.
+    hang: Mutex<Option<(String, Instant, Duration)>>,
 }
 
 pub struct Proxy {
@@ -200,6 +203,12 @@ impl Proxy {
             rate,
             delay,
         });
+    }
+
+    /// Holds every request of `op` arriving within `window` for `hold`
+    /// before forwarding it (the client's deadline is what gets it out).
+    pub fn hang_for(&self, op: &str, window: Duration, hold: Duration) {
+        *self.state.hang.lock().unwrap() = Some((op.to_string(), Instant::now() + window, hold));
     }
 
     /// Stops injecting random faults.
@@ -336,6 +345,20 @@ async fn handle(
                 (f.status, f.code.clone())
             })
     };
+    let hold = state
+        .hang
+        .lock()
+        .unwrap()
+        .as_ref()
+        .filter(|(o, until, _)| *o == op && Instant::now() < *until)
+        .map(|(_, _, hold)| *hold);
+    if let Some(hold) = hold {
+        record.injected = true;
+        record.status = 0;
+        state.log.lock().unwrap().push(record.clone());
+        tokio::time::sleep(hold).await;
+        return Err("held past the client's deadline by the test proxy".into());
+    }
     let chaos = if record.bucket.is_some() {
         state.chaos.lock().unwrap().as_mut().and_then(|c| {
             (c.rng.f64() < c.rate).then(|| {
