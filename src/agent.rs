@@ -269,7 +269,7 @@ async fn housekeeping(
             ::metrics::gauge!(m::CREDENTIALS_EXPIRY).set((exp - now()) as f64);
         }
         let j = journal.clone();
-        if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || j.status()).await {
+        if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || j.backlog()).await {
             ::metrics::gauge!(m::QUEUE_DEPTH).set(st.pending as f64);
             ::metrics::gauge!(m::FAILED_FILES).set(st.failed as f64);
             let oldest = st.oldest_pending.map_or(0, |o| (now() - o.since).max(0));

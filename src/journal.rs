@@ -112,6 +112,14 @@ pub struct Status {
     pub agent_heartbeat_at: Option<i64>,
 }
 
+/// See [`Journal::backlog`].
+#[derive(Debug, Clone, Default)]
+pub struct Backlog {
+    pub pending: u64,
+    pub failed: u64,
+    pub oldest_pending: Option<OldestPending>,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OldestPending {
     pub path: String,
@@ -125,6 +133,21 @@ pub struct LastError {
     pub state: String,
     pub error: String,
     pub at: i64,
+}
+
+/// The pending file waiting longest (the state index answers it).
+fn oldest_pending(conn: &Connection) -> rusqlite::Result<Option<OldestPending>> {
+    conn.query_row(
+        "SELECT path, created_at FROM files WHERE state = 'pending' ORDER BY created_at LIMIT 1",
+        [],
+        |r| {
+            Ok(OldestPending {
+                path: lossy(&r.get::<_, Vec<u8>>(0)?),
+                since: r.get(1)?,
+            })
+        },
+    )
+    .optional()
 }
 
 /// Marks every unfinished record (pending or failed) of `path` other than
@@ -548,6 +571,26 @@ impl Journal {
     }
 
     /// What `putonly status` shows; from the journal alone.
+    /// What waits, cheaply enough to ask every few seconds: pending and
+    /// failed counts and the oldest pending file, from the state index only
+    /// (no scan of the done records, unlike [`Journal::status`]).
+    pub fn backlog(&self) -> Result<Backlog, JournalError> {
+        self.with(|conn| {
+            let count = |state: &str| {
+                conn.query_row(
+                    "SELECT COUNT(*) FROM files WHERE state = ?1",
+                    [state],
+                    |r| r.get::<_, i64>(0),
+                )
+            };
+            Ok(Backlog {
+                pending: count("pending")? as u64,
+                failed: count("failed")? as u64,
+                oldest_pending: oldest_pending(conn)?,
+            })
+        })
+    }
+
     pub fn status(&self) -> Result<Status, JournalError> {
         self.with(|conn| {
             let mut s = Status::default();
@@ -563,7 +606,11 @@ impl Journal {
                 "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state",
             )?;
             let rows = q.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })?;
             for row in rows {
                 let (state, n, bytes) = row?;
@@ -577,18 +624,7 @@ impl Journal {
                     _ => {}
                 }
             }
-            s.oldest_pending = conn
-                .query_row(
-                    "SELECT path, created_at FROM files WHERE state = 'pending' ORDER BY created_at LIMIT 1",
-                    [],
-                    |r| {
-                        Ok(OldestPending {
-                            path: lossy(&r.get::<_, Vec<u8>>(0)?),
-                            since: r.get(1)?,
-                        })
-                    },
-                )
-                .optional()?;
+            s.oldest_pending = oldest_pending(conn)?;
             let mut q = conn.prepare(
                 "SELECT path, key, state, last_error, updated_at FROM files
                  WHERE last_error IS NOT NULL AND state IN ('pending', 'failed')
@@ -690,6 +726,17 @@ mod tests {
         );
         let s = j.status().unwrap();
         assert_eq!((s.done, s.pending, s.failed), (1, 0, 0));
+        let b = j.backlog().unwrap();
+        assert_eq!(
+            (b.pending, b.failed, b.oldest_pending.is_none()),
+            (0, 0, true)
+        );
+        let id = upload(j.observe("w", Path::new("/c"), v(3, 3), "foo/c").unwrap().0);
+        j.failed(id, "denied", now() + 60).unwrap();
+        upload(j.observe("w", Path::new("/d"), v(4, 4), "foo/d").unwrap().0);
+        let b = j.backlog().unwrap();
+        assert_eq!((b.pending, b.failed), (1, 1));
+        assert_eq!(b.oldest_pending.unwrap().path, "/d");
     }
 
     #[test]
