@@ -511,22 +511,24 @@ where
             return CredentialError::AssumeRoleDenied {
                 caller: "the base identity".into(),
                 arn: arn.to_string(),
-                code: if code.is_empty() {
-                    status.to_string()
-                } else {
-                    code
-                },
-                message: if message.is_empty() {
-                    "no message".into()
-                } else {
-                    message
-                },
+                code: or_if_empty(code, &status.to_string()),
+                message: or_if_empty(message, "no message"),
             };
         }
     }
     CredentialError::Unavailable {
         arn: arn.to_string(),
         detail: error_chain(&err),
+    }
+}
+
+/// `s`, or `fallback` when the server sent nothing (an empty error code or
+/// message would print as a gap in the error line).
+pub(crate) fn or_if_empty(s: String, fallback: &str) -> String {
+    if s.is_empty() {
+        fallback.to_string()
+    } else {
+        s
     }
 }
 

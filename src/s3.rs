@@ -35,7 +35,7 @@ use bytes::Bytes;
 
 use crate::checksum::Crc;
 use crate::config::{BucketSettings, ChecksumKind, Sse};
-use crate::credentials::{CredentialError, CredentialSource, error_chain};
+use crate::credentials::{CredentialError, CredentialSource, error_chain, or_if_empty};
 use crate::keys::{KeyError, PrefixGuard};
 
 /// How long a request waits for valid credentials before it gives up (and
@@ -489,7 +489,7 @@ where
                 S3Error::Denied {
                     op,
                     key,
-                    code: if code.is_empty() { "403".into() } else { code },
+                    code: or_if_empty(code, "403"),
                     message,
                 }
             } else {
@@ -497,16 +497,8 @@ where
                     op,
                     key,
                     status,
-                    code: if code.is_empty() {
-                        "no error code".into()
-                    } else {
-                        code
-                    },
-                    message: if message.is_empty() {
-                        "no message".into()
-                    } else {
-                        message
-                    },
+                    code: or_if_empty(code, "no error code"),
+                    message: or_if_empty(message, "no message"),
                 }
             }
         }
