@@ -188,7 +188,7 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
 }
 
 /// For an access denied answer: which statement is most likely missing.
-pub fn explain(settings: &Settings, prefix: &str, e: &S3Error) -> String {
+fn explain(settings: &Settings, prefix: &str, e: &S3Error) -> String {
     let S3Error::Denied { message, .. } = e else {
         return String::new();
     };

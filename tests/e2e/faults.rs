@@ -91,12 +91,24 @@ async fn trickle(s: &Setup, dir: &str, n: usize, every: Duration) -> BTreeMap<St
     files
 }
 
-async fn wait_for_first_assume_role(s: &Setup) {
+/// An agent whose role credentials live `duration`, renewed `refresh_before`
+/// ahead, once it holds its first credentials.
+async fn agent_with_role(duration: &str, refresh_before: &str) -> (Setup, Agent) {
+    let s = setup_custom(
+        &format!("duration = \"{duration}\"\nrefresh_before = \"{refresh_before}\"\n"),
+        WATCH,
+        ALLOWED,
+        "",
+        "concurrency = 4\n",
+    )
+    .await;
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
     let deadline = Instant::now() + Duration::from_secs(30);
     while s.proxy.count("AssumeRole") == 0 {
         assert!(Instant::now() < deadline, "no AssumeRole");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (s, agent)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -104,16 +116,7 @@ async fn sts_down_past_refresh_before_but_within_the_lifetime_fails_nothing() {
     // Credentials live 20 s and are renewed 10 s before expiry; STS is down
     // from 5 s to 15 s: every renewal in that window fails, the first
     // credentials stay valid throughout, and uploads go on.
-    let s = setup_custom(
-        "duration = \"20s\"\nrefresh_before = \"10s\"\n",
-        WATCH,
-        ALLOWED,
-        "",
-        "concurrency = 4\n",
-    )
-    .await;
-    let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
-    wait_for_first_assume_role(&s).await;
+    let (s, mut agent) = agent_with_role("20s", "10s").await;
     let t0 = SystemTime::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let down_from = SystemTime::now();
@@ -156,16 +159,7 @@ async fn sts_down_past_expiry_pauses_uploads_and_resumes_them() {
     // Credentials live 8 s; STS is down for 20 s from the start: they
     // expire with STS still down. Uploads wait (nothing is sent with expired
     // credentials, nothing is marked failed) and resume when STS is back.
-    let s = setup_custom(
-        "duration = \"8s\"\nrefresh_before = \"4s\"\n",
-        WATCH,
-        ALLOWED,
-        "",
-        "concurrency = 4\n",
-    )
-    .await;
-    let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
-    wait_for_first_assume_role(&s).await;
+    let (s, mut agent) = agent_with_role("8s", "4s").await;
     s.proxy.fail_for(
         "AssumeRole",
         Duration::from_secs(20),
