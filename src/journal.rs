@@ -135,6 +135,16 @@ pub struct LastError {
     pub at: i64,
 }
 
+/// Creates the state folder owner-only (0700); an existing one (made by
+/// systemd or by hand) is narrowed to 0700 too.
+pub fn prepare_state_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// The pending file waiting longest (the state index answers it).
 fn oldest_pending(conn: &Connection) -> rusqlite::Result<Option<OldestPending>> {
     conn.query_row(
@@ -265,14 +275,7 @@ impl Journal {
             path: state_dir.to_path_buf(),
             source,
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(folder_err)?;
-        // An existing folder (made by systemd or by hand) is narrowed too.
-        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(folder_err)?;
+        prepare_state_dir(state_dir).map_err(folder_err)?;
         let path = state_dir.join(FILE_NAME);
         let conn = Self::connect(&path, false)?;
         for suffix in ["", "-wal", "-shm"] {

@@ -98,13 +98,9 @@ fn local_checks(settings: &Settings, r: &mut Report) {
     }
 }
 
-/// Creates the state folder as the agent would and writes a file in it.
+/// Prepares the state folder as the agent does and writes a file in it.
 fn state_writable(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    crate::journal::prepare_state_dir(dir)?;
     let probe = dir.join(format!(".putonly-check-{}", std::process::id()));
     std::fs::write(&probe, b"probe")?;
     std::fs::remove_file(&probe)
