@@ -312,7 +312,8 @@ pub fn default_refresh_before() -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateSettings {
     pub dir: PathBuf,
-    /// Done records older than this are pruned.
+    /// Done and failed records older than this are pruned once their file
+    /// is gone from disk.
     pub retention: Duration,
 }
 

@@ -517,9 +517,10 @@ impl Journal {
     }
 
     /// Deletes records last changed before `before` (unix seconds): every
-    /// superseded one, and every done one whose file version is gone from
-    /// disk (`still_there` says). A done record of a file that is still there
-    /// stays, or the next scan would send the file again.
+    /// superseded one, and every done or failed one whose file version is
+    /// gone from disk (`still_there` says). A done record of a file that is
+    /// still there stays, or the next scan would send the file again; a
+    /// failed one stays in status while its file is there to be fixed.
     pub fn prune(
         &self,
         before: i64,
@@ -528,7 +529,7 @@ impl Journal {
         let old: Vec<(i64, Vec<u8>, FileVersion)> = self.with(|conn| {
             let mut q = conn.prepare(
                 "SELECT id, path, dev, ino, size, mtime_ns FROM files
-                 WHERE state = 'done' AND updated_at < ?1",
+                 WHERE state IN ('done', 'failed') AND updated_at < ?1",
             )?;
             let rows = q.query_map([before], |r| {
                 Ok((
@@ -573,7 +574,6 @@ impl Journal {
         })
     }
 
-    /// What `putonly status` shows; from the journal alone.
     /// What waits, cheaply enough to ask every few seconds: pending and
     /// failed counts and the oldest pending file, from the state index only
     /// (no scan of the done records, unlike [`Journal::status`]).
@@ -594,6 +594,7 @@ impl Journal {
         })
     }
 
+    /// What `putonly status` shows; from the journal alone.
     pub fn status(&self) -> Result<Status, JournalError> {
         self.with(|conn| {
             let mut s = Status::default();
@@ -859,21 +860,30 @@ mod tests {
     }
 
     #[test]
-    fn prune_removes_old_done_records() {
+    fn prune_removes_old_done_and_failed_records_of_files_gone() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let (Seen::Upload { id, .. }, _) =
-            j.observe("w", Path::new("/e"), v(1, 1), "foo/e").unwrap()
-        else {
-            panic!()
+        let upload = |path: &str| {
+            let (Seen::Upload { id, .. }, _) =
+                j.observe("w", Path::new(path), v(1, 1), "foo/e").unwrap()
+            else {
+                panic!("{path} is new")
+            };
+            id
         };
-        j.done(id, "e").unwrap();
+        let done = upload("/e");
+        j.done(done, "e").unwrap();
+        let failed = upload("/f");
+        j.failed(failed, "AccessDenied", i64::MAX).unwrap();
+        let pending = upload("/p");
         assert_eq!(j.prune(now() - 10, |_, _| false).unwrap(), 0);
         assert_eq!(
             j.prune(now() + 10, |_, _| true).unwrap(),
             0,
-            "the file is still there"
+            "the files are still there"
         );
-        assert_eq!(j.prune(now() + 10, |_, _| false).unwrap(), 1);
+        assert_eq!(j.prune(now() + 10, |_, _| false).unwrap(), 2);
+        let st = j.status().unwrap();
+        assert_eq!((st.done, st.failed, st.pending), (0, 0, 1), "{pending}");
     }
 }
