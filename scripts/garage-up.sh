@@ -16,10 +16,16 @@ garage=${PUTONLY_GARAGE_BIN:-$PUTONLY_GARAGE}
 [ -x "$garage" ] || { echo "garage-up.sh: no garage at $garage; run scripts/install-garage.sh" >&2; exit 1; }
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-s3=$(python3 "$here/free-port.py")
-rpc=$(python3 "$here/free-port.py")
-secret=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
-cat >"$dir/garage.toml" <<TOML
+g() { "$garage" -c "$dir/garage.toml" "$@"; }
+# A free port can be taken by another process before garage binds it (tests
+# start servers in parallel): then garage exits or the port is someone
+# else's. Each try uses fresh ports and checks that garage itself listens.
+for try in 1 2 3; do
+  s3=$(python3 "$here/free-port.py")
+  rpc=$(python3 "$here/free-port.py")
+  secret=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+  rm -rf "$dir/meta" "$dir/data"
+  cat >"$dir/garage.toml" <<TOML
 metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
 db_engine = "sqlite"
@@ -34,12 +40,21 @@ s3_region = "us-east-1"
 api_bind_addr = "127.0.0.1:$s3"
 root_domain = ".s3.garage.localhost"
 TOML
-chmod 600 "$dir/garage.toml"
-g() { "$garage" -c "$dir/garage.toml" "$@"; }
-# Started directly (not through g, which would run in a background subshell):
-# garage.pid must be garage's own pid, or killing it leaves garage running.
-"$garage" -c "$dir/garage.toml" server >"$dir/garage.log" 2>&1 &
-echo $! >"$dir/garage.pid"
+  chmod 600 "$dir/garage.toml"
+  # Started directly (not through g, which would run in a background
+  # subshell): garage.pid must be garage's own pid, or killing it leaves
+  # garage running.
+  "$garage" -c "$dir/garage.toml" server >"$dir/garage.log" 2>&1 &
+  echo $! >"$dir/garage.pid"
+  if python3 "$here/listening.py" "$(cat "$dir/garage.pid")" "$s3" 30 &&
+    python3 "$here/listening.py" "$(cat "$dir/garage.pid")" "$rpc" 5; then
+    break
+  fi
+  kill "$(cat "$dir/garage.pid")" 2>/dev/null || true
+  echo "garage-up.sh: try $try: garage did not listen on ports $s3/$rpc:" >&2
+  tail -n 5 "$dir/garage.log" >&2
+  [ "$try" = 3 ] && exit 1
+done
 for _ in $(seq 1 300); do
   if g node id -q >/dev/null 2>&1; then break; fi
   sleep 0.1
@@ -55,10 +70,6 @@ g bucket allow --write account-b-bucket --key putonly-writer >/dev/null
 g bucket allow --read account-b-bucket --key test-reader >/dev/null
 wid=$(echo "$w" | field "Key ID"); wsec=$(echo "$w" | field "Secret key")
 rid=$(echo "$r" | field "Key ID"); rsec=$(echo "$r" | field "Secret key")
-for _ in $(seq 1 300); do
-  if python3 -c "import socket; socket.create_connection(('127.0.0.1', $s3), 0.2)" 2>/dev/null; then break; fi
-  sleep 0.1
-done
 cat >"$dir/env" <<ENV
 GARAGE_URL=http://127.0.0.1:$s3
 WRITER_KEY_ID=$wid

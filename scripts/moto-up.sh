@@ -12,14 +12,20 @@ dir=${1:?usage: moto-up.sh DIR}
 mkdir -p "$dir"
 "$here/install-moto.sh" >/dev/null
 . "$here/tools-env.sh"
-port=$(python3 "$here/free-port.py")
-"$PUTONLY_MOTO_SERVER" -H 127.0.0.1 -p "$port" >"$dir/moto.log" 2>&1 &
-echo $! >"$dir/moto.pid"
-for _ in $(seq 1 300); do
-  if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then
+# A free port can be taken by another process before moto binds it (tests
+# start servers in parallel): each try uses a fresh port and checks that
+# moto itself listens on it.
+for try in 1 2 3; do
+  port=$(python3 "$here/free-port.py")
+  "$PUTONLY_MOTO_SERVER" -H 127.0.0.1 -p "$port" >"$dir/moto.log" 2>&1 &
+  echo $! >"$dir/moto.pid"
+  if python3 "$here/listening.py" "$(cat "$dir/moto.pid")" "$port" 60; then
     break
   fi
-  sleep 0.1
+  kill "$(cat "$dir/moto.pid")" 2>/dev/null || true
+  echo "moto-up.sh: try $try: moto did not listen on port $port:" >&2
+  tail -n 5 "$dir/moto.log" >&2
+  [ "$try" = 3 ] && exit 1
 done
 url="http://127.0.0.1:$port"
 "$(dirname "$PUTONLY_MOTO_SERVER")/python" "$here/seed_scenario.py" "$url" "$dir"
