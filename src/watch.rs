@@ -11,6 +11,12 @@
 //! This module never opens a file for reading, never talks to the journal
 //! and never uploads: it hands [`Candidate`]s to the agent through a bounded
 //! queue, and holds the rest back when that queue is full.
+//!
+//! Its memory is bounded whatever the folders hold: one scan runs at a time
+//! and pauses while [`SCAN_READY_HIGH`] files it found wait to be handed
+//! over, and at most [`MAX_WAITING`] files are tracked while they settle
+//! (news of more is dropped and a rescan finds those files later, exactly
+//! as after a kernel queue overflow). It never holds a list of all files.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
@@ -28,6 +34,16 @@ use crate::journal::FileVersion;
 /// How often the watched folders themselves are checked for having been
 /// removed or recreated.
 const ROOT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// At most this many files found by a scan wait to be handed to the agent;
+/// the scan then pauses until the agent has taken half of them.
+pub const SCAN_READY_HIGH: usize = 4096;
+const SCAN_READY_LOW: usize = SCAN_READY_HIGH / 2;
+
+/// At most this many files are tracked while they settle. News of further
+/// new files is dropped, and once half of them are handed over a rescan
+/// finds the dropped ones (as after a kernel queue overflow).
+pub const MAX_WAITING: usize = 100_000;
 
 /// A finished file, ready to be considered for upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,8 +112,6 @@ enum Intake {
         path: PathBuf,
         closed: bool,
     },
-    /// Found by a scan: history unknown.
-    Found(PathBuf),
     Removed(PathBuf),
     /// A new folder: scan it, its files may predate its watch.
     Folder(PathBuf),
@@ -115,6 +129,100 @@ struct Pending {
     /// Handed back by the agent: it has a record of this path, so it must
     /// hear about it again even if the file is gone by now.
     requeued: bool,
+}
+
+impl Pending {
+    fn new(watch: usize, closed: bool, now: Instant) -> Self {
+        Pending {
+            watch,
+            last: None,
+            stable_since: now,
+            closed,
+            check_writers: !closed,
+            not_before: now,
+            requeued: false,
+        }
+    }
+}
+
+/// Scans, one at a time: the walk in progress (paused by back-pressure
+/// while the agent is busy) and the folders waiting for the next walk.
+#[derive(Default)]
+struct Scans {
+    current: Option<mpsc::Receiver<PathBuf>>,
+    next: Vec<PathBuf>,
+}
+
+impl Scans {
+    /// Asks for `roots` to be walked: now if no walk runs, else next.
+    fn request(&mut self, roots: impl IntoIterator<Item = PathBuf>) {
+        for root in roots {
+            if !self.next.iter().any(|n| root.starts_with(n)) {
+                self.next.retain(|n| !n.starts_with(&root));
+                self.next.push(root);
+            }
+        }
+        if self.current.is_none() && !self.next.is_empty() {
+            self.current = Some(spawn_scan(std::mem::take(&mut self.next)));
+        }
+    }
+
+    /// The next file of the walk in progress; `None` once it ended.
+    async fn recv(&mut self) -> Option<PathBuf> {
+        match self.current.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The walk in progress ended: start the next one, if asked for.
+    fn finished(&mut self) {
+        self.current = None;
+        self.request([]);
+    }
+}
+
+/// What the watcher holds between events; bounded (see the module doc).
+#[derive(Default)]
+struct State {
+    /// Files that are changing or settling.
+    waiting: HashMap<PathBuf, Pending>,
+    /// Finished files, waiting for room in the agent's queue.
+    ready: VecDeque<Candidate>,
+    /// The paths in `ready`.
+    queued: HashSet<PathBuf>,
+    scans: Scans,
+    /// News of new files was dropped (too many waiting): a rescan is due
+    /// once the backlog has halved.
+    dropped: bool,
+}
+
+impl State {
+    /// Whether to take more files from the scan in progress.
+    fn wants_scan_output(&self) -> bool {
+        self.scans.current.is_some() && self.ready.len() < SCAN_READY_LOW
+    }
+
+    fn make_ready(&mut self, c: Candidate) {
+        if self.queued.insert(c.path.clone()) {
+            self.ready.push_back(c);
+        }
+    }
+
+    /// Whether a new file can be tracked; if not, remembers to rescan.
+    fn room_for(&mut self, path: &Path) -> bool {
+        if self.waiting.len() < MAX_WAITING || self.waiting.contains_key(path) {
+            return true;
+        }
+        if !self.dropped {
+            tracing::warn!(
+                tracked = MAX_WAITING,
+                "too many files settling at once; news of more is dropped and a rescan will find them"
+            );
+        }
+        self.dropped = true;
+        false
+    }
 }
 
 /// The watcher; [`Watch::run`] runs until the task is dropped.
@@ -153,9 +261,13 @@ impl Watch {
         })
     }
 
+    fn roots(&self) -> Vec<PathBuf> {
+        self.watches.iter().map(|w| w.path.clone()).collect()
+    }
+
     pub async fn run(mut self) {
         let (tx, mut rx) = mpsc::channel::<Intake>(8192);
-        let mut watcher = match make_watcher(tx.clone()) {
+        let mut watcher = match make_watcher(tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start file notifications; relying on periodic rescans");
@@ -163,14 +275,12 @@ impl Watch {
             }
         };
         let mut watched = HashMap::new();
-        let roots: Vec<PathBuf> = self.watches.iter().map(|w| w.path.clone()).collect();
+        let roots = self.roots();
         add_watches(&mut watcher, &roots, &mut watched);
         let mut roots_checked = Instant::now();
-        spawn_scan(roots.clone(), tx.clone());
+        let mut st = State::default();
+        st.scans.request(roots.clone());
 
-        let mut waiting: HashMap<PathBuf, Pending> = HashMap::new();
-        let mut ready: VecDeque<Candidate> = VecDeque::new();
-        let mut queued: HashSet<PathBuf> = HashSet::new();
         let min_settle = self
             .watches
             .iter()
@@ -188,43 +298,42 @@ impl Watch {
         loop {
             tokio::select! {
                 Some(item) = rx.recv() => {
-                    let mut settled = Vec::new();
-                    self.intake(item, &mut waiting, &mut settled, &tx);
+                    self.intake(item, &mut st);
                     // Drain what is already there before looking at files.
                     while let Ok(item) = rx.try_recv() {
-                        self.intake(item, &mut waiting, &mut settled, &tx);
+                        self.intake(item, &mut st);
                     }
-                    self.take_settled(settled, &mut waiting, &mut ready, &mut queued);
                 }
+                found = st.scans.recv(), if st.wants_scan_output() => match found {
+                    Some(path) => self.take_scanned(path, &mut st),
+                    None => st.scans.finished(),
+                },
                 Some(rq) = self.requeue_rx.recv() => {
                     if let Some((watch, _)) = self.locate(&rq.path) {
-                        waiting.insert(rq.path, Pending {
-                            watch,
-                            last: None,
-                            stable_since: Instant::now(),
-                            closed: true,
-                            check_writers: false,
-                            not_before: rq.not_before,
-                            requeued: true,
-                        });
+                        let mut p = Pending::new(watch, true, Instant::now());
+                        p.not_before = rq.not_before;
+                        p.requeued = true;
+                        st.waiting.insert(rq.path, p);
                     }
                 }
                 _ = tick.tick() => {
-                    self.settle(&mut waiting, &mut ready, &mut queued);
+                    self.settle(&mut st);
+                    if st.dropped && st.waiting.len() < MAX_WAITING / 2 {
+                        st.dropped = false;
+                        st.scans.request(self.roots());
+                    }
                     // A watched folder removed and made again is watched anew.
                     if roots_checked.elapsed() >= ROOT_CHECK_INTERVAL {
                         roots_checked = Instant::now();
                         let again = add_watches(&mut watcher, &roots, &mut watched);
-                        if !again.is_empty() {
-                            spawn_scan(again, tx.clone());
-                        }
+                        st.scans.request(again);
                     }
                 }
                 // Room in the queue again: hand one over now, the rest below.
-                permit = self.ready_tx.reserve(), if !ready.is_empty() => {
+                permit = self.ready_tx.reserve(), if !st.ready.is_empty() => {
                     let Ok(permit) = permit else { return };
-                    if let Some(c) = ready.pop_front() {
-                        queued.remove(&c.path);
+                    if let Some(c) = st.ready.pop_front() {
+                        st.queued.remove(&c.path);
                         permit.send(c);
                     }
                 }
@@ -232,15 +341,15 @@ impl Watch {
                     tracing::debug!("periodic rescan");
                     roots_checked = Instant::now();
                     add_watches(&mut watcher, &roots, &mut watched);
-                    spawn_scan(roots.clone(), tx.clone());
+                    st.scans.request(roots.clone());
                 }
             }
             // Hand over what is ready while the queue has room.
-            while !ready.is_empty() {
+            while !st.ready.is_empty() {
                 match self.ready_tx.try_reserve() {
                     Ok(permit) => {
-                        if let Some(c) = ready.pop_front() {
-                            queued.remove(&c.path);
+                        if let Some(c) = st.ready.pop_front() {
+                            st.queued.remove(&c.path);
                             permit.send(c);
                         }
                     }
@@ -251,86 +360,105 @@ impl Watch {
         }
     }
 
-    /// Scanned files untouched for `settle` skip the wait: they are ready
-    /// at once unless some process has them open for writing.
-    fn take_settled(
-        &self,
-        settled: Vec<(PathBuf, usize, FileVersion)>,
-        waiting: &mut HashMap<PathBuf, Pending>,
-        ready: &mut VecDeque<Candidate>,
-        queued: &mut HashSet<PathBuf>,
-    ) {
+    /// Takes `first` and what else the scan has found so far, up to
+    /// [`SCAN_READY_HIGH`] files waiting in `ready`. Scanned files untouched
+    /// for `settle` skip the wait: they are ready at once unless some
+    /// process has them open for writing.
+    fn take_scanned(&self, first: PathBuf, st: &mut State) {
+        let mut settled = Vec::new();
+        self.found(first, st, &mut settled);
+        while st.ready.len() + settled.len() < SCAN_READY_HIGH {
+            let Some(rx) = st.scans.current.as_mut() else {
+                break;
+            };
+            match rx.try_recv() {
+                Ok(path) => self.found(path, st, &mut settled),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    st.scans.finished();
+                    break;
+                }
+            }
+        }
         if settled.is_empty() {
             return;
         }
         let writers = open_for_writing();
         let now = Instant::now();
-        for (path, watch, v) in settled {
+        for (path, watch, rel, v) in settled {
             if writers.contains(&(v.dev, v.ino)) {
-                waiting.insert(
-                    path,
-                    Pending {
-                        watch,
-                        last: Some(v),
-                        stable_since: now,
-                        closed: false,
-                        check_writers: true,
-                        not_before: now,
-                        requeued: false,
-                    },
-                );
-            } else if queued.insert(path.clone())
-                && let Some((watch, rel)) = self.locate(&path)
-            {
-                ready.push_back(Candidate { watch, path, rel });
+                let mut p = Pending::new(watch, false, now);
+                p.last = Some(v);
+                st.waiting.insert(path, p);
+            } else {
+                st.make_ready(Candidate { watch, path, rel });
             }
         }
     }
 
-    fn intake(
+    /// A file a scan found: history unknown.
+    fn found(
         &self,
-        item: Intake,
-        waiting: &mut HashMap<PathBuf, Pending>,
-        settled: &mut Vec<(PathBuf, usize, FileVersion)>,
-        tx: &mpsc::Sender<Intake>,
+        path: PathBuf,
+        st: &mut State,
+        settled: &mut Vec<(PathBuf, usize, PathBuf, FileVersion)>,
     ) {
-        let now = Instant::now();
+        if st.waiting.contains_key(&path) || st.queued.contains(&path) {
+            return;
+        }
+        let Some((watch, rel)) = self.locate(&path) else {
+            return;
+        };
+        if !self.filters[watch].accepts(&rel) {
+            return;
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(&path)
+            && meta.is_file()
+        {
+            let untouched = std::time::SystemTime::now()
+                .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
+                .unwrap_or_default();
+            if untouched >= self.watches[watch].settle {
+                settled.push((path, watch, rel, FileVersion::of(&meta)));
+                return;
+            }
+        }
+        if st.room_for(&path) {
+            st.waiting
+                .insert(path, Pending::new(watch, false, Instant::now()));
+        }
+    }
+
+    fn intake(&self, item: Intake, st: &mut State) {
         match item {
             Intake::Rescan => {
                 tracing::warn!(
                     "file events were lost (queue overflow); rescanning every watched folder"
                 );
-                spawn_scan(
-                    self.watches.iter().map(|w| w.path.clone()).collect(),
-                    tx.clone(),
-                );
+                st.scans.request(self.roots());
             }
             Intake::Folder(path) => {
                 if let Some((i, rel)) = self.locate(&path)
                     && !self.filters[i].skips_dir(&rel)
                 {
-                    spawn_scan(vec![path], tx.clone());
+                    st.scans.request([path]);
                 }
             }
             Intake::Removed(path) => {
-                waiting.remove(&path);
+                st.waiting.remove(&path);
             }
             Intake::Changed { path, closed } => {
                 let Some((watch, rel)) = self.locate(&path) else {
                     return;
                 };
-                if !self.filters[watch].accepts(&rel) {
+                if !self.filters[watch].accepts(&rel) || !st.room_for(&path) {
                     return;
                 }
-                let p = waiting.entry(path).or_insert(Pending {
-                    watch,
-                    last: None,
-                    stable_since: now,
-                    closed,
-                    check_writers: !closed,
-                    not_before: now,
-                    requeued: false,
-                });
+                let now = Instant::now();
+                let p = st
+                    .waiting
+                    .entry(path)
+                    .or_insert_with(|| Pending::new(watch, closed, now));
                 // Not (yet) closed after writing: ready anyway once quiet
                 // and no process has it open for writing. A chmod or touch
                 // after the close sends no second close.
@@ -338,54 +466,16 @@ impl Watch {
                 p.check_writers = !closed;
                 p.stable_since = now;
             }
-            Intake::Found(path) => {
-                if waiting.contains_key(&path) {
-                    return;
-                }
-                let Some((watch, rel)) = self.locate(&path) else {
-                    return;
-                };
-                if !self.filters[watch].accepts(&rel) {
-                    return;
-                }
-                if let Ok(meta) = std::fs::symlink_metadata(&path)
-                    && meta.is_file()
-                {
-                    let untouched = std::time::SystemTime::now()
-                        .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
-                        .unwrap_or_default();
-                    if untouched >= self.watches[watch].settle {
-                        settled.push((path, watch, FileVersion::of(&meta)));
-                        return;
-                    }
-                }
-                waiting.insert(
-                    path,
-                    Pending {
-                        watch,
-                        last: None,
-                        stable_since: now,
-                        closed: false,
-                        check_writers: true,
-                        not_before: now,
-                        requeued: false,
-                    },
-                );
-            }
         }
     }
 
     /// Moves files that are finished from `waiting` to `ready`.
-    fn settle(
-        &self,
-        waiting: &mut HashMap<PathBuf, Pending>,
-        ready: &mut VecDeque<Candidate>,
-        queued: &mut HashSet<PathBuf>,
-    ) {
+    fn settle(&self, st: &mut State) {
         let now = Instant::now();
         let mut writers: Option<HashSet<(u64, u64)>> = None;
         let mut done: Vec<PathBuf> = Vec::new();
-        for (path, p) in waiting.iter_mut() {
+        let mut ready: Vec<Candidate> = Vec::new();
+        for (path, p) in st.waiting.iter_mut() {
             if p.not_before > now {
                 continue;
             }
@@ -403,11 +493,10 @@ impl Watch {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
                     } else if p.requeued
-                        && queued.insert(path.clone())
                         && let Some((watch, rel)) = self.locate(path)
                     {
                         // The agent closes its record of a file that is gone.
-                        ready.push_back(Candidate {
+                        ready.push(Candidate {
                             watch,
                             path: path.clone(),
                             rel,
@@ -446,10 +535,8 @@ impl Watch {
                 }
             }
             done.push(path.clone());
-            if queued.insert(path.clone())
-                && let Some((watch, rel)) = self.locate(path)
-            {
-                ready.push_back(Candidate {
+            if let Some((watch, rel)) = self.locate(path) {
+                ready.push(Candidate {
                     watch,
                     path: path.clone(),
                     rel,
@@ -457,7 +544,10 @@ impl Watch {
             }
         }
         for path in done {
-            waiting.remove(&path);
+            st.waiting.remove(&path);
+        }
+        for c in ready {
+            st.make_ready(c);
         }
     }
 }
@@ -579,14 +669,17 @@ fn add_watches(
     again
 }
 
-/// Walks `roots` off the runtime and reports every regular file found.
-fn spawn_scan(roots: Vec<PathBuf>, tx: mpsc::Sender<Intake>) {
+/// Walks `roots` off the runtime and reports every regular file found. The
+/// walk waits while its small channel is full, so it goes only as fast as
+/// the watcher takes its files.
+fn spawn_scan(roots: Vec<PathBuf>) -> mpsc::Receiver<PathBuf> {
+    let (tx, rx) = mpsc::channel(256);
     tokio::task::spawn_blocking(move || {
         for root in roots {
             for entry in walkdir::WalkDir::new(&root).follow_links(false) {
                 match entry {
                     Ok(e) if e.file_type().is_file() => {
-                        if tx.blocking_send(Intake::Found(e.into_path())).is_err() {
+                        if tx.blocking_send(e.into_path()).is_err() {
                             return;
                         }
                     }
@@ -596,6 +689,7 @@ fn spawn_scan(roots: Vec<PathBuf>, tx: mpsc::Sender<Intake>) {
             }
         }
     });
+    rx
 }
 
 /// (device, inode) of every regular file some process has open for writing,
@@ -690,6 +784,42 @@ mod tests {
         assert!(!open_for_writing().contains(&(m.dev(), m.ino())));
     }
 
+    fn watcher_of(dir: &Path) -> Watch {
+        let mut w = watch(&[], &[]);
+        w.path = dir.to_path_buf();
+        let (ready_tx, _ready_rx) = mpsc::channel(16);
+        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
+        Watch::new(vec![w], Duration::from_secs(3600), ready_tx, rq_rx)
+    }
+
+    /// Runs the scans asked for to their end the way [`Watch::run`] does,
+    /// with an agent that takes 100 files whenever the watcher pauses the
+    /// scan. Returns every path handed over or still settling, and the most
+    /// files `ready` ever held.
+    async fn drain_scans(w: &Watch, st: &mut State) -> (HashSet<PathBuf>, usize) {
+        let mut handed = HashSet::new();
+        let mut most = 0;
+        while st.scans.current.is_some() {
+            if st.wants_scan_output() {
+                match st.scans.recv().await {
+                    Some(path) => w.take_scanned(path, st),
+                    None => st.scans.finished(),
+                }
+                most = most.max(st.ready.len());
+            } else {
+                for _ in 0..100 {
+                    if let Some(c) = st.ready.pop_front() {
+                        st.queued.remove(&c.path);
+                        handed.insert(c.path);
+                    }
+                }
+            }
+        }
+        handed.extend(st.ready.drain(..).map(|c| c.path));
+        handed.extend(st.waiting.keys().cloned());
+        (handed, most)
+    }
+
     #[tokio::test]
     async fn an_overflow_ends_in_a_rescan_that_finds_unannounced_files() {
         use notify::event::Flag;
@@ -699,35 +829,62 @@ mod tests {
 
         // Files no event announced are found by the rescan it triggers.
         let dir = tempfile::tempdir().unwrap();
-        let mut w = watch(&[], &[]);
-        w.path = dir.path().to_path_buf();
         for i in 0..50 {
             std::fs::write(dir.path().join(format!("lost-{i}.dat")), b"x").unwrap();
         }
-        let (ready_tx, _ready_rx) = mpsc::channel(16);
-        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
-        let watcher = Watch::new(vec![w], Duration::from_secs(3600), ready_tx, rq_rx);
-        let (tx, mut rx) = mpsc::channel(1024);
-        let mut waiting = HashMap::new();
-        let mut settled = Vec::new();
-        watcher.intake(Intake::Rescan, &mut waiting, &mut settled, &tx);
-        drop(tx);
-        let mut found = 0;
-        while let Some(item) = rx.recv().await {
-            assert!(matches!(item, Intake::Found(_)));
-            watcher.intake(item, &mut waiting, &mut settled, &tx_closed());
-            found += 1;
-        }
-        assert_eq!(found, 50);
-        assert_eq!(
-            waiting.len() + settled.len(),
-            50,
-            "every file is on its way"
-        );
+        let w = watcher_of(dir.path());
+        let mut st = State::default();
+        w.intake(Intake::Rescan, &mut st);
+        let (handed, _) = drain_scans(&w, &mut st).await;
+        assert_eq!(handed.len(), 50, "every file is on its way");
     }
 
-    fn tx_closed() -> mpsc::Sender<Intake> {
-        mpsc::channel(1).0
+    #[tokio::test]
+    async fn a_scan_of_a_big_folder_holds_a_bounded_number_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * SCAN_READY_HIGH + 17;
+        for i in 0..n {
+            std::fs::write(dir.path().join(format!("f{i:05}")), b"x").unwrap();
+        }
+        // Old enough to be settled at once.
+        std::thread::sleep(Duration::from_millis(150));
+        let w = watcher_of(dir.path());
+        let mut st = State::default();
+        st.scans.request([dir.path().to_path_buf()]);
+        // Rescans asked for meanwhile wait for this one, and merge.
+        st.scans.request([dir.path().to_path_buf()]);
+        st.scans.request([dir.path().join("sub")]);
+        assert_eq!(st.scans.next, vec![dir.path().to_path_buf()]);
+
+        let (handed, most) = drain_scans(&w, &mut st).await;
+        assert_eq!(handed.len(), n, "every file was handed over");
+        assert!(most <= SCAN_READY_HIGH, "{most} files held at once");
+        assert!(
+            most >= SCAN_READY_LOW,
+            "the scan went ahead of the agent ({most})"
+        );
+        assert!(st.waiting.is_empty());
+    }
+
+    #[test]
+    fn news_of_more_files_than_can_be_tracked_ends_in_a_rescan() {
+        let w = watcher_of(Path::new("/w"));
+        let mut st = State::default();
+        for i in 0..MAX_WAITING + 10 {
+            let path = PathBuf::from(format!("/w/f{i}"));
+            w.intake(Intake::Changed { path, closed: true }, &mut st);
+        }
+        assert_eq!(st.waiting.len(), MAX_WAITING);
+        assert!(st.dropped, "a rescan is due");
+        // News of a file already tracked still counts.
+        w.intake(
+            Intake::Changed {
+                path: PathBuf::from("/w/f0"),
+                closed: false,
+            },
+            &mut st,
+        );
+        assert!(!st.waiting[Path::new("/w/f0")].closed);
     }
 
     #[tokio::test]

@@ -63,6 +63,13 @@ impl Agent {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) every thread of the agent.
+    pub(crate) fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
     pub(crate) async fn kill9(mut self) {
         self.child.kill().await.unwrap();
     }
