@@ -247,6 +247,84 @@ async fn a_journal_cut_short_by_power_loss_opens_and_nothing_is_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_journal_that_lost_a_completed_multipart_upload_sends_the_file_afresh() {
+    // The journal as a power loss can leave it: a multipart upload recorded
+    // as started, but not its parts nor its completion, which the server
+    // accepted. On restart putonly resumes that upload id; the server no
+    // longer knows it (404 NoSuchUpload), so the file is sent again from
+    // the start (at least once) and arrives whole. Parts are refused for a
+    // few seconds first: the window in which the state folder is copied.
+    let mut s = setup_custom("", WATCH, ALLOWED, "", "part_size = \"5MiB\"\n").await;
+    s.proxy
+        .fail_for("UploadPart", Duration::from_secs(6), 503, "SlowDown");
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let files = produce(&s.outbox, 0, &[14], 31).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s
+        .proxy
+        .records()
+        .iter()
+        .any(|r| r.op == "UploadPart" && r.injected)
+    {
+        assert!(Instant::now() < deadline, "no part was tried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = s.work.path().join("state");
+    let copy = s.work.path().join("state-before-the-parts");
+    std::fs::create_dir_all(&copy).unwrap();
+    for name in ["journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"] {
+        let _ = std::fs::copy(state.join(name), copy.join(name));
+    }
+    wait_done(&s, files.len(), Duration::from_secs(120)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    let completed = s
+        .proxy
+        .s3_records()
+        .iter()
+        .find(|r| r.op == "CompleteMultipartUpload" && r.status == 200)
+        .and_then(|r| r.upload_id.clone())
+        .expect("the upload was completed");
+
+    let config = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace(&state.display().to_string(), &copy.display().to_string());
+    s.config = s.work.path().join("before-the-parts.toml");
+    std::fs::write(&s.config, config).unwrap();
+    let before = s.proxy.s3_records().len();
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    wait_done(&s, files.len(), Duration::from_secs(120)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    assert_all_arrived(&s, &files).await;
+    let after = s.proxy.s3_records()[before..].to_vec();
+    let summary: Vec<String> = after
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {:?} corrected={}",
+                r.op, r.status, r.upload_id, r.corrected
+            )
+        })
+        .collect();
+    assert!(
+        after
+            .iter()
+            .any(|r| r.upload_id.as_deref() == Some(completed.as_str()) && r.status == 404),
+        "the completed upload was resumed and refused: {summary:#?}"
+    );
+    assert_eq!(
+        after
+            .iter()
+            .filter(|r| r.op == "CreateMultipartUpload")
+            .count(),
+        1,
+        "started over once: {summary:#?}"
+    );
+    s.proxy.assert_only_writes();
+    assert_no_partial_writes(&s.proxy.records(), &files);
+    eprintln!("after the restart: {summary:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_sts_that_never_answers_does_not_stall_the_renewal() {
     // Credentials live 30 s and are renewed from 5 s on. STS accepts the
     // renewal requests of the next 10 s and never answers them. Only the

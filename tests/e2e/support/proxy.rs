@@ -3,6 +3,14 @@
 //! expiry of every credential STS hands out, and injects faults on demand.
 //! Assertions made from its record are the evidence that nothing but writes
 //! crossed the wire.
+//!
+//! One answer of moto 5.2.5 is corrected to what S3 answers: an UploadPart
+//! or CompleteMultipartUpload for an upload that was already completed or
+//! aborted fails inside moto with a KeyError, a 500, where S3 answers 404
+//! NoSuchUpload. The proxy knows which uploads it saw finish and answers
+//! those 500s with S3's 404 (marked `corrected` in the record), so a test
+//! in which the journal lost a "done" checks putonly's S3 behaviour, not an
+//! endless retry of a moto error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,6 +54,9 @@ pub struct Record {
     /// "delay" (forwarded, then the answer held back past the client's
     /// timeout: the server did the work, the client did not hear it).
     pub chaos: Option<&'static str>,
+    /// moto's 500 for an upload already finished, answered as S3's 404
+    /// NoSuchUpload (see the module doc).
+    pub corrected: bool,
 }
 
 /// Operations putonly may send.
@@ -86,6 +97,8 @@ struct State {
     /// Requests of this operation arriving before the instant are held
     /// this long before being forwarded: a server that never answers.
     hang: Mutex<Option<(String, Instant, Duration)>>,
+    /// Upload ids the server completed or aborted.
+    finished_uploads: Mutex<std::collections::HashSet<String>>,
 }
 
 pub struct Proxy {
@@ -322,6 +335,7 @@ async fn handle(
         size,
         upload_id,
         chaos: None,
+        corrected: false,
         at,
         method: parts.method.to_string(),
         op: op.clone(),
@@ -391,15 +405,7 @@ async fn handle(
         record.status = status;
         record.injected = true;
         state.log.lock().unwrap().push(record);
-        let xml = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
-        );
-        let resp = Response::builder()
-            .status(status)
-            .header("content-type", "application/xml")
-            .body(full(Bytes::from(xml)))
-            .unwrap();
-        return Ok(resp);
+        return Ok(error_response(status, &code, "injected by the test proxy"));
     }
 
     let pq = parts
@@ -420,6 +426,28 @@ async fn handle(
         }
     };
     record.status = resp.status().as_u16();
+    if let Some(id) = &record.upload_id {
+        let mut finished = state.finished_uploads.lock().unwrap();
+        let ends = matches!(
+            op.as_str(),
+            "CompleteMultipartUpload" | "AbortMultipartUpload"
+        );
+        if ends && resp.status().is_success() {
+            finished.insert(id.clone());
+        } else if record.status == 500
+            && matches!(op.as_str(), "UploadPart" | "CompleteMultipartUpload")
+            && finished.contains(id)
+        {
+            record.status = 404;
+            record.corrected = true;
+            state.log.lock().unwrap().push(record);
+            return Ok(error_response(
+                404,
+                "NoSuchUpload",
+                "The specified upload does not exist (moto's 500 for a finished upload, corrected by the test proxy)",
+            ));
+        }
+    }
     let (rparts, rbody) = resp.into_parts();
     let rbody: Body = if action.as_deref() == Some("AssumeRole") {
         let bytes = rbody
@@ -458,6 +486,18 @@ async fn handle(
         return Ok(Response::from_parts(rparts, full(bytes)));
     }
     Ok(Response::from_parts(rparts, rbody))
+}
+
+/// An S3 error answer.
+fn error_response(status: u16, code: &str, message: &str) -> Response<Body> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .body(full(Bytes::from(xml)))
+        .unwrap()
 }
 
 fn full(b: Bytes) -> Body {
