@@ -414,14 +414,10 @@ impl Watch {
         }
         if let Ok(meta) = std::fs::symlink_metadata(&path)
             && meta.is_file()
+            && untouched(&meta) >= self.watches[watch].settle
         {
-            let untouched = std::time::SystemTime::now()
-                .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
-                .unwrap_or_default();
-            if untouched >= self.watches[watch].settle {
-                settled.push((path, watch, rel, FileVersion::of(&meta)));
-                return;
-            }
+            settled.push((path, watch, rel, FileVersion::of(&meta)));
+            return;
         }
         if st.room_for(&path) {
             st.waiting
@@ -511,14 +507,12 @@ impl Watch {
             if p.last != Some(v) {
                 // First look, or it changed: stable from now on. A scanned
                 // file untouched for `settle` is stable since its mtime.
-                let untouched = std::time::SystemTime::now()
-                    .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
-                    .unwrap_or_default();
-                p.stable_since = if p.last.is_none() && p.check_writers && untouched >= settle {
-                    now.checked_sub(settle).unwrap_or(now)
-                } else {
-                    now
-                };
+                p.stable_since =
+                    if p.last.is_none() && p.check_writers && untouched(&meta) >= settle {
+                        now.checked_sub(settle).unwrap_or(now)
+                    } else {
+                        now
+                    };
                 p.last = Some(v);
                 if p.stable_since == now {
                     continue;
@@ -550,6 +544,13 @@ impl Watch {
             st.make_ready(c);
         }
     }
+}
+
+/// How long ago the file was last modified (zero if in the future).
+fn untouched(meta: &std::fs::Metadata) -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
+        .unwrap_or_default()
 }
 
 fn make_watcher(tx: mpsc::Sender<Intake>) -> notify::Result<notify::RecommendedWatcher> {

@@ -573,17 +573,7 @@ async fn a_multipart_upload_the_server_lost_starts_over() {
     assert_all_arrived(&s, &files).await;
     // On failure, show the traffic and the agent's log: this assertion
     // failed once in a loaded CI run and did not reproduce in 10 runs since.
-    let ops: Vec<String> = s
-        .proxy
-        .s3_records()
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {} {:?} injected={}",
-                r.op, r.status, r.upload_id, r.injected
-            )
-        })
-        .collect();
+    let ops: Vec<String> = s.proxy.s3_records().iter().map(Record::summary).collect();
     let log = std::fs::read_to_string(&s.log).unwrap_or_default();
     assert_eq!(
         s.proxy.count("CreateMultipartUpload"),

@@ -6,12 +6,14 @@
 //! and nothing may be marked failed for a transient cause.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::agent::{
     Agent, Setup, assert_all_arrived, assert_no_partial_writes, produce, setup_custom, status,
     wait_done,
 };
+use crate::support::proxy::Record;
 
 const WATCH: &str =
     "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"500ms\"\n";
@@ -190,6 +192,28 @@ async fn sts_down_past_expiry_pauses_uploads_and_resumes_them() {
     );
 }
 
+/// Copies the agent's state folder (as it is on disk this instant, the way
+/// a power loss could leave it) to `name` in the work folder.
+fn copy_state(s: &Setup, name: &str) -> PathBuf {
+    let state = s.work.path().join("state");
+    let copy = s.work.path().join(name);
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"] {
+        let _ = std::fs::copy(state.join(file), copy.join(file));
+    }
+    copy
+}
+
+/// Points the configuration at another state folder, for the next start.
+fn use_state(s: &mut Setup, dir: &Path) {
+    let state = s.work.path().join("state");
+    let config = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace(&state.display().to_string(), &dir.display().to_string());
+    s.config = dir.with_extension("toml");
+    std::fs::write(&s.config, config).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_journal_cut_short_by_power_loss_opens_and_nothing_is_lost() {
     let mut s = setup_custom(
@@ -210,12 +234,7 @@ async fn a_journal_cut_short_by_power_loss_opens_and_nothing_is_lost() {
         assert!(Instant::now() < deadline, "no progress");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let state = s.work.path().join("state");
-    let copy = s.work.path().join("state-after-power-loss");
-    std::fs::create_dir_all(&copy).unwrap();
-    for name in ["journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"] {
-        let _ = std::fs::copy(state.join(name), copy.join(name));
-    }
+    let copy = copy_state(&s, "state-after-power-loss");
     agent.kill9().await;
     let wal = copy.join("journal.sqlite-wal");
     let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
@@ -225,11 +244,7 @@ async fn a_journal_cut_short_by_power_loss_opens_and_nothing_is_lost() {
         .open(&wal)
         .and_then(|f| f.set_len(cut))
         .unwrap();
-    let config = std::fs::read_to_string(&s.config)
-        .unwrap()
-        .replace(&state.display().to_string(), &copy.display().to_string());
-    s.config = s.work.path().join("after-power-loss.toml");
-    std::fs::write(&s.config, config).unwrap();
+    use_state(&mut s, &copy);
     let before = s.proxy.s3_records().len();
 
     let mut agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
@@ -269,12 +284,7 @@ async fn a_journal_that_lost_a_completed_multipart_upload_sends_the_file_afresh(
         assert!(Instant::now() < deadline, "no part was tried");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let state = s.work.path().join("state");
-    let copy = s.work.path().join("state-before-the-parts");
-    std::fs::create_dir_all(&copy).unwrap();
-    for name in ["journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"] {
-        let _ = std::fs::copy(state.join(name), copy.join(name));
-    }
+    let copy = copy_state(&s, "state-before-the-parts");
     wait_done(&s, files.len(), Duration::from_secs(120)).await;
     assert_eq!(agent.stop().await, Some(0));
     let completed = s
@@ -285,26 +295,14 @@ async fn a_journal_that_lost_a_completed_multipart_upload_sends_the_file_afresh(
         .and_then(|r| r.upload_id.clone())
         .expect("the upload was completed");
 
-    let config = std::fs::read_to_string(&s.config)
-        .unwrap()
-        .replace(&state.display().to_string(), &copy.display().to_string());
-    s.config = s.work.path().join("before-the-parts.toml");
-    std::fs::write(&s.config, config).unwrap();
+    use_state(&mut s, &copy);
     let before = s.proxy.s3_records().len();
     let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
     wait_done(&s, files.len(), Duration::from_secs(120)).await;
     assert_eq!(agent.stop().await, Some(0));
     assert_all_arrived(&s, &files).await;
     let after = s.proxy.s3_records()[before..].to_vec();
-    let summary: Vec<String> = after
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {} {:?} corrected={}",
-                r.op, r.status, r.upload_id, r.corrected
-            )
-        })
-        .collect();
+    let summary: Vec<String> = after.iter().map(Record::summary).collect();
     assert!(
         after
             .iter()

@@ -59,6 +59,17 @@ pub struct Record {
     pub corrected: bool,
 }
 
+impl Record {
+    /// One line for a failure message: operation, status, upload id, and
+    /// whether the proxy injected or corrected the answer.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {} {:?} injected={} corrected={}",
+            self.op, self.status, self.upload_id, self.injected, self.corrected
+        )
+    }
+}
+
 /// Operations putonly may send.
 pub const ALLOWED_OPS: [&str; 7] = [
     "PutObject",
