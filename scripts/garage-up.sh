@@ -17,9 +17,7 @@ garage=${PUTONLY_GARAGE_BIN:-$PUTONLY_GARAGE}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 g() { "$garage" -c "$dir/garage.toml" "$@"; }
-# A free port can be taken by another process before garage binds it (tests
-# start servers in parallel): then garage exits or the port is someone
-# else's. Each try uses fresh ports and checks that garage itself listens.
+# Fresh ports on each try: a free port can be taken before garage binds it.
 for try in 1 2 3; do
   s3=$(python3 "$here/free-port.py")
   rpc=$(python3 "$here/free-port.py")
@@ -42,17 +40,9 @@ root_domain = ".s3.garage.localhost"
 TOML
   chmod 600 "$dir/garage.toml"
   # Started directly (not through g, which would run in a background
-  # subshell): garage.pid must be garage's own pid, or killing it leaves
-  # garage running.
-  "$garage" -c "$dir/garage.toml" server >"$dir/garage.log" 2>&1 &
-  echo $! >"$dir/garage.pid"
-  if python3 "$here/listening.py" "$(cat "$dir/garage.pid")" "$s3" 30 &&
-    python3 "$here/listening.py" "$(cat "$dir/garage.pid")" "$rpc" 5; then
-    break
-  fi
-  kill "$(cat "$dir/garage.pid")" 2>/dev/null || true
-  echo "garage-up.sh: try $try: garage did not listen on ports $s3/$rpc:" >&2
-  tail -n 5 "$dir/garage.log" >&2
+  # subshell): garage.pid must be garage's own pid, or stopping it would
+  # leave garage running.
+  serve garage "$dir" "$s3 $rpc" "$garage" -c "$dir/garage.toml" server && break
   [ "$try" = 3 ] && exit 1
 done
 for _ in $(seq 1 300); do

@@ -7,3 +7,25 @@ MOTO_VERSION=5.2.5
 GARAGE_VERSION=2.5.0
 export PUTONLY_MOTO_SERVER="$PUTONLY_TOOLS/moto-$MOTO_VERSION/bin/moto_server"
 export PUTONLY_GARAGE="$PUTONLY_TOOLS/garage-$GARAGE_VERSION/bin/garage"
+
+# serve NAME DIR "PORT..." CMD...: starts CMD in the background as server
+# NAME (pid in DIR/NAME.pid, output in DIR/NAME.log) and waits until that
+# very process listens on each port. A free port can be taken by another
+# process before the server binds it (tests start servers in parallel):
+# then the server is stopped, its log tail printed, and serve fails, so the
+# caller can try again on fresh ports.
+serve() {
+  local name=$1 dir=$2 ports=$3 port pid
+  shift 3
+  "$@" >"$dir/$name.log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$dir/$name.pid"
+  for port in $ports; do
+    if ! python3 "$(dirname "${BASH_SOURCE[0]}")/listening.py" "$pid" "$port" 60; then
+      kill "$pid" 2>/dev/null || true
+      echo "$name did not listen on port $port:" >&2
+      tail -n 5 "$dir/$name.log" >&2
+      return 1
+    fi
+  done
+}
