@@ -601,6 +601,30 @@ fn check_watches(
                 ));
             }
         }
+        // Two watches whose prefixes are equal or nested can produce the
+        // same key (a/x.csv under foo/ and x.csv under foo/a/); with
+        // after_upload = "delete" one file would be lost.
+        for (j, b) in watches.iter().enumerate().take(i) {
+            if a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix) {
+                let how = if a.prefix == b.prefix {
+                    format!("both have the prefix {:?}", a.prefix)
+                } else {
+                    format!(
+                        "its prefix {:?} and watch[{j}]'s prefix {:?} are nested",
+                        a.prefix, b.prefix
+                    )
+                };
+                return Err(ConfigError::invalid(
+                    &format!("watch[{i}].prefix"),
+                    format!(
+                        "watch[{i}] ({}) and watch[{j}] ({}) can write the same keys: {how}",
+                        a.path.display(),
+                        b.path.display()
+                    ),
+                    "give each watch its own prefix, neither inside the other (e.g. foo/a/ and foo/b/)",
+                ));
+            }
+        }
         if let Some(st) = state.filter(|st| st.dir.starts_with(&a.path)) {
             return Err(ConfigError::invalid(
                 "state.dir",
@@ -1203,6 +1227,20 @@ mod tests {
             (
                 "path = \"/srv/out\"\nprefix = \"foo/\"\n[[watch]]\npath = \"/srv/out/a\"\nprefix = \"foo/\"\n",
                 "watch[1].path",
+            ),
+            // Key spaces that collide: the same prefix, nested prefixes,
+            // the same template.
+            (
+                "path = \"/srv/a\"\nprefix = \"foo/\"\n[[watch]]\npath = \"/srv/b\"\nprefix = \"foo\"\n",
+                "watch[1].prefix: watch[1] (/srv/b) and watch[0] (/srv/a) can write the same keys: both have the prefix \"foo/\"",
+            ),
+            (
+                "path = \"/srv/a\"\nprefix = \"foo/x/\"\n[[watch]]\npath = \"/srv/b\"\nprefix = \"foo/\"\n",
+                "watch[1].prefix: watch[1] (/srv/b) and watch[0] (/srv/a) can write the same keys: its prefix \"foo/\" and watch[0]'s prefix \"foo/x/\" are nested",
+            ),
+            (
+                "path = \"/srv/a\"\nprefix = \"foo/{hostname}\"\n[[watch]]\npath = \"/srv/b\"\nprefix = \"foo/{hostname}/\"\n",
+                "watch[1].prefix",
             ),
         ] {
             let err = resolve(&format!("{AGENT}[[watch]]\n{watch}")).unwrap_err();
