@@ -5,7 +5,13 @@
 //! whether that version was already sent (the journal is the only memory:
 //! the bucket is never asked), uploads it through the engine while the
 //! journal records the multipart progress, marks it done, and only then
-//! deletes or moves it if so configured. Transient failures (network, 5xx,
+//! deletes or moves it if so configured ([`crate::after_upload`]). Before
+//! anything is recorded it opens the file beneath its watch, never through
+//! a link ([`crate::files`]), checks it is still the version the watcher
+//! judged finished, and, under the lease rule ([`crate::writers`]), takes a
+//! read lease that it holds until the file is done: a lease refused or
+//! broken by a writer hands the file back to the watcher at once, the upload
+//! abandoned. Transient failures (network, 5xx,
 //! throttling, credentials) are retried forever with capped, jittered
 //! backoff; permanent ones mark the file failed with the reason until it
 //! changes or `failed_retry_after` passes. SIGTERM/SIGINT stop intake, let
@@ -21,15 +27,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
+use crate::after_upload::{self, Outcome};
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
+use crate::files::{self, OpenError};
 use crate::journal::{FileVersion, Journal, JournalError, Resume, Seen, now};
-use crate::keys::key_for;
+use crate::keys::{KeyError, key_for};
+use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
 use crate::retry::Backoff;
 use crate::s3::{ObjectWriter, PartDone, WriteOnlyBucket};
 use crate::upload::{Checkpoint, Engine, Job, UploadError};
-use crate::watch::{Candidate, Requeue, Watch};
+use crate::watch::{Candidate, Requeue, Rule, Watch, Writers};
+use crate::writers::{Mode, Support};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -41,6 +51,8 @@ pub enum AgentError {
     Credentials(#[from] CredentialError),
     #[error("metrics.listen: {0}")]
     Metrics(String),
+    #[error("cannot watch for broken read leases (SIGIO handler): {0}")]
+    Leases(std::io::Error),
 }
 
 /// The longest pause between two attempts at a file after transient failures.
@@ -55,6 +67,10 @@ struct Ctx {
     in_flight: Mutex<HashSet<PathBuf>>,
     backoff: Backoff,
     health: Arc<Health>,
+    leases: Leases,
+    support: Arc<Support>,
+    /// Files whose after-upload action failed, and when to try again.
+    after_failures: Mutex<std::collections::HashMap<PathBuf, (Instant, u32)>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -105,12 +121,21 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let engine = Engine::new(bucket.clone(), settings.upload.clone());
     let concurrency = settings.upload.concurrency;
 
+    // Which rule tells a finished file, per watch, and why; the SIGIO
+    // handler is in place before the first lease is taken.
+    recover_claims(&journal, &settings.watches);
+    let folders: Vec<&Path> = settings.watches.iter().map(|w| w.path.as_path()).collect();
+    let support = Arc::new(Support::probe(&folders));
+    log_rules(&support, &settings.watches);
+    let leases = Leases::start().map_err(AgentError::Leases)?;
+
     let (ready_tx, mut ready_rx) = mpsc::channel::<Candidate>(concurrency * 2);
     let (requeue_tx, requeue_rx) = mpsc::unbounded_channel();
     let watcher = tokio::spawn(
         Watch::new(
             settings.watches.clone(),
             settings.agent.rescan_interval,
+            support.clone(),
             ready_tx,
             requeue_rx,
         )
@@ -127,6 +152,9 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         in_flight: Mutex::new(HashSet::new()),
         backoff: Backoff::new(Duration::from_secs(1), MAX_FILE_BACKOFF),
         health: health.clone(),
+        leases,
+        support,
+        after_failures: Mutex::new(std::collections::HashMap::new()),
     });
     let housekeeping = tokio::spawn(housekeeping(
         journal.clone(),
@@ -195,6 +223,19 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let _ = journal.set_meta("agent_stopped_at", &now().to_string());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs, per watch, which rule tells a finished file and why: a warning
+/// where it is the weaker one.
+fn log_rules(support: &Support, watches: &[WatchSettings]) {
+    for (i, w) in watches.iter().enumerate() {
+        let rule = support.describe(i, w.settle);
+        if support.mode(i).0 == Mode::AnyFile {
+            tracing::info!(watch = i, folder = ?w.path, %rule, "finished-file rule");
+        } else {
+            tracing::warn!(watch = i, folder = ?w.path, %rule, "finished-file rule");
+        }
+    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::Signal> {
@@ -301,7 +342,7 @@ async fn housekeeping(
 /// Whether the file version a done record names is still on disk (its record
 /// must then stay, or the next scan would send it again).
 fn still_there(path: &Path, v: FileVersion) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| FileVersion::of(&m) == v)
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && FileVersion::of(&m).is(&v))
 }
 
 /// The journal as the engine's checkpoint for one file version.
@@ -338,10 +379,11 @@ impl Checkpoint for JournalCheckpoint {
 }
 
 impl Ctx {
-    fn requeue(&self, path: PathBuf, after: Duration) {
+    fn requeue(&self, path: PathBuf, after: Duration, writers: Writers) {
         let _ = self.requeue.send(Requeue {
             path,
             not_before: Instant::now() + after,
+            writers,
         });
     }
 
@@ -353,7 +395,7 @@ impl Ctx {
             if !in_flight.insert(path.clone()) {
                 // Being uploaded right now: look again once that is over.
                 drop(in_flight);
-                self.requeue(path, watch.settle);
+                self.requeue(path, watch.settle, cand.writers);
                 return;
             }
         }
@@ -366,50 +408,164 @@ impl Ctx {
             .remove(&path);
     }
 
-    async fn process_file(&self, cand: &Candidate, watch: &WatchSettings) {
+    /// Opens the candidate beneath its watch (never through a link), as
+    /// the version that was judged finished; `None` when there is nothing
+    /// to send (gone, a link, not a file, changed since, or unreadable:
+    /// each handled here).
+    async fn open(
+        &self,
+        cand: &Candidate,
+        watch: &WatchSettings,
+        judged: FileVersion,
+    ) -> Option<Arc<std::fs::File>> {
         let path = &cand.path;
-        // lstat: a symbolic link is never followed (it could point anywhere,
-        // /etc included); the engine later opens only this very inode.
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(m) if m.is_file() => m,
-            Ok(m) => {
-                if m.file_type().is_symlink() {
-                    tracing::info!(path = ?path, "symbolic link; not followed, skipped");
-                }
-                return;
-            }
+        let (root, rel) = (watch.path.clone(), cand.rel.clone());
+        let opened = match tokio::task::spawn_blocking(move || files::open_beneath(&root, &rel))
+            .await
+        {
+            Ok(r) => r,
             Err(e) => {
-                tracing::info!(path = ?path, error = %e, "file disappeared before upload; dropped");
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    self.forget_gone(path);
-                }
-                return;
+                tracing::error!(path = ?path, error = %e, "opening the file failed; will try again");
+                self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
+                return None;
             }
         };
-        let version = FileVersion::of(&meta);
+        let opened = match opened {
+            Ok(o) => o,
+            Err(OpenError::Gone) => {
+                tracing::info!(path = ?path, "file disappeared before upload; dropped");
+                self.forget_gone(path);
+                return None;
+            }
+            Err(OpenError::Link) => {
+                tracing::info!(path = ?path, "a symbolic link is in its path; not followed, skipped");
+                return None;
+            }
+            Err(OpenError::NotAFile) => return None,
+            Err(OpenError::Io(e)) if is_resource_shortage(&e) => {
+                // Out of descriptors or memory: the file is fine, try later.
+                tracing::warn!(path = ?path, error = %e, "cannot open the file now; will try again");
+                self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
+                return None;
+            }
+            Err(OpenError::Io(e)) => {
+                let reason = format!("{path:?}: cannot read: {e}");
+                if let Some((Seen::Upload { id, .. }, _)) = self.record(cand, watch, judged) {
+                    self.fail(id, "unreadable", &reason);
+                }
+                return None;
+            }
+        };
+        let version = FileVersion::of(&opened.meta);
+        if version != judged {
+            // Not what was judged finished (a backlog can make that gap
+            // long): it is judged again, with what is known of its writers.
+            tracing::debug!(path = ?path, "changed since it was judged finished; settling again");
+            self.requeue(path.clone(), Duration::ZERO, Writers::Unknown);
+            return None;
+        }
+        Some(Arc::new(opened.file))
+    }
+
+    /// Under the lease rule, the lease that guards the upload; `Err(())`
+    /// when the file must wait (handed back to the watcher).
+    fn lease(
+        &self,
+        cand: &Candidate,
+        watch: &WatchSettings,
+        file: &Arc<std::fs::File>,
+        dev: u64,
+    ) -> Result<Option<Lease>, ()> {
+        if cand.rule == Rule::Weak {
+            return Ok(None);
+        }
+        match self.leases.take(file) {
+            Take::Held(lease) => Ok(Some(lease)),
+            Take::Busy => {
+                tracing::debug!(path = ?cand.path, "a process has it open for writing; waiting until it is finished");
+                self.requeue(cand.path.clone(), watch.settle, Writers::Writing);
+                Err(())
+            }
+            Take::Unavailable(e) => {
+                if self.support.downgrade(dev, &e) {
+                    tracing::warn!(
+                        watch = cand.watch,
+                        folder = ?watch.path,
+                        rule = %self.support.describe(cand.watch, watch.settle),
+                        "a read lease was refused; the watch falls back to the weaker finished-file rule"
+                    );
+                }
+                self.requeue(cand.path.clone(), watch.settle, cand.writers);
+                Err(())
+            }
+        }
+    }
+
+    /// Records the version in the journal (aborting uploads it supersedes);
+    /// returns what the journal knows of it and its key. `None` when the
+    /// journal is unavailable (the file is handed back).
+    fn record(
+        &self,
+        cand: &Candidate,
+        watch: &WatchSettings,
+        version: FileVersion,
+    ) -> Option<(Seen, Result<String, KeyError>)> {
         // A path that cannot become a key (not UTF-8) is recorded under a
-        // readable stand-in and marked failed below, so status shows it.
+        // readable stand-in and marked failed, so status shows it.
         let key = key_for(&watch.prefix, &cand.rel);
         let recorded_key = match &key {
             Ok(k) => k.clone(),
             Err(_) => format!("{}{}", watch.prefix, cand.rel.to_string_lossy()),
         };
         let watch_name = watch.path.to_string_lossy().into_owned();
-        let observed = self
+        match self
             .journal
-            .observe(&watch_name, path, version, &recorded_key);
-        let (seen, stale) = match observed {
-            Ok(x) => x,
+            .observe(&watch_name, &cand.path, version, &recorded_key)
+        {
+            Ok((seen, stale)) => {
+                self.abort_all(stale);
+                Some((seen, key))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "journal unavailable; will try again");
-                self.requeue(path.clone(), Duration::from_secs(10));
-                return;
+                self.requeue(cand.path.clone(), Duration::from_secs(10), cand.writers);
+                None
             }
+        }
+    }
+
+    /// A permanent failure: recorded with its reason until the file
+    /// changes or `failed_retry_after` passes.
+    fn fail(&self, id: i64, reason_label: &'static str, reason: &str) {
+        failure(reason_label);
+        let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
+        let _ = self.journal.failed(id, reason, retry_at);
+        tracing::error!(error = %reason, "not uploaded; marked failed (see putonly status)");
+    }
+
+    async fn process_file(&self, cand: &Candidate, watch: &WatchSettings) {
+        let path = &cand.path;
+        let Some(judged) = cand.version else {
+            // Handed back earlier, gone now: close its record.
+            self.forget_gone(path);
+            return;
         };
-        self.abort_all(stale);
+        let Some(file) = self.open(cand, watch, judged).await else {
+            return;
+        };
+        // Held from here until the file is done: no writer can open it
+        // without the upload being abandoned first.
+        let Ok(lease) = self.lease(cand, watch, &file, judged.dev) else {
+            return;
+        };
+        let version = judged;
+        let Some((seen, key)) = self.record(cand, watch, version) else {
+            return;
+        };
         let (id, attempts, resume) = match seen {
-            Seen::Done => {
-                self.after_upload(watch, cand, version);
+            Seen::Done { id } => {
+                self.after_upload(watch, cand, id, file, lease, version)
+                    .await;
                 return;
             }
             Seen::Failed { .. } => return,
@@ -423,10 +579,7 @@ impl Ctx {
         let key = match checked {
             Ok(k) => k,
             Err(e) => {
-                failure("refused");
-                let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
-                let _ = self.journal.failed(id, &e.to_string(), retry_at);
-                tracing::error!(path = ?path, error = %e, "refused; marked failed (see putonly status)");
+                self.fail(id, "refused", &format!("{path:?}: {e}"));
                 return;
             }
         };
@@ -434,6 +587,7 @@ impl Ctx {
             path: path.clone(),
             key: key.clone(),
             expected: Some(version),
+            opened: Some(file.clone()),
         };
         let checkpoint = Arc::new(JournalCheckpoint {
             journal: self.journal.clone(),
@@ -441,11 +595,26 @@ impl Ctx {
             resume,
         });
         let started = Instant::now();
-        match self
-            .engine
-            .upload_with(&job, Arc::new(|_| {}), checkpoint)
-            .await
-        {
+        let upload = self.engine.upload_with(&job, Arc::new(|_| {}), checkpoint);
+        let result = match &lease {
+            // A break wins over an upload that noticed the writer's bytes.
+            Some(lease) => tokio::select! {
+                biased;
+                () = lease.broken() => None,
+                r = upload => Some(r),
+            },
+            None => Some(upload.await),
+        };
+        let Some(result) = result else {
+            // The lease is already released: the writer goes on at once.
+            failure("writer");
+            let reason = "a process opened it for writing during its upload; abandoned";
+            let _ = self.journal.attempt_failed(id, reason);
+            tracing::info!(path = ?path, "a process opened it for writing during its upload; abandoned, it will be sent once finished");
+            self.requeue(path.clone(), watch.settle, Writers::Writing);
+            return;
+        };
+        match result {
             Ok(up) => {
                 if let Err(e) = self.journal.done(id, &up.etag) {
                     // Uploaded but not recorded: it will be sent again (at least once).
@@ -464,7 +633,8 @@ impl Ctx {
                     seconds = started.elapsed().as_secs_f64(),
                     "uploaded"
                 );
-                self.after_upload(watch, cand, version);
+                self.after_upload(watch, cand, id, file, lease, version)
+                    .await;
             }
             Err(UploadError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -476,21 +646,16 @@ impl Ctx {
                 failure("changed");
                 let _ = self.journal.attempt_failed(id, &e.to_string());
                 tracing::info!(path = ?path, "changed during upload; will send it once it settles");
-                self.requeue(path.clone(), watch.settle);
+                self.requeue(path.clone(), watch.settle, Writers::Writing);
             }
             Err(e) if e.is_transient() => {
                 failure("transient");
                 let _ = self.journal.attempt_failed(id, &e.to_string());
                 let delay = self.backoff.delay(attempts + 1);
                 tracing::warn!(path = ?path, error = %e, retry_in = ?delay, "upload failed; will retry");
-                self.requeue(path.clone(), delay);
+                self.requeue(path.clone(), delay, cand.writers);
             }
-            Err(e) => {
-                failure(permanent_reason(&e));
-                let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
-                let _ = self.journal.failed(id, &e.to_string(), retry_at);
-                tracing::error!(path = ?path, error = %e, "upload failed for good; marked failed (see putonly status)");
-            }
+            Err(e) => self.fail(id, permanent_reason(&e), &e.to_string()),
         }
     }
 
@@ -513,25 +678,153 @@ impl Ctx {
         }
     }
 
-    /// Deletes or moves a file whose upload is recorded as done, if it is
-    /// still the version that was uploaded.
-    fn after_upload(&self, watch: &WatchSettings, cand: &Candidate, version: FileVersion) {
-        if watch.after_upload == AfterUpload::Keep {
+    /// Deletes or moves a file whose upload is recorded as done (record
+    /// `id`), if it is still the version that was uploaded (checked on the
+    /// open file, and with the lease still held until the action is over).
+    /// The claim is recorded first, so a crash in the middle is repaired at
+    /// the next start. Off the runtime: a claim pauses briefly, a move across
+    /// filesystems copies.
+    async fn after_upload(
+        &self,
+        watch: &WatchSettings,
+        cand: &Candidate,
+        id: i64,
+        file: Arc<std::fs::File>,
+        lease: Option<Lease>,
+        version: FileVersion,
+    ) {
+        let action = watch.after_upload.clone();
+        if action == AfterUpload::Keep {
             return;
         }
-        let unchanged = std::fs::metadata(&cand.path).is_ok_and(|m| FileVersion::of(&m) == version);
-        if !unchanged {
-            return; // a newer version: it gets its own upload
-        }
-        let result = match &watch.after_upload {
-            AfterUpload::Keep => Ok(()),
-            AfterUpload::Delete => std::fs::remove_file(&cand.path),
-            AfterUpload::Move { to } => move_file(&cand.path, &to.join(&cand.rel)),
+        let failures = || {
+            self.after_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
         };
-        if let Err(e) = result {
-            tracing::warn!(path = ?cand.path, error = %e, "uploaded, but the after_upload action failed");
+        if failures()
+            .get(&cand.path)
+            .is_some_and(|(next, _)| Instant::now() < *next)
+        {
+            return; // failed lately: tried again after its backoff
+        }
+        if let Err(e) = self.journal.claim(id) {
+            tracing::warn!(path = ?cand.path, error = %e, "uploaded; the after_upload action is left for later: the journal cannot record it");
+            return;
+        }
+        let (root, rel) = (watch.path.clone(), cand.rel.clone());
+        let acted = tokio::task::spawn_blocking(move || {
+            let u = after_upload::Uploaded {
+                root: &root,
+                rel: &rel,
+                file: &file,
+                version,
+                lease: lease.as_ref(),
+                id,
+            };
+            let result = match &action {
+                AfterUpload::Keep => Ok(Outcome::Done),
+                AfterUpload::Delete => after_upload::delete(&u),
+                AfterUpload::Move { to } => after_upload::move_into(&u, to),
+            };
+            // Renamed away and back, unchanged: only its ctime moved.
+            let now = file.metadata().map(|m| FileVersion::of(&m)).ok();
+            (result, now)
+        })
+        .await;
+        let (result, now) = match acted {
+            Ok(r) => r,
+            Err(e) => (
+                Err(std::io::Error::other(format!("worker task failed: {e}"))),
+                None,
+            ),
+        };
+        if let Some(now) = now.filter(|n| {
+            n.ctime_ns != version.ctime_ns
+                && FileVersion {
+                    ctime_ns: n.ctime_ns,
+                    ..version
+                } == *n
+        }) && !matches!(result, Ok(Outcome::Done))
+            && let Err(e) = self.journal.refresh_ctime(id, now.ctime_ns)
+        {
+            tracing::warn!(path = ?cand.path, error = %e, "journal: cannot follow the ctime of a file put back");
+        }
+        match result {
+            Ok(outcome) => {
+                failures().remove(&cand.path);
+                if let Outcome::Kept(why) = outcome {
+                    tracing::info!(path = ?cand.path, reason = %why, "uploaded; left in place as a new version");
+                }
+            }
+            Err(e) => {
+                let mut failures = failures();
+                let n = failures.get(&cand.path).map_or(1, |(_, n)| n + 1);
+                let wait = Duration::from_secs(60)
+                    .saturating_mul(1 << (n - 1).min(6))
+                    .min(Duration::from_secs(3600));
+                failures.insert(cand.path.clone(), (Instant::now() + wait, n));
+                tracing::warn!(path = ?cand.path, error = %e, retry_in = ?wait, "uploaded, but the after_upload action failed; the file stays in place");
+                return; // the claim stays: the next start puts the file back if needed
+            }
+        }
+        if let Err(e) = self.journal.unclaim(id) {
+            tracing::warn!(path = ?cand.path, error = %e, "journal: cannot record that the after_upload action is over");
         }
     }
+}
+
+/// Puts back, under their names, files a crash left under a private claim
+/// name in the middle of their after-upload action; the journal then
+/// decides again what to do with them.
+fn recover_claims(journal: &Journal, watches: &[WatchSettings]) {
+    let claims = match journal.claims() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "journal: cannot list unfinished after_upload actions");
+            return;
+        }
+    };
+    for (id, watch_name, path) in claims {
+        let watch = watches
+            .iter()
+            .find(|w| w.path.as_os_str() == std::ffi::OsStr::new(&watch_name));
+        let rel = watch.and_then(|w| path.strip_prefix(&w.path).ok());
+        let (Some(watch), Some(rel)) = (watch, rel) else {
+            tracing::warn!(path = ?path, private = %after_upload::claim_name(id), "an after_upload action was interrupted in a folder no longer watched; look for the file under its private name");
+            continue;
+        };
+        match after_upload::recover(&watch.path, rel, id) {
+            Ok(true) => {
+                tracing::info!(path = ?path, "put back a file an interrupted after_upload action had claimed")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(path = ?path, error = %e, private = %after_upload::claim_name(id), "cannot put back a file an interrupted after_upload action had claimed");
+                continue;
+            }
+        }
+        if let Err(e) = journal.unclaim(id) {
+            tracing::warn!(path = ?path, error = %e, "journal: cannot record a recovered claim");
+        }
+    }
+}
+
+/// Errors that say nothing about the file: the process or the system ran
+/// short (descriptors, memory) or a network filesystem hiccuped.
+fn is_resource_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::ESTALE
+        )
+    )
 }
 
 /// Counts a failed attempt under its reason.
@@ -550,19 +843,5 @@ fn permanent_reason(e: &UploadError) -> &'static str {
         UploadError::Read { .. } | UploadError::NotAFile { .. } => "unreadable",
         UploadError::TooLarge { .. } => "too_large",
         _ => "other",
-    }
-}
-
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    match std::fs::rename(from, to) {
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(from, to)?;
-            std::fs::File::open(to)?.sync_all()?;
-            std::fs::remove_file(from)
-        }
-        other => other,
     }
 }

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::checksum::Crc;
 use crate::config::ChecksumKind;
 use crate::s3::PartDone;
-pub use crate::upload::FileVersion;
+pub use crate::upload::{FileVersion, UNKNOWN_CTIME};
 
 /// The journal's file name inside the state folder.
 pub const FILE_NAME: &str = "journal.sqlite";
@@ -87,8 +87,8 @@ pub struct Resume {
 /// What the journal knows of a file version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
-    /// In the bucket already: nothing to do.
-    Done,
+    /// In the bucket already (record `id`): nothing to send.
+    Done { id: i64 },
     /// Failed for good; not tried again before `retry_at` (unix seconds).
     Failed { retry_at: i64, reason: String },
     /// To be uploaded: record id, attempts so far, and any upload to resume.
@@ -216,8 +216,12 @@ fn checksum_kind(name: &str) -> Option<ChecksumKind> {
     }
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS files (
+/// The files table; `name` lets the migration build the new one beside
+/// the old. `ctime_ns` is NULL in records made before it was kept (they
+/// match a file of any ctime, and get it filled in when next seen).
+fn files_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} (
     id          INTEGER PRIMARY KEY,
     watch       TEXT    NOT NULL,
     path        BLOB    NOT NULL,
@@ -225,6 +229,7 @@ CREATE TABLE IF NOT EXISTS files (
     ino         INTEGER NOT NULL,
     size        INTEGER NOT NULL,
     mtime_ns    INTEGER NOT NULL,
+    ctime_ns    INTEGER,
     key         TEXT    NOT NULL,
     state       TEXT    NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'superseded')),
     attempts    INTEGER NOT NULL DEFAULT 0,
@@ -237,8 +242,13 @@ CREATE TABLE IF NOT EXISTS files (
     updated_at  INTEGER NOT NULL,
     done_at     INTEGER,
     retry_at    INTEGER,
-    UNIQUE (path, dev, ino, size, mtime_ns, key)
-);
+    claimed_at  INTEGER,
+    UNIQUE (path, dev, ino, size, mtime_ns, ctime_ns, key)
+);"
+    )
+}
+
+const SCHEMA: &str = "
 CREATE INDEX IF NOT EXISTS files_state ON files (state, created_at);
 CREATE INDEX IF NOT EXISTS files_done_at ON files (done_at) WHERE state = 'done';
 CREATE TABLE IF NOT EXISTS parts (
@@ -254,6 +264,47 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 ";
+
+/// A journal from before ctime was part of a version: the files table is
+/// rebuilt with the column (NULL in old records) and the wider uniqueness,
+/// in one transaction (SQLite cannot alter a constraint in place).
+fn migrate_add_ctime(conn: &mut Connection) -> rusqlite::Result<()> {
+    let has_files: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'files'",
+        [],
+        |r| r.get(0),
+    )?;
+    let has_ctime: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = 'ctime_ns'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_files {
+        return Ok(());
+    }
+    if has_ctime {
+        // Journals of this version made before claims were recorded.
+        let has_claim: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = 'claimed_at'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_claim {
+            conn.execute_batch("ALTER TABLE files ADD COLUMN claimed_at INTEGER")?;
+        }
+        return Ok(());
+    }
+    let columns = "id, watch, path, dev, ino, size, mtime_ns, key, state, attempts, last_error, \
+                   upload_id, part_size, checksum, etag, created_at, updated_at, done_at, retry_at";
+    let tx = conn.transaction()?;
+    tx.execute_batch(&files_table("files_new"))?;
+    tx.execute_batch(&format!(
+        "INSERT INTO files_new ({columns}) SELECT {columns} FROM files;
+         DROP TABLE files;
+         ALTER TABLE files_new RENAME TO files;"
+    ))?;
+    tx.commit()
+}
 
 /// The journal; cheap operations, safe to share between tasks.
 pub struct Journal {
@@ -311,13 +362,19 @@ impl Journal {
         .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err)?;
+        let mut conn = conn;
         if !read_only {
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(err)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(err)?;
+            // Off while the files table may be rebuilt, so parts stay.
+            conn.pragma_update(None, "foreign_keys", "OFF")
+                .map_err(err)?;
+            migrate_add_ctime(&mut conn).map_err(err)?;
             conn.pragma_update(None, "foreign_keys", "ON")
                 .map_err(err)?;
+            conn.execute_batch(&files_table("files")).map_err(err)?;
             conn.execute_batch(SCHEMA).map_err(err)?;
         }
         Ok(conn)
@@ -352,8 +409,9 @@ impl Journal {
                 .query_row(
                     "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum
                      FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
-                       AND mtime_ns = ?5 AND key = ?6",
-                    params![p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key],
+                       AND mtime_ns = ?5 AND key = ?6 AND (ctime_ns = ?7 OR ctime_ns IS NULL)
+                     ORDER BY ctime_ns IS NULL LIMIT 1",
+                    params![p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key, v.ctime_ns],
                     |r| {
                         Ok((
                             r.get::<_, i64>(0)?,
@@ -368,8 +426,15 @@ impl Journal {
                     },
                 )
                 .optional()?;
+            if let Some((id, ..)) = &row {
+                // A record from before ctime was kept: it is this version.
+                tx.execute(
+                    "UPDATE files SET ctime_ns = ?2 WHERE id = ?1 AND ctime_ns IS NULL",
+                    params![id, v.ctime_ns],
+                )?;
+            }
             let seen = match row {
-                Some((_, state, ..)) if state == "done" => Seen::Done,
+                Some((id, state, ..)) if state == "done" => Seen::Done { id },
                 Some((_, state, _, retry_at, err, ..))
                     if state == "failed" && retry_at.unwrap_or(0) > t =>
                 {
@@ -400,9 +465,9 @@ impl Journal {
                 }
                 None => {
                     tx.execute(
-                        "INSERT INTO files (watch, path, dev, ino, size, mtime_ns, key, state, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)",
-                        params![watch, p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key, t],
+                        "INSERT INTO files (watch, path, dev, ino, size, mtime_ns, ctime_ns, key, state, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9)",
+                        params![watch, p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, v.ctime_ns, key, t],
                     )?;
                     Seen::Upload {
                         id: tx.last_insert_rowid(),
@@ -480,6 +545,55 @@ impl Journal {
         })
     }
 
+    /// Before an after-upload action renames the file to its private claim
+    /// name: a crash in the middle is repaired at the next start.
+    pub fn claim(&self, id: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE files SET claimed_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The after-upload action is over (done, or the file put back).
+    pub fn unclaim(&self, id: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute("UPDATE files SET claimed_at = NULL WHERE id = ?1", [id])
+                .map(|_| ())
+        })
+    }
+
+    /// The file of a done record was renamed away and back by an
+    /// after-upload action that did not go through: same content, a new
+    /// ctime. The record follows, so the file is not sent again for it.
+    pub fn refresh_ctime(&self, id: i64, ctime_ns: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE files SET ctime_ns = ?2 WHERE id = ?1",
+                params![id, ctime_ns],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Claims a crash left behind: (record id, watch, path).
+    pub fn claims(&self) -> Result<Vec<(i64, String, PathBuf)>, JournalError> {
+        self.with(|conn| {
+            let mut q =
+                conn.prepare("SELECT id, watch, path FROM files WHERE claimed_at IS NOT NULL")?;
+            let rows = q.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    PathBuf::from(std::ffi::OsStr::from_bytes(&r.get::<_, Vec<u8>>(2)?)),
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+
     /// A transient failure: counted and kept for status; still pending.
     pub fn attempt_failed(&self, id: i64, error: &str) -> Result<(), JournalError> {
         self.with(|conn| {
@@ -528,7 +642,7 @@ impl Journal {
     ) -> Result<usize, JournalError> {
         let old: Vec<(i64, Vec<u8>, FileVersion)> = self.with(|conn| {
             let mut q = conn.prepare(
-                "SELECT id, path, dev, ino, size, mtime_ns FROM files
+                "SELECT id, path, dev, ino, size, mtime_ns, ctime_ns FROM files
                  WHERE state IN ('done', 'failed') AND updated_at < ?1",
             )?;
             let rows = q.query_map([before], |r| {
@@ -540,6 +654,7 @@ impl Journal {
                         ino: r.get::<_, i64>(3)? as u64,
                         size: r.get::<_, i64>(4)? as u64,
                         mtime_ns: r.get(5)?,
+                        ctime_ns: r.get::<_, Option<i64>>(6)?.unwrap_or(UNKNOWN_CTIME),
                     },
                 ))
             })?;
@@ -690,6 +805,7 @@ mod tests {
             ino: 2,
             size,
             mtime_ns: mtime,
+            ctime_ns: mtime,
         }
     }
 
@@ -761,7 +877,7 @@ mod tests {
             j.observe("w", Path::new("/a"), v(10, 1), "foo/a")
                 .unwrap()
                 .0,
-            Seen::Done
+            Seen::Done { id }
         );
         assert!(matches!(
             j.observe("w", Path::new("/a"), v(11, 2), "foo/a")
@@ -847,6 +963,87 @@ mod tests {
         ));
         let s = j.status().unwrap();
         assert_eq!(s.last_errors.len(), 1);
+    }
+
+    #[test]
+    fn a_journal_from_before_ctime_is_migrated_and_sends_nothing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            // The schema of the previous release, with one done record and
+            // one multipart upload in progress.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                &files_table("files")
+                    .replace("    ctime_ns    INTEGER,\n", "")
+                    .replace("    claimed_at  INTEGER,\n", "")
+                    .replace("ctime_ns, key)", "key)"),
+            )
+            .unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(
+                "INSERT INTO files (id, watch, path, dev, ino, size, mtime_ns, key, state, created_at, updated_at)
+                 VALUES (1, 'w', X'2F61', 1, 2, 10, 1, 'foo/a', 'done', 0, 0),
+                        (2, 'w', X'2F62', 1, 3, 99, 1, 'foo/b', 'pending', 0, 0);
+                 UPDATE files SET upload_id = 'up-1', part_size = 5, checksum = 'crc32c' WHERE id = 2;
+                 INSERT INTO parts VALUES (2, 1, 'e1', 7, 5);",
+            )
+            .unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        // The done record matches its file whatever its ctime, once; the
+        // ctime is then kept.
+        let a = FileVersion {
+            dev: 1,
+            ino: 2,
+            size: 10,
+            mtime_ns: 1,
+            ctime_ns: 555,
+        };
+        assert_eq!(
+            j.observe("w", Path::new("/a"), a, "foo/a").unwrap().0,
+            Seen::Done { id: 1 }
+        );
+        let rewritten = FileVersion { ctime_ns: 556, ..a };
+        assert!(matches!(
+            j.observe("w", Path::new("/a"), rewritten, "foo/a")
+                .unwrap()
+                .0,
+            Seen::Upload { .. }
+        ));
+        // The upload in progress kept its parts.
+        let b = FileVersion {
+            dev: 1,
+            ino: 3,
+            size: 99,
+            mtime_ns: 1,
+            ctime_ns: 9,
+        };
+        let (
+            Seen::Upload {
+                resume: Some(r), ..
+            },
+            _,
+        ) = j.observe("w", Path::new("/b"), b, "foo/b").unwrap()
+        else {
+            panic!("the upload in progress was lost")
+        };
+        assert_eq!((r.upload_id.as_str(), r.parts.len()), ("up-1", 1));
+        j.claim(1).unwrap();
+        assert_eq!(
+            j.claims().unwrap(),
+            vec![(1, "w".to_string(), PathBuf::from("/a"))]
+        );
+        j.unclaim(1).unwrap();
+        assert!(j.claims().unwrap().is_empty());
+        let fk: i64 = j
+            .with(|c| {
+                c.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+                    r.get(0)
+                })
+            })
+            .unwrap();
+        assert_eq!(fk, 0, "foreign keys hold after the migration");
     }
 
     #[test]

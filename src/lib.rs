@@ -8,17 +8,23 @@
 //! [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
 //! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
 //! server verifies. The agent adds [`watch`] (which files are finished),
-//! [`journal`] (its only memory), [`agent`] (the loop) and [`metrics`];
+//! [`writers`] (which rule tells that, per watch) with [`lease`] (the
+//! kernel's answer), [`files`] (opening beneath a watch, never through a
+//! link), [`journal`] (its only memory), [`agent`] (the loop),
+//! [`after_upload`] (delete or move, only what was sent) and [`metrics`];
 //! [`policy`] generates and lints the IAM documents. `docs/ARCHITECTURE.md`
 //! draws the flow.
 
+pub mod after_upload;
 pub mod agent;
 pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod files;
 pub mod journal;
 pub mod keys;
+pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod retry;
@@ -26,3 +32,4 @@ pub mod s3;
 pub mod throttle;
 pub mod upload;
 pub mod watch;
+pub mod writers;

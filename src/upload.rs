@@ -30,13 +30,17 @@ use crate::s3::{ObjectWriter, PartDone, S3Error};
 use crate::throttle::Throttle;
 
 /// One file to send, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Job {
     pub path: PathBuf,
     pub key: String,
     /// The version the caller recorded; if the file opened is another one,
     /// the upload fails as changed (so a record never names other bytes).
     pub expected: Option<FileVersion>,
+    /// The file, already opened for reading by the caller (the agent opens
+    /// it beneath its watch and holds a lease on it); without it the engine
+    /// opens `path` itself.
+    pub opened: Option<Arc<File>>,
 }
 
 /// What arrived.
@@ -134,12 +138,25 @@ pub fn part_size_for(file_size: u64, configured: u64) -> u64 {
 /// What identifies one version of a file: if any of it changes, the bytes
 /// being read may no longer be the bytes of one version. The journal keys
 /// its records by it too.
+///
+/// ctime is part of it: a rewrite that keeps the size and restores the
+/// mtime (`cp -p`, `rsync -t`, builds with a fixed epoch) still changes the
+/// ctime, which no one can set. A chmod, chown or new hard link changes it
+/// too, and such a file counts as a new version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileVersion {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+/// The ctime of a version recorded before ctime was kept.
+pub const UNKNOWN_CTIME: i64 = i64::MIN;
+
+fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
 impl FileVersion {
@@ -148,11 +165,29 @@ impl FileVersion {
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
-            mtime_ns: m
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec()),
+            mtime_ns: nanos(m.mtime(), m.mtime_nsec()),
+            ctime_ns: nanos(m.ctime(), m.ctime_nsec()),
         }
+    }
+
+    /// Whether this file (as it is now) is the version `recorded` names; a
+    /// record whose ctime is unknown ([`UNKNOWN_CTIME`]) matches any ctime.
+    pub fn is(&self, recorded: &FileVersion) -> bool {
+        let ctime = if recorded.ctime_ns == UNKNOWN_CTIME {
+            self.ctime_ns
+        } else {
+            recorded.ctime_ns
+        };
+        *self
+            == FileVersion {
+                ctime_ns: ctime,
+                ..*recorded
+            }
+    }
+
+    /// The later of mtime and ctime: when the file last changed.
+    pub fn changed_ns(&self) -> i64 {
+        self.mtime_ns.max(self.ctime_ns)
     }
 
     fn difference(&self, now: &FileVersion) -> Option<String> {
@@ -165,6 +200,8 @@ impl FileVersion {
             ))
         } else if self.mtime_ns != now.mtime_ns {
             Some("it was modified".into())
+        } else if self.ctime_ns != now.ctime_ns {
+            Some("its status changed (rewritten with its mtime restored, chmod, chown or a new link)".into())
         } else {
             None
         }
@@ -195,30 +232,40 @@ impl<W> Clone for Engine<W> {
 /// An open file and the version it was opened as.
 struct Source {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     version: FileVersion,
 }
 
 impl Source {
-    fn open(path: &Path, expected: Option<FileVersion>) -> Result<Source, UploadError> {
+    fn open(
+        path: &Path,
+        expected: Option<FileVersion>,
+        opened: Option<Arc<File>>,
+    ) -> Result<Source, UploadError> {
         let read_err = |source| UploadError::Read {
             path: path.to_path_buf(),
             source,
         };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        if !meta.is_file() {
-            // Checked before opening: a FIFO or device must never be opened.
-            return Err(UploadError::NotAFile {
-                path: path.to_path_buf(),
-            });
-        }
-        // O_NONBLOCK: if the path became a FIFO since the check, opening it
-        // must not wait for a writer. It has no effect on regular files.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(read_err)?;
+        let file = match opened {
+            Some(file) => file,
+            None => {
+                let meta = std::fs::metadata(path).map_err(read_err)?;
+                if !meta.is_file() {
+                    // Checked before opening: a FIFO or device must never be opened.
+                    return Err(UploadError::NotAFile {
+                        path: path.to_path_buf(),
+                    });
+                }
+                // O_NONBLOCK: if the path became a FIFO since the check, opening it
+                // must not wait for a writer. It has no effect on regular files.
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+                    .map_err(read_err)?;
+                Arc::new(file)
+            }
+        };
         let meta = file.metadata().map_err(read_err)?;
         if !meta.is_file() {
             return Err(UploadError::NotAFile {
@@ -337,8 +384,8 @@ impl<W: ObjectWriter> Engine<W> {
         progress: ProgressFn,
         checkpoint: Arc<dyn Checkpoint>,
     ) -> Result<Uploaded, UploadError> {
-        let (path, expected) = (job.path.clone(), job.expected);
-        let source = tokio::task::spawn_blocking(move || Source::open(&path, expected))
+        let (path, expected, opened) = (job.path.clone(), job.expected, job.opened.clone());
+        let source = tokio::task::spawn_blocking(move || Source::open(&path, expected, opened))
             .await
             .map_err(|e| join_error(&job.path, e))??;
         let source = Arc::new(source);
@@ -745,6 +792,7 @@ mod tests {
             path,
             key: "foo/a".into(),
             expected: None,
+            opened: None,
         };
         let up = engine.upload(&job, no_progress()).await.unwrap();
         assert_eq!(up.parts, 0);
@@ -767,6 +815,7 @@ mod tests {
             path,
             key: "foo/b".into(),
             expected: None,
+            opened: None,
         };
         let up = engine.upload(&job, progress).await.unwrap();
         assert_eq!(up.parts, 5);
@@ -789,6 +838,7 @@ mod tests {
             path,
             key: "foo/c".into(),
             expected: None,
+            opened: None,
         };
         engine.upload(&job, no_progress()).await.unwrap();
         assert_eq!(fake.objects.lock().unwrap()[0].1, data);
@@ -807,6 +857,7 @@ mod tests {
             path,
             key: "foo/d".into(),
             expected: None,
+            opened: None,
         };
         let err = engine.upload(&job, no_progress()).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
@@ -832,6 +883,7 @@ mod tests {
             path: path.clone(),
             key: "foo/e".into(),
             expected: None,
+            opened: None,
         };
         let writer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -899,6 +951,7 @@ mod tests {
             path,
             key: "foo/r".into(),
             expected: None,
+            opened: None,
         };
         let engine = Engine::new(fake.clone(), s.clone());
         let fail_after_two = fake.clone();
@@ -953,6 +1006,7 @@ mod tests {
             path,
             key: "foo/v".into(),
             expected: Some(recorded),
+            opened: None,
         };
         let err = engine.upload(&job, no_progress()).await.unwrap_err();
         assert!(matches!(err, UploadError::Changed { .. }), "{err}");
@@ -973,6 +1027,7 @@ mod tests {
             path: p,
             key: "foo/fifo".into(),
             expected: None,
+            opened: None,
         };
         let err = tokio::time::timeout(Duration::from_secs(5), engine.upload(&job, no_progress()))
             .await

@@ -1,16 +1,22 @@
 //! Watching: which files in the watched folders are finished and ready to
 //! send.
 //!
-//! Sources of news are inotify (through `notify`, recursive), an initial scan
-//! (`walkdir`), a scan of every folder that appears, a periodic rescan and a
-//! rescan after the event queue overflowed. A file is ready when its writer
-//! closed it (close-after-write) or it was renamed into the folder, and then
-//! nothing changed for `settle`; a file found by a scan, whose history is
-//! unknown, is ready once it has not changed for `settle` and no process
-//! has it open for writing. Temporary and hidden files never become ready.
-//! This module never opens a file for reading, never talks to the journal
-//! and never uploads: it hands [`Candidate`]s to the agent through a bounded
-//! queue, and holds the rest back when that queue is full.
+//! Sources of news are inotify (through `notify`, recursive, following no
+//! symbolic link), an initial scan (`walkdir`, no links either), a scan of
+//! every folder that appears, a periodic rescan and a rescan after the event
+//! queue overflowed. What a file's events said about its writers
+//! ([`Writers`]) decides, with the watch's [`Rule`], when it is ready:
+//! under the lease rule once nothing changed for `settle` (the agent then
+//! asks the kernel for a lease, and hands the file back if a writer has it
+//! open); under the weak rule a file seen being written only once its
+//! writer closed it or it was renamed in, and a file found by a scan only
+//! after a longer quiet time with no writer in `/proc` (see
+//! [`crate::writers`]). Each [`Candidate`] carries the version that was
+//! judged finished, and a file handed back keeps what was known of its
+//! writers. Temporary and hidden files never become ready. This module never
+//! opens a file for reading, never talks to the journal and never uploads:
+//! it hands candidates to the agent through a bounded queue, and holds the
+//! rest back when that queue is full.
 //!
 //! Its memory is bounded whatever the folders hold: one scan runs at a time
 //! and pauses while [`SCAN_READY_HIGH`] files it found wait to be handed
@@ -21,6 +27,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -30,6 +37,8 @@ use tokio::sync::mpsc;
 
 use crate::config::WatchSettings;
 use crate::journal::FileVersion;
+pub use crate::writers::{Rule, Writers};
+use crate::writers::{Support, open_for_writing, weak_scan_quiet};
 
 /// How often the watched folders themselves are checked for having been
 /// removed or recreated.
@@ -53,14 +62,26 @@ pub struct Candidate {
     pub path: PathBuf,
     /// The path relative to the watched folder.
     pub rel: PathBuf,
+    /// The version judged finished; `None` when a file the agent handed
+    /// back is gone (the agent then closes its record).
+    pub version: Option<FileVersion>,
+    /// What was known of its writers when it was judged.
+    pub writers: Writers,
+    /// The rule it was judged by: under [`Rule::Lease`] the agent must
+    /// hold a lease on it while sending.
+    pub rule: Rule,
 }
 
-/// A file the agent wants looked at again later (it changed during its
-/// upload, or a transient failure asks for a pause).
+/// A file the agent hands back to be judged again later: it differs from
+/// the version judged finished, a writer has it open, it changed during its
+/// upload, or a transient failure asks for a pause.
 #[derive(Debug, Clone)]
 pub struct Requeue {
     pub path: PathBuf,
     pub not_before: Instant,
+    /// What the agent learned of its writers (or the candidate's knowledge,
+    /// unchanged). News the watcher had since the hand-over wins.
+    pub writers: Writers,
 }
 
 /// Which paths of one watch are taken.
@@ -104,13 +125,25 @@ impl Filter {
     }
 }
 
+/// What an event says happened to a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A new name: a file being created, or a new hard link.
+    Created,
+    /// Data written.
+    Written,
+    /// Closed after writing, or renamed into the folder.
+    Closed,
+    /// Status only (chmod, touch, ...): not a sign of a writer.
+    Touched,
+}
+
 /// What the intake hands the settler.
 #[derive(Debug)]
 enum Intake {
-    /// Written to (closed = false) or closed after writing / renamed in (true).
     Changed {
         path: PathBuf,
-        closed: bool,
+        change: Change,
     },
     Removed(PathBuf),
     /// A new folder: scan it, its files may predate its watch.
@@ -123,8 +156,7 @@ struct Pending {
     watch: usize,
     last: Option<FileVersion>,
     stable_since: Instant,
-    closed: bool,
-    check_writers: bool,
+    writers: Writers,
     not_before: Instant,
     /// Handed back by the agent: it has a record of this path, so it must
     /// hear about it again even if the file is gone by now.
@@ -132,13 +164,12 @@ struct Pending {
 }
 
 impl Pending {
-    fn new(watch: usize, closed: bool, now: Instant) -> Self {
+    fn new(watch: usize, writers: Writers, now: Instant) -> Self {
         Pending {
             watch,
             last: None,
             stable_since: now,
-            closed,
-            check_writers: !closed,
+            writers,
             not_before: now,
             requeued: false,
         }
@@ -230,6 +261,7 @@ pub struct Watch {
     watches: Vec<WatchSettings>,
     filters: Vec<Filter>,
     rescan_interval: Duration,
+    support: Arc<Support>,
     ready_tx: mpsc::Sender<Candidate>,
     requeue_rx: mpsc::UnboundedReceiver<Requeue>,
 }
@@ -238,6 +270,7 @@ impl Watch {
     pub fn new(
         watches: Vec<WatchSettings>,
         rescan_interval: Duration,
+        support: Arc<Support>,
         ready_tx: mpsc::Sender<Candidate>,
         requeue_rx: mpsc::UnboundedReceiver<Requeue>,
     ) -> Self {
@@ -246,9 +279,54 @@ impl Watch {
             watches,
             filters,
             rescan_interval,
+            support,
             ready_tx,
             requeue_rx,
         }
+    }
+
+    /// How long a file must have been quiet to be judged by `rule`, given
+    /// what is known of its writers; `None`: not on quiet time at all.
+    fn quiet_needed(&self, watch: usize, rule: Rule, writers: Writers) -> Option<Duration> {
+        let settle = self.watches[watch].settle;
+        match (rule, writers) {
+            (Rule::Lease, _) | (Rule::Weak, Writers::Closed) => Some(settle),
+            (Rule::Weak, Writers::Writing) => None,
+            (Rule::Weak, Writers::Unknown) => Some(weak_scan_quiet(settle)),
+        }
+    }
+
+    /// Files seen being written whose close never came, and that had no
+    /// news for a long time (at least 10 minutes), are judged as files of
+    /// unknown history from now on: under the weak rule a close can go
+    /// unseen (a file linked in from elsewhere, an O_TMPFILE made visible,
+    /// writes through another hard link), and waiting for it would keep
+    /// the file forever.
+    fn unstick(&self, st: &mut State, now: Instant) {
+        for (path, p) in st.waiting.iter_mut() {
+            let settle = self.watches[p.watch].settle;
+            let stall = self
+                .rescan_interval
+                .max(weak_scan_quiet(settle).saturating_mul(10));
+            if p.writers == Writers::Writing && now.duration_since(p.stable_since) >= stall {
+                tracing::warn!(path = ?path, quiet_for = ?stall, "seen being written, but no close came; judged as a file of unknown history from now on");
+                p.writers = Writers::Unknown;
+            }
+        }
+    }
+
+    /// A file handed back by the agent. News the watcher had of it since
+    /// the hand-over is newer than what the agent knew, and wins.
+    fn requeued(&self, rq: Requeue, st: &mut State) {
+        let Some((watch, _)) = self.locate(&rq.path) else {
+            return;
+        };
+        let p = st
+            .waiting
+            .entry(rq.path)
+            .or_insert_with(|| Pending::new(watch, rq.writers, Instant::now()));
+        p.not_before = p.not_before.max(rq.not_before);
+        p.requeued = true;
     }
 
     /// Which watch a path belongs to, and the path relative to it.
@@ -308,14 +386,7 @@ impl Watch {
                     Some(path) => self.take_scanned(path, &mut st),
                     None => st.scans.finished(),
                 },
-                Some(rq) = self.requeue_rx.recv() => {
-                    if let Some((watch, _)) = self.locate(&rq.path) {
-                        let mut p = Pending::new(watch, true, Instant::now());
-                        p.not_before = rq.not_before;
-                        p.requeued = true;
-                        st.waiting.insert(rq.path, p);
-                    }
-                }
+                Some(rq) = self.requeue_rx.recv() => self.requeued(rq, &mut st),
                 _ = tick.tick() => {
                     self.settle(&mut st);
                     if st.dropped && st.waiting.len() < MAX_WAITING / 2 {
@@ -339,6 +410,7 @@ impl Watch {
                 }
                 _ = rescan.tick() => {
                     tracing::debug!("periodic rescan");
+                    self.unstick(&mut st, Instant::now());
                     roots_checked = Instant::now();
                     add_watches(&mut watcher, &roots, &mut watched);
                     st.scans.request(roots.clone());
@@ -362,8 +434,8 @@ impl Watch {
 
     /// Takes `first` and what else the scan has found so far, up to
     /// [`SCAN_READY_HIGH`] files waiting in `ready`. Scanned files untouched
-    /// for `settle` skip the wait: they are ready at once unless some
-    /// process has them open for writing.
+    /// long enough for their rule skip the wait: they are ready at once
+    /// (under the weak rule unless `/proc` shows a writer).
     fn take_scanned(&self, first: PathBuf, st: &mut State) {
         let mut settled = Vec::new();
         self.found(first, st, &mut settled);
@@ -383,26 +455,32 @@ impl Watch {
         if settled.is_empty() {
             return;
         }
-        let writers = open_for_writing();
+        let writers = settled
+            .iter()
+            .any(|s| s.4 == Rule::Weak)
+            .then(open_for_writing)
+            .unwrap_or_default();
         let now = Instant::now();
-        for (path, watch, rel, v) in settled {
-            if writers.contains(&(v.dev, v.ino)) {
-                let mut p = Pending::new(watch, false, now);
+        for (path, watch, rel, v, rule) in settled {
+            if rule == Rule::Weak && writers.contains(&(v.dev, v.ino)) {
+                let mut p = Pending::new(watch, Writers::Unknown, now);
                 p.last = Some(v);
                 st.waiting.insert(path, p);
             } else {
-                st.make_ready(Candidate { watch, path, rel });
+                st.make_ready(Candidate {
+                    watch,
+                    path,
+                    rel,
+                    version: Some(v),
+                    writers: Writers::Unknown,
+                    rule,
+                });
             }
         }
     }
 
     /// A file a scan found: history unknown.
-    fn found(
-        &self,
-        path: PathBuf,
-        st: &mut State,
-        settled: &mut Vec<(PathBuf, usize, PathBuf, FileVersion)>,
-    ) {
+    fn found(&self, path: PathBuf, st: &mut State, settled: &mut Vec<Scanned>) {
         if st.waiting.contains_key(&path) || st.queued.contains(&path) {
             return;
         }
@@ -414,14 +492,20 @@ impl Watch {
         }
         if let Ok(meta) = std::fs::symlink_metadata(&path)
             && meta.is_file()
-            && untouched(&meta) >= self.watches[watch].settle
         {
-            settled.push((path, watch, rel, FileVersion::of(&meta)));
-            return;
+            let v = FileVersion::of(&meta);
+            let rule = self.support.rule(&path, &meta);
+            if self
+                .quiet_needed(watch, rule, Writers::Unknown)
+                .is_some_and(|q| untouched(&v) >= q)
+            {
+                settled.push((path, watch, rel, v, rule));
+                return;
+            }
         }
         if st.room_for(&path) {
             st.waiting
-                .insert(path, Pending::new(watch, false, Instant::now()));
+                .insert(path, Pending::new(watch, Writers::Unknown, Instant::now()));
         }
     }
 
@@ -431,6 +515,12 @@ impl Watch {
                 tracing::warn!(
                     "file events were lost (queue overflow); rescanning every watched folder"
                 );
+                // A close may have been among the lost events.
+                for p in st.waiting.values_mut() {
+                    if p.writers == Writers::Writing {
+                        p.writers = Writers::Unknown;
+                    }
+                }
                 st.scans.request(self.roots());
             }
             Intake::Folder(path) => {
@@ -443,7 +533,7 @@ impl Watch {
             Intake::Removed(path) => {
                 st.waiting.remove(&path);
             }
-            Intake::Changed { path, closed } => {
+            Intake::Changed { path, change } => {
                 let Some((watch, rel)) = self.locate(&path) else {
                     return;
                 };
@@ -451,15 +541,27 @@ impl Watch {
                     return;
                 }
                 let now = Instant::now();
+                let writers = match change {
+                    // A new hard link announces no writer; a new file does.
+                    Change::Created => Some(
+                        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                            Writers::Unknown
+                        } else {
+                            Writers::Writing
+                        },
+                    ),
+                    Change::Written => Some(Writers::Writing),
+                    Change::Closed => Some(Writers::Closed),
+                    // A chmod or touch after the close is not a writer.
+                    Change::Touched => None,
+                };
                 let p = st
                     .waiting
                     .entry(path)
-                    .or_insert_with(|| Pending::new(watch, closed, now));
-                // Not (yet) closed after writing: ready anyway once quiet
-                // and no process has it open for writing. A chmod or touch
-                // after the close sends no second close.
-                p.closed = closed;
-                p.check_writers = !closed;
+                    .or_insert_with(|| Pending::new(watch, Writers::Unknown, now));
+                if let Some(w) = writers {
+                    p.writers = w;
+                }
                 p.stable_since = now;
             }
         }
@@ -496,6 +598,9 @@ impl Watch {
                             watch,
                             path: path.clone(),
                             rel,
+                            version: None,
+                            writers: p.writers,
+                            rule: Rule::Weak,
                         });
                     }
                     done.push(path.clone());
@@ -503,25 +608,28 @@ impl Watch {
                 }
             };
             let v = FileVersion::of(&meta);
-            let settle = self.watches[p.watch].settle;
+            let rule = self.support.rule(path, &meta);
+            let quiet = self.quiet_needed(p.watch, rule, p.writers);
             if p.last != Some(v) {
-                // First look, or it changed: stable from now on. A scanned
-                // file untouched for `settle` is stable since its mtime.
-                p.stable_since =
-                    if p.last.is_none() && p.check_writers && untouched(&meta) >= settle {
-                        now.checked_sub(settle).unwrap_or(now)
-                    } else {
-                        now
-                    };
+                // First look, or it changed: stable from now on. A file of
+                // unknown history is stable since it last changed.
+                p.stable_since = match quiet {
+                    Some(q) if p.last.is_none() && p.writers == Writers::Unknown => {
+                        now.checked_sub(untouched(&v).min(q)).unwrap_or(now)
+                    }
+                    _ => now,
+                };
                 p.last = Some(v);
-                if p.stable_since == now {
-                    continue;
-                }
             }
-            if !(p.closed || p.check_writers) || now.duration_since(p.stable_since) < settle {
+            // Under the weak rule a file seen being written waits for its
+            // close (or a rename), never for quiet time alone.
+            let Some(quiet) = quiet else { continue };
+            if now.duration_since(p.stable_since) < quiet {
                 continue;
             }
-            if p.check_writers {
+            // /proc is cheap and catches the writers it can see, even of a
+            // file closed or renamed in while someone else still writes.
+            if rule == Rule::Weak {
                 let w = writers.get_or_insert_with(open_for_writing);
                 if w.contains(&(meta.dev(), meta.ino())) {
                     p.stable_since = now;
@@ -534,6 +642,9 @@ impl Watch {
                     watch,
                     path: path.clone(),
                     rel,
+                    version: Some(v),
+                    writers: p.writers,
+                    rule,
                 });
             }
         }
@@ -546,30 +657,43 @@ impl Watch {
     }
 }
 
-/// How long ago the file was last modified (zero if in the future).
-fn untouched(meta: &std::fs::Metadata) -> Duration {
-    std::time::SystemTime::now()
-        .duration_since(meta.modified().unwrap_or(std::time::UNIX_EPOCH))
-        .unwrap_or_default()
+/// A file a scan found quiet enough to be ready: path, watch, relative
+/// path, version and rule.
+type Scanned = (PathBuf, usize, PathBuf, FileVersion, Rule);
+
+/// How long ago the file last changed, content (mtime) or status (ctime);
+/// zero if in the future.
+fn untouched(v: &FileVersion) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    Duration::from_nanos(u64::try_from(now.saturating_sub(v.changed_ns())).unwrap_or(0))
 }
 
+/// Inotify through `notify`, recursive but following no symbolic link: a
+/// link to a folder outside the tree, present at start-up or inside a
+/// folder moved in later, gets no watch.
 fn make_watcher(tx: mpsc::Sender<Intake>) -> notify::Result<notify::RecommendedWatcher> {
-    notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let items = match res {
-            Ok(event) => classify(event),
-            Err(e) => {
-                tracing::warn!(error = %e, "file notification error; rescanning");
-                vec![Intake::Rescan]
+    let config = notify::Config::default().with_follow_symlinks(false);
+    notify::RecommendedWatcher::new(
+        move |res: notify::Result<notify::Event>| {
+            let items = match res {
+                Ok(event) => classify(event),
+                Err(e) => {
+                    tracing::warn!(error = %e, "file notification error; rescanning");
+                    vec![Intake::Rescan]
+                }
+            };
+            for item in items {
+                // Blocking here makes the kernel queue fill up rather than
+                // memory; an overflow is answered with a rescan.
+                if tx.blocking_send(item).is_err() {
+                    return;
+                }
             }
-        };
-        for item in items {
-            // Blocking here makes the kernel queue fill up rather than
-            // memory; an overflow is answered with a rescan.
-            if tx.blocking_send(item).is_err() {
-                return;
-            }
-        }
-    })
+        },
+        config,
+    )
 }
 
 fn classify(event: notify::Event) -> Vec<Intake> {
@@ -577,22 +701,23 @@ fn classify(event: notify::Event) -> Vec<Intake> {
         return vec![Intake::Rescan];
     }
     let paths = event.paths;
-    let changed = |closed| {
+    let changed = |change| {
         paths
             .iter()
             .map(|p| Intake::Changed {
                 path: p.clone(),
-                closed,
+                change,
             })
             .collect::<Vec<_>>()
     };
     match event.kind {
         EventKind::Create(CreateKind::Folder) => paths.into_iter().map(Intake::Folder).collect(),
-        EventKind::Create(_)
-        | EventKind::Modify(ModifyKind::Data(_))
-        | EventKind::Modify(ModifyKind::Any) => changed(false),
-        EventKind::Modify(ModifyKind::Metadata(_)) => changed(false),
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => changed(true),
+        EventKind::Create(_) => changed(Change::Created),
+        EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => {
+            changed(Change::Written)
+        }
+        EventKind::Modify(ModifyKind::Metadata(_)) => changed(Change::Touched),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => changed(Change::Closed),
         EventKind::Access(_) => vec![],
         EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
             paths.into_iter().map(Intake::Removed).collect()
@@ -608,7 +733,7 @@ fn classify(event: notify::Event) -> Vec<Intake> {
         }
         EventKind::Modify(ModifyKind::Name(_)) => paths.into_iter().map(renamed_in).collect(),
         EventKind::Remove(_) => paths.into_iter().map(Intake::Removed).collect(),
-        _ => changed(false),
+        _ => changed(Change::Touched),
     }
 }
 
@@ -616,7 +741,10 @@ fn classify(event: notify::Event) -> Vec<Intake> {
 fn renamed_in(path: PathBuf) -> Intake {
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.is_dir() => Intake::Folder(path),
-        Ok(_) => Intake::Changed { path, closed: true },
+        Ok(_) => Intake::Changed {
+            path,
+            change: Change::Closed,
+        },
         Err(_) => Intake::Removed(path),
     }
 }
@@ -693,44 +821,6 @@ fn spawn_scan(roots: Vec<PathBuf>) -> mpsc::Receiver<PathBuf> {
     rx
 }
 
-/// (device, inode) of every regular file some process has open for writing,
-/// as far as /proc shows (all of them for root, our own user's otherwise).
-pub fn open_for_writing() -> HashSet<(u64, u64)> {
-    let mut out = HashSet::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for proc_entry in procs.flatten() {
-        let name = proc_entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let base = proc_entry.path();
-        let Ok(fds) = std::fs::read_dir(base.join("fdinfo")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(info) = std::fs::read_to_string(fd.path()) else {
-                continue;
-            };
-            let flags = info
-                .lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
-            let Some(flags) = flags else { continue };
-            if flags & (libc::O_ACCMODE as u32) == libc::O_RDONLY as u32 {
-                continue;
-            }
-            if let Ok(m) = std::fs::metadata(base.join("fd").join(fd.file_name()))
-                && m.is_file()
-            {
-                out.insert((m.dev(), m.ino()));
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,25 +862,22 @@ mod tests {
         assert!(!f.accepts(Path::new("a.json")));
     }
 
-    #[test]
-    fn a_file_open_for_writing_is_seen() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("w");
-        let mut f = std::fs::File::create(&p).unwrap();
-        f.write_all(b"x").unwrap();
-        let m = std::fs::metadata(&p).unwrap();
-        assert!(open_for_writing().contains(&(m.dev(), m.ino())));
-        drop(f);
-        assert!(!open_for_writing().contains(&(m.dev(), m.ino())));
+    use crate::writers::Mode;
+
+    fn watcher_with(dir: &Path, mode: Mode) -> (Watch, mpsc::Receiver<Candidate>) {
+        let mut w = watch(&[], &[]);
+        w.path = dir.to_path_buf();
+        let (ready_tx, ready_rx) = mpsc::channel(16);
+        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
+        let support = Arc::new(Support::with_mode(mode));
+        (
+            Watch::new(vec![w], Duration::from_secs(3600), support, ready_tx, rq_rx),
+            ready_rx,
+        )
     }
 
     fn watcher_of(dir: &Path) -> Watch {
-        let mut w = watch(&[], &[]);
-        w.path = dir.to_path_buf();
-        let (ready_tx, _ready_rx) = mpsc::channel(16);
-        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
-        Watch::new(vec![w], Duration::from_secs(3600), ready_tx, rq_rx)
+        watcher_with(dir, Mode::AnyFile).0
     }
 
     /// Runs the scans asked for to their end the way [`Watch::run`] does,
@@ -873,7 +960,8 @@ mod tests {
         let mut st = State::default();
         for i in 0..MAX_WAITING + 10 {
             let path = PathBuf::from(format!("/w/f{i}"));
-            w.intake(Intake::Changed { path, closed: true }, &mut st);
+            let change = Change::Closed;
+            w.intake(Intake::Changed { path, change }, &mut st);
         }
         assert_eq!(st.waiting.len(), MAX_WAITING);
         assert!(st.dropped, "a rescan is due");
@@ -881,56 +969,148 @@ mod tests {
         w.intake(
             Intake::Changed {
                 path: PathBuf::from("/w/f0"),
-                closed: false,
+                change: Change::Written,
             },
             &mut st,
         );
-        assert!(!st.waiting[Path::new("/w/f0")].closed);
+        assert_eq!(st.waiting[Path::new("/w/f0")].writers, Writers::Writing);
     }
 
     #[tokio::test]
-    async fn finished_files_become_ready_and_open_ones_wait() {
-        use std::io::Write;
+    async fn what_events_said_of_writers_survives_touches_requeues_and_overflows() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        std::fs::write(root.join("before.txt"), b"old").unwrap();
-        let mut w = watch(&[], &[]);
-        w.path = root.clone();
-        let (ready_tx, mut ready_rx) = mpsc::channel(16);
-        let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
-        let task =
-            tokio::spawn(Watch::new(vec![w], Duration::from_secs(3600), ready_tx, rq_rx).run());
+        let w = watcher_of(dir.path());
+        let mut st = State::default();
+        let at = |name: &str| dir.path().join(name);
+        let writers = |st: &State, name: &str| st.waiting[&at(name)].writers;
+        let change = |st: &mut State, name: &str, change| {
+            w.intake(
+                Intake::Changed {
+                    path: at(name),
+                    change,
+                },
+                st,
+            )
+        };
 
-        let got = tokio::time::timeout(Duration::from_secs(5), ready_rx.recv())
+        // A chmod or touch after the close is not a writer.
+        change(&mut st, "a", Change::Written);
+        change(&mut st, "a", Change::Closed);
+        change(&mut st, "a", Change::Touched);
+        assert_eq!(writers(&st, "a"), Writers::Closed);
+
+        // The agent hands back a file it judged closed, but events since
+        // the hand-over said it is being written again: the events win.
+        change(&mut st, "b", Change::Written);
+        let rq = |name: &str, writers| Requeue {
+            path: at(name),
+            not_before: Instant::now() + Duration::from_secs(1),
+            writers,
+        };
+        w.requeued(rq("b", Writers::Closed), &mut st);
+        assert_eq!(writers(&st, "b"), Writers::Writing);
+        assert!(st.waiting[&at("b")].requeued);
+        // With no news since, the agent's knowledge is kept.
+        w.requeued(rq("c", Writers::Writing), &mut st);
+        assert_eq!(writers(&st, "c"), Writers::Writing);
+
+        // A new name with another link is a hard link, not a writer.
+        std::fs::write(at("orig"), b"x").unwrap();
+        std::fs::hard_link(at("orig"), at("hard")).unwrap();
+        change(&mut st, "hard", Change::Created);
+        assert_eq!(writers(&st, "hard"), Writers::Unknown);
+        std::fs::write(at("new"), b"").unwrap();
+        change(&mut st, "new", Change::Created);
+        assert_eq!(writers(&st, "new"), Writers::Writing);
+
+        // A close that never comes (a file linked in from elsewhere, an
+        // O_TMPFILE made visible) is not waited for forever: after a long
+        // quiet time the file is one of unknown history.
+        w.unstick(&mut st, Instant::now());
+        assert_eq!(writers(&st, "new"), Writers::Writing, "not after a moment");
+        let later = Instant::now() + Duration::from_secs(7200);
+        st.waiting.get_mut(&at("c")).unwrap().stable_since = later;
+        w.unstick(&mut st, later);
+        assert_eq!(writers(&st, "new"), Writers::Unknown);
+        assert_eq!(writers(&st, "c"), Writers::Writing, "c had news lately");
+
+        // Lost events may have held a close: what was "being written" is
+        // unknown after an overflow.
+        w.intake(Intake::Rescan, &mut st);
+        assert_eq!(writers(&st, "b"), Writers::Unknown);
+        assert_eq!(writers(&st, "a"), Writers::Closed);
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Candidate>) -> Candidate {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.rel, PathBuf::from("before.txt"));
+            .expect("a file is handed over in time")
+            .expect("the watcher runs")
+    }
 
-        // Written slowly: not ready while open, ready after close + settle.
-        let mut slow = std::fs::File::create(root.join("slow.bin")).unwrap();
-        std::fs::create_dir_all(root.join("new/nested")).unwrap();
-        std::fs::write(root.join("new/nested/n.txt"), b"nested").unwrap();
-        std::fs::write(root.join("skip.tmp"), b"tmp").unwrap();
+    /// Writes in pieces, pausing longer than `settle` (100 ms) with the
+    /// file open, and returns the file still open.
+    async fn slow_writer(path: &Path) -> std::fs::File {
+        use std::io::Write;
+        let mut slow = std::fs::File::create(path).unwrap();
         for _ in 0..5 {
             slow.write_all(&[1; 1000]).unwrap();
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        let got = tokio::time::timeout(Duration::from_secs(5), ready_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.rel, PathBuf::from("new/nested/n.txt"));
+        slow
+    }
+
+    #[tokio::test]
+    async fn under_the_weak_rule_a_file_seen_written_waits_for_its_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let (w, mut ready_rx) = watcher_with(&root, Mode::NoLease);
+        let task = tokio::spawn(w.run());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        std::fs::write(root.join("direct.txt"), b"direct").unwrap();
+        std::fs::write(root.join("skip.tmp"), b"tmp").unwrap();
+        let slow = slow_writer(&root.join("slow.bin")).await;
+        let got = next(&mut ready_rx).await;
+        assert_eq!(got.rel, PathBuf::from("direct.txt"));
+        assert_eq!((got.rule, got.writers), (Rule::Weak, Writers::Closed));
+        // Quiet for several times settle, still open: never taken.
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(ready_rx.try_recv().is_err(), "slow.bin is still open");
         drop(slow);
-        let got = tokio::time::timeout(Duration::from_secs(5), ready_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let got = next(&mut ready_rx).await;
         assert_eq!(got.rel, PathBuf::from("slow.bin"));
-        assert_eq!(std::fs::metadata(&got.path).unwrap().len(), 5000);
+        let v = got.version.expect("a version");
+        assert_eq!(v.size, 5000);
+        assert_eq!(v, FileVersion::of(&std::fs::metadata(&got.path).unwrap()));
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(ready_rx.try_recv().is_err(), "skip.tmp must never be ready");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn under_the_lease_rule_quiet_files_go_to_the_agent_which_asks_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("before.txt"), b"old").unwrap();
+        let (w, mut ready_rx) = watcher_with(&root, Mode::AnyFile);
+        let task = tokio::spawn(w.run());
+        let got = next(&mut ready_rx).await;
+        assert_eq!(got.rel, PathBuf::from("before.txt"));
+        assert_eq!((got.rule, got.writers), (Rule::Lease, Writers::Unknown));
+        // A new folder's files are found by its scan.
+        std::fs::create_dir_all(root.join("new/nested")).unwrap();
+        std::fs::write(root.join("new/nested/n.txt"), b"nested").unwrap();
+        let got = next(&mut ready_rx).await;
+        assert_eq!(got.rel, PathBuf::from("new/nested/n.txt"));
+
+        // Quiet for settle while open: handed over; the agent's lease is
+        // refused while it is open, and it hands it back as being written.
+        let slow = slow_writer(&root.join("slow.bin")).await;
+        let got = next(&mut ready_rx).await;
+        assert_eq!(got.rel, PathBuf::from("slow.bin"));
+        assert_eq!((got.rule, got.writers), (Rule::Lease, Writers::Writing));
+        drop(slow);
         task.abort();
     }
 }

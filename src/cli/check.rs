@@ -1,6 +1,8 @@
 //! `putonly check`: the set-up checked end to end before the agent runs —
-//! configuration, folders, state folder, base identity, the role, and (only
-//! when asked with --probe-write) one small write per allowed prefix.
+//! configuration, folders, the finished-file rule each watch runs under
+//! (a warning where no read lease can be had), state folder, base identity,
+//! the role, and (only when asked with --probe-write) one small write per
+//! allowed prefix.
 //! It never reads the bucket; `--offline` sends nothing at all.
 
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use crate::checksum::Crc;
 use crate::config::{Settings, Sse};
 use crate::credentials::{CredentialSource, caller_identity, error_chain, load_sdk_config};
 use crate::s3::{ObjectWriter, S3Error, WriteOnlyBucket};
+use crate::writers::{Mode, Support};
 
 /// Lines of the report and whether any check failed.
 #[derive(Default)]
@@ -27,6 +30,10 @@ impl Report {
     fn fail(&mut self, what: &str, detail: impl std::fmt::Display) {
         self.failed += 1;
         println!("[FAIL] {what}: {detail}");
+    }
+    /// Works, with a weaker guarantee than it could have: not a failure.
+    fn warn(&mut self, what: &str, detail: impl std::fmt::Display) {
+        println!("[warn] {what}: {detail}");
     }
 }
 
@@ -79,6 +86,19 @@ fn local_checks(settings: &Settings, r: &mut Report) {
                     w.path.display()
                 ),
             ),
+        }
+    }
+    // Which rule tells a finished file, as the agent will log it at start.
+    let folders: Vec<&std::path::Path> =
+        settings.watches.iter().map(|w| w.path.as_path()).collect();
+    let support = Support::probe(&folders);
+    for (i, w) in settings.watches.iter().enumerate() {
+        let what = format!("watch[{i}] finished-file rule");
+        let rule = support.describe(i, w.settle);
+        if support.mode(i).0 == Mode::AnyFile {
+            r.ok(&what, rule);
+        } else {
+            r.warn(&what, rule);
         }
     }
     if let Some(state) = &settings.state {

@@ -88,8 +88,9 @@ Upload the named files and folders once, with progress, and exit.
 A file goes to PREFIX + its file name (or to exactly --key). A folder's \
 files go to PREFIX + their path relative to that folder, as `aws s3 cp \
 --recursive` and `rclone copy` do: `putonly push --prefix foo/ data` sends \
-data/a/b.csv to foo/a/b.csv. Symbolic links are followed; FIFOs, sockets and \
-devices are skipped with a warning.
+data/a/b.csv to foo/a/b.csv. A symbolic link named on the command line is \
+followed; links met inside a named folder are skipped and reported, unless \
+--follow-links is given. FIFOs, sockets and devices are skipped with a warning.
 
 Files up to the multipart threshold go in one PutObject; larger ones are \
 streamed from disk as a multipart upload, parts in parallel, never whole in \
@@ -113,11 +114,17 @@ one-shot push needs no file:
 Run the agent: watch the configured folders and upload every finished file, \
 once, across restarts, crashes, network loss and credential renewals.
 
-A file is taken once nothing changed for `settle` and its writer closed it, \
-it was renamed into the folder, or no process has it open for writing; \
-hidden and temporary files are ignored, symbolic links are never followed, \
-FIFOs, sockets and devices are never opened (docs/SEMANTICS.md has the rule \
-for every odd case). Its key is the watch's prefix plus its path inside the folder. The \
+A file is taken once nothing changed for `settle` and no process has it \
+open for writing, asked of the kernel with a read lease that is held until \
+the file is sent (a writer opening it meanwhile makes the agent abandon the \
+upload and wait). Leases need CAP_LEASE (the packaged systemd unit and \
+DaemonSet grant it) and a local filesystem; without them a file seen being \
+written is taken only after its writer closed it or it was renamed in, and a \
+file found by a scan only after a longer quiet time and a /proc check. The \
+agent logs at start-up, and `putonly check` prints, which rule each watch \
+runs under. Hidden and temporary files are ignored, symbolic links are never \
+followed (not even as folders in a file's path), FIFOs, sockets and devices \
+are never opened (docs/SEMANTICS.md has the rule for every odd case). Its key is the watch's prefix plus its path inside the folder. The \
 journal in [state] dir is the agent's only memory of what was sent (the \
 bucket is never read): a done file is not sent again after a restart, and an \
 interrupted multipart upload continues where it stopped.
@@ -139,6 +146,8 @@ restart the agent instead (safe at any time).",
 Check the set-up before the agent runs, the seed's \"assume the role and test\" \
 step as one command: the configuration is valid (each problem names the key \
 and the fix); each watched folder is readable and the state folder writable; \
+which rule tells a finished file in each watch, and why (a [warn] line when \
+no read lease can be had: no CAP_LEASE, or NFS, FUSE, overlay); \
 every watch prefix lies inside bucket.allowed_prefixes; the base identity \
 (STS GetCallerIdentity); the role can be assumed, as whom, and when its \
 credentials expire.
@@ -405,6 +414,12 @@ pub struct PushArgs {
     /// No progress bars, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Follow symbolic links met inside the named folders (a link named on
+    /// the command line is always followed). Without it they are skipped
+    /// and reported.
+    #[arg(long)]
+    pub follow_links: bool,
 
     /// Files and folders to upload.
     #[arg(required = true, value_name = "PATH")]

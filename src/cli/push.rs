@@ -26,10 +26,20 @@ use crate::keys::{folder_prefix, key_for};
 use crate::s3::WriteOnlyBucket;
 use crate::upload::{Engine, Job, ProgressFn, UploadError, Uploaded};
 
-/// A path that could not become a job, and why.
+/// A path that could not become a job (or was not sent), and why.
 struct Skipped {
     path: PathBuf,
     reason: String,
+}
+
+/// What planning made of the named paths.
+#[derive(Default)]
+struct Plan {
+    jobs: Vec<Job>,
+    /// Could not be sent: each is a failure.
+    failed: Vec<Skipped>,
+    /// Left out by rule (links inside a named folder): reported, not failures.
+    skipped: Vec<Skipped>,
 }
 
 pub async fn run(args: PushArgs) -> ExitCode {
@@ -54,10 +64,17 @@ pub async fn run(args: PushArgs) -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
 
-    let (jobs, mut failed) = plan(&args, &prefix, &settings);
+    let Plan {
+        jobs,
+        mut failed,
+        skipped,
+    } = plan(&args, &prefix, &settings);
     let out = Output::new(&args, &settings.bucket.name);
     for f in &failed {
         out.failed(&f.path, None, &f.reason);
+    }
+    for s in &skipped {
+        out.skipped(&s.path, &s.reason);
     }
     let started = Instant::now();
     let mut done: Vec<Uploaded> = Vec::new();
@@ -86,7 +103,7 @@ pub async fn run(args: PushArgs) -> ExitCode {
         }
     }
     out.finish();
-    out.summary(&done, failed.len(), started.elapsed());
+    out.summary(&done, failed.len(), skipped.len(), started.elapsed());
     ExitCode::from(if failed.is_empty() {
         EXIT_OK
     } else {
@@ -135,10 +152,13 @@ fn choose_prefix(args: &PushArgs, settings: &Settings) -> Result<String, String>
 }
 
 /// Turns paths into jobs with checked keys; what cannot be sent is listed
-/// with its reason. Local work only.
-fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Skipped>) {
+/// with its reason. Local work only. A path named on the command line is
+/// followed if it is a link; links inside a named folder only with
+/// `--follow-links`.
+fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
     let mut jobs = Vec::new();
     let mut failed = Vec::new();
+    let mut skipped = Vec::new();
     let guard = &settings.bucket.guard;
     let mut add = |path: PathBuf, key: Result<String, String>| match key
         .and_then(|k| guard.check(&k).map(|()| k).map_err(|e| e.to_string()))
@@ -147,6 +167,7 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Sk
             path,
             key,
             expected: None,
+            opened: None,
         }),
         Err(reason) => failed.push(Skipped {
             path,
@@ -172,7 +193,7 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Sk
             add(root.clone(), key);
         } else if meta.is_dir() {
             for entry in walkdir::WalkDir::new(root)
-                .follow_links(true)
+                .follow_links(args.follow_links)
                 .sort_by_file_name()
             {
                 match entry {
@@ -186,6 +207,12 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Sk
                         let key = key_for(prefix, rel).map_err(|e| e.to_string());
                         add(entry.path().to_path_buf(), key);
                     }
+                    Ok(entry) if entry.path_is_symlink() => skipped.push(Skipped {
+                        path: entry.into_path(),
+                        reason:
+                            "symbolic link inside the folder; not followed (use --follow-links)"
+                                .into(),
+                    }),
                     Ok(entry) => tracing::warn!(
                         path = ?entry.path(),
                         "skipped: not a regular file (FIFO, socket or device)"
@@ -196,7 +223,11 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> (Vec<Job>, Vec<Sk
             add(root.clone(), Err("not a regular file or folder".into()));
         }
     }
-    (jobs, failed)
+    Plan {
+        jobs,
+        failed,
+        skipped,
+    }
 }
 
 type SendResult = (Vec<Uploaded>, Vec<Skipped>);
@@ -377,16 +408,38 @@ impl Output {
         }
     }
 
+    fn skipped(&self, path: &Path, reason: &str) {
+        if self.json {
+            self.println(
+                &json!({
+                    "path": path.to_string_lossy(),
+                    "bucket": self.bucket,
+                    "status": "skipped",
+                    "reason": reason,
+                })
+                .to_string(),
+            );
+        } else {
+            let line = format!("putonly: skipped: {:?}: {reason}", path);
+            match &self.bars {
+                Some(bars) => {
+                    let _ = bars.println(&line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+
     fn finish(&self) {
         if let Some(bars) = &self.bars {
             let _ = bars.clear();
         }
     }
 
-    fn summary(&self, done: &[Uploaded], failed: usize, took: Duration) {
+    fn summary(&self, done: &[Uploaded], failed: usize, skipped: usize, took: Duration) {
         let bytes: u64 = done.iter().map(|u| u.size).sum();
         let rate = bytes as f64 / took.as_secs_f64().max(0.001);
-        let line = format!(
+        let mut line = format!(
             "{} uploaded ({} in {:.1}s, {}/s), {} failed",
             done.len(),
             bytesize::ByteSize(bytes).display().iec(),
@@ -394,6 +447,9 @@ impl Output {
             bytesize::ByteSize(rate as u64).display().iec(),
             failed
         );
+        if skipped > 0 {
+            line.push_str(&format!(", {skipped} skipped"));
+        }
         if self.json {
             eprintln!("{line}");
         } else {

@@ -28,6 +28,8 @@ fn workload(small: usize, big: &[usize]) -> (usize, Vec<usize>) {
 /// A running `putonly run`, its log appended to a file.
 pub(crate) struct Agent {
     child: tokio::process::Child,
+    /// The agent's own pid when `child` only launches it (`unshare --fork`).
+    target: Option<i32>,
 }
 
 impl Agent {
@@ -52,11 +54,29 @@ impl Agent {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start putonly run");
-        Agent { child }
+        Agent {
+            child,
+            target: None,
+        }
     }
 
+    /// Starts the agent in a deployed shape (see `support::shape`).
+    pub(crate) async fn spawn_in(
+        cmd: tokio::process::Command,
+        shape: crate::support::shape::Shape,
+        config: &Path,
+        log: &Path,
+    ) -> Agent {
+        let mut agent = Agent::spawn(crate::support::shape::in_shape(cmd, shape), config, log);
+        let launcher = agent.child.id().expect("a running launcher");
+        agent.target = Some(crate::support::shape::agent_pid(launcher, shape).await);
+        agent
+    }
+
+    /// The agent process itself (not its launcher).
     pub(crate) fn pid(&self) -> i32 {
-        self.child.id().unwrap() as i32
+        self.target
+            .unwrap_or_else(|| self.child.id().expect("a running agent") as i32)
     }
 
     pub(crate) fn alive(&mut self) -> bool {
@@ -76,7 +96,7 @@ impl Agent {
 
     /// SIGTERM, then the exit code.
     pub(crate) async fn stop(mut self) -> Option<i32> {
-        let pid = self.child.id().unwrap() as i32;
+        let pid = self.pid();
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
@@ -520,6 +540,53 @@ async fn after_upload_deletes_or_moves_only_what_is_recorded_done() {
         assert!(get(&admin, BUCKET, &format!("foo/mv/{rel}")).await == *data);
     }
     s.proxy.assert_only_writes();
+}
+
+/// A move_to that cannot take the files (here a plain file where the folder
+/// should be): they stay where they are, are sent once, and the action is
+/// not retried in a loop (a failed action must not make a new version).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_after_upload_action_that_fails_leaves_the_files_and_sends_them_once() {
+    let s = setup_with(
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"foo/mv\"\nsettle = \"300ms\"\nafter_upload = \"move\"\nmove_to = \"{work}/blocked\"\n",
+        "[\"foo/\"]",
+        "",
+    )
+    .await;
+    std::fs::write(s.work.path().join("blocked"), b"not a folder").unwrap();
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let files = produce(&s.outbox, 6, &[], 11).await;
+    wait_done(&s, files.len(), Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    for (rel, data) in &files {
+        assert_eq!(
+            &std::fs::read(s.outbox.join(rel)).unwrap(),
+            data,
+            "{rel} stays"
+        );
+    }
+    assert_eq!(s.proxy.count("PutObject"), files.len(), "each sent once");
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.contains("the after_upload action failed"), "{log}");
+    let entries: Vec<String> = walk(&s.outbox);
+    assert!(
+        entries.iter().all(|e| !e.contains(".putonly-claim")),
+        "a claim was left: {entries:?}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]

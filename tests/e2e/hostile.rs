@@ -418,6 +418,26 @@ async fn configuration_abuse_is_one_line_exit_2_and_sends_nothing() {
             false,
         ),
         (
+            "colliding key spaces",
+            format!(
+                "{aws}{role}{bucket}{state}{}{}",
+                watch(&format!("{w}/a"), "foo/"),
+                watch(&format!("{w}/b"), "foo/")
+            ),
+            "watch[1].prefix: watch[1] (",
+            false,
+        ),
+        (
+            "nested key spaces",
+            format!(
+                "{aws}{role}{bucket}{state}{}{}",
+                watch(&format!("{w}/a"), "foo/"),
+                watch(&format!("{w}/b"), "foo/b/")
+            ),
+            "are nested; give each watch its own prefix",
+            false,
+        ),
+        (
             "watch on /",
             format!("{aws}{role}{bucket}{state}{}", watch("/", "foo/")),
             "watch[0].path: is the root folder",
@@ -453,7 +473,10 @@ async fn configuration_abuse_is_one_line_exit_2_and_sends_nothing() {
             }
             std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o000)).unwrap();
         }
-        let mut commands = vec![vec!["run".to_string()]];
+        let mut commands = vec![
+            vec!["run".to_string()],
+            vec!["check".to_string(), "--offline".to_string()],
+        ];
         if *push_too {
             commands.push(vec!["push".into(), "--prefix".into(), "foo/".into()]);
         }
@@ -556,7 +579,9 @@ async fn push_of_a_folder_with_odd_files_follows_its_rules() {
         v
     };
     let uploaded = by_status("uploaded");
-    assert_eq!(uploaded.len(), 3, "{lines:?}");
+    assert_eq!(uploaded.len(), 2, "{lines:?}");
+    // A link inside the named folder is skipped and reported.
+    assert_eq!(by_status("skipped"), vec!["batch/link.txt"], "{lines:?}");
     let failed = by_status("failed");
     assert_eq!(failed.len(), 2 + usize::from(dac), "{lines:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -568,17 +593,45 @@ async fn push_of_a_folder_with_odd_files_follows_its_rules() {
     assert!(!stdout.contains("fifo"), "a FIFO is skipped, not failed");
     let admin = moto.admin();
     assert!(get(&admin, BUCKET, "foo/batch/ok.txt").await == ok);
-    assert!(get(&admin, BUCKET, "foo/batch/link.txt").await == ok);
     assert!(get(&admin, BUCKET, "foo/batch/sp ace + 100%.txt").await == spaced);
-    let keys: BTreeSet<String> = proxy
-        .s3_records()
-        .into_iter()
-        .filter_map(|r| r.key)
-        .collect();
+    let keys = |proxy: &crate::support::proxy::Proxy| -> BTreeSet<String> {
+        proxy
+            .s3_records()
+            .into_iter()
+            .filter_map(|r| r.key)
+            .collect()
+    };
     assert_eq!(
-        keys.len(),
-        3,
-        "requests only for the uploaded files: {keys:?}"
+        keys(&proxy).len(),
+        2,
+        "requests only for the uploaded files: {:?}",
+        keys(&proxy)
     );
+
+    // With --follow-links the link is sent as the file it names; a link
+    // named on the command line is followed either way.
+    std::fs::remove_file(batch.join("fifo")).unwrap();
+    std::fs::remove_file(batch.join(OsStr::from_bytes(b"latin1-\xe9.txt"))).unwrap();
+    std::fs::remove_dir_all(batch.join(&long)).unwrap();
+    let _ = std::fs::remove_file(batch.join("locked.txt"));
+    for (args, key) in [
+        (
+            vec!["--prefix", "foo/batch", "--follow-links", "batch"],
+            "foo/batch/link.txt",
+        ),
+        (
+            vec!["--key", "foo/batch/named.txt", "batch/link.txt"],
+            "foo/batch/named.txt",
+        ),
+    ] {
+        let mut cmd = putonly(Some(moto.dir.path()));
+        cmd.args(["push", "--json", "--config"])
+            .arg(&config)
+            .args(&args)
+            .current_dir(work.path());
+        let out = crate::support::run(&mut cmd).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(get(&admin, BUCKET, key).await == ok, "{key}");
+    }
     proxy.assert_only_writes();
 }

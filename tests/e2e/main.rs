@@ -10,4 +10,5 @@ mod packaging;
 mod policy;
 mod push;
 mod resources;
+mod shapes;
 mod support;

@@ -5,6 +5,74 @@
 
 use crate::support::{putonly, repo, run, tool_path};
 
+/// The unit grants CAP_LEASE and no other capability, and its system-call
+/// filter lets through what read leases and link-free opens need.
+#[test]
+fn the_unit_grants_cap_lease_only_and_its_filter_allows_leases() {
+    let unit = std::fs::read_to_string(repo().join("packaging/systemd/putonly.service")).unwrap();
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(values("CapabilityBoundingSet"), vec!["CAP_LEASE"]);
+    assert_eq!(values("AmbientCapabilities"), vec!["CAP_LEASE"]);
+    assert_eq!(values("NoNewPrivileges"), vec!["yes"]);
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED (filter part): systemd-analyze is not installed");
+        return;
+    }
+    fn expand(group: &str, out: &mut std::collections::BTreeSet<String>) {
+        let listing = std::process::Command::new("systemd-analyze")
+            .args(["syscall-filter", group])
+            .output()
+            .expect("systemd-analyze syscall-filter");
+        for line in String::from_utf8_lossy(&listing.stdout).lines().skip(1) {
+            let name = line.trim();
+            if name.is_empty() || name.starts_with('#') {
+                continue;
+            }
+            if name.starts_with('@') {
+                expand(name, out);
+            } else {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    let mut allowed = std::collections::BTreeSet::new();
+    let mut removed = std::collections::BTreeSet::new();
+    for filter in values("SystemCallFilter") {
+        match filter.strip_prefix('~') {
+            Some(groups) => groups
+                .split_whitespace()
+                .for_each(|g| expand(g, &mut removed)),
+            None => filter
+                .split_whitespace()
+                .for_each(|g| expand(g, &mut allowed)),
+        }
+    }
+    for needed in [
+        "fcntl",        // F_SETLEASE, F_GETLEASE
+        "rt_sigaction", // the SIGIO handler
+        "openat2",      // opening beneath a watch, no links
+        "openat",
+        "renameat2", // RENAME_NOREPLACE
+        "unlinkat",
+        "newfstatat",
+        "statfs",
+    ] {
+        assert!(
+            allowed.contains(needed) && !removed.contains(needed),
+            "the unit's SystemCallFilter does not let {needed} through"
+        );
+    }
+}
+
 #[test]
 fn systemd_analyze_verify_accepts_the_unit() {
     if std::process::Command::new("systemd-analyze")
@@ -39,7 +107,12 @@ async fn the_daemonset_configuration_is_valid_and_per_node() {
         kinds = [d['kind'] for d in docs]\n\
         assert 'DaemonSet' in kinds, kinds\n\
         cm = next(d for d in docs if d['kind'] == 'ConfigMap')\n\
-        open(sys.argv[2], 'w').write(cm['data']['agent.toml'])\n";
+        open(sys.argv[2], 'w').write(cm['data']['agent.toml'])\n\
+        ds = next(d for d in docs if d['kind'] == 'DaemonSet')\n\
+        pod = ds['spec']['template']['spec']\n\
+        scs = [c['securityContext'] for c in pod['containers'] + pod.get('initContainers', [])]\n\
+        assert all(sc['capabilities'] == {'drop': ['ALL'], 'add': ['LEASE']} for sc in scs), scs\n\
+        assert all(sc['allowPrivilegeEscalation'] is False for sc in scs), scs\n";
     let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(repo().join("packaging/kubernetes/daemonset.yaml"))

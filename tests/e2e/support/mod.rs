@@ -6,6 +6,7 @@
 pub mod garage;
 pub mod moto;
 pub mod proxy;
+pub mod shape;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
