@@ -3,22 +3,25 @@
 //! uploaded.
 //!
 //! Neither removes nor moves a path it only looked at. The file's name is
-//! first *claimed*: renamed (no replace) to a private hidden name in the
-//! same folder, `.putonly-claim-ID` after its journal record, which the
-//! caller has recorded beforehand so that a crash in the middle is repaired
-//! at the next start ([`recover`]). The inode under the private name is
-//! then checked against the open file that was uploaded, the file against
-//! the uploaded version, and the read lease (if held) against a writer that
+//! first *claimed*: renamed to a private hidden name in the same folder
+//! (`.putonly-claim-ID-RANDOM`), which the caller has recorded durably in
+//! the journal beforehand, so that a crash in the middle is repaired at the
+//! next start ([`recover`]). The inode under the private name is then
+//! checked against the open file that was uploaded, the file against the
+//! uploaded version (and, after the rename, against the ctime the rename
+//! itself gave it), and the read lease (if held) against a writer that
 //! opened it by its old name meanwhile. Only then is the private name
-//! removed, or moved beneath `move_to` (folders made there one by one, no
-//! link followed, no file replaced: a name taken gets a `.N` suffix; across
-//! filesystems a new file is written, synced, and the source removed only
-//! if it is still the uploaded version). Anything else puts the name back
-//! (no replace, or beside a newer file of that name) and leaves the file, a
-//! new version, to be sent. This module never deletes or moves a file whose
-//! upload is not recorded done (its caller's rule), never follows a
-//! symbolic link below the watched folder or `move_to`, and never talks to
-//! the network.
+//! removed, or moved beneath `move_to`: folders made there one by one, no
+//! link followed, no file replaced (a taken name gets a `.N` suffix);
+//! across filesystems the bytes are copied from the open file into a hidden
+//! temporary file, synced, checked again, and only then given their name
+//! and the source removed. Anything else puts the name back (never
+//! replacing a newer file of that name: it goes beside it) and leaves the
+//! file, a new version, to be sent. Where the filesystem has no
+//! `RENAME_NOREPLACE` (NFS, some FUSE), a hard link and an unlink stand in
+//! for it. This module never deletes or moves a file whose upload is not
+//! recorded done (its caller's rule), never follows a symbolic link below
+//! the watched folder or `move_to`, and never talks to the network.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -44,6 +47,19 @@ pub enum Outcome {
     Kept(String),
 }
 
+/// What an action did, and, when it renamed the uploaded file away and
+/// back unchanged (an error after the claim), the ctime that round trip
+/// gave it: the journal may follow it, so the file is not sent again for
+/// that alone.
+#[derive(Debug)]
+pub struct Report {
+    pub result: std::io::Result<Outcome>,
+    pub restored_ctime: Option<i64>,
+    /// The file is still under its private claim name (it could not be put
+    /// back): the claim must stay on record for a later recovery.
+    pub claim_left: bool,
+}
+
 /// The uploaded file an action applies to.
 pub struct Uploaded<'a> {
     /// The watched folder, and the file's path relative to it.
@@ -54,21 +70,64 @@ pub struct Uploaded<'a> {
     pub version: FileVersion,
     /// The read lease held since the file was taken, if any.
     pub lease: Option<&'a Lease>,
-    /// The journal record id, which names the private claim.
-    pub id: i64,
+    /// The private name ([`claim_name`]), recorded in the journal.
+    pub claim: &'a str,
 }
 
 /// How long a claimed file is watched for a writer who looked its old name
 /// up just before the rename, before it is removed or moved.
 const SETTLE_AFTER_CLAIM: Duration = Duration::from_millis(20);
 
+/// Names the agent gives files while it acts on them.
+pub const CLAIM_PREFIX: &str = ".putonly-claim-";
+
 fn io(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-/// The private name a claimed file has while its action runs.
+/// A private name for journal record `id`'s file while its action runs
+/// (random, so no one can put a file in its way beforehand).
 pub fn claim_name(id: i64) -> String {
-    format!(".putonly-claim-{id}")
+    format!("{CLAIM_PREFIX}{id}-{:08x}", fastrand::u32(..))
+}
+
+/// Renames without replacing anything; where the filesystem has no
+/// `RENAME_NOREPLACE` (EINVAL: NFS, some FUSE), a hard link (which never
+/// replaces) and an unlink of the old name.
+///
+/// Where neither can be had (a FUSE filesystem without hard links, or one
+/// the agent may not link: `fs.protected_hardlinks`), answers ENOTSUP and
+/// leaves the caller to choose a name no one else uses.
+fn rename_noreplace(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+) -> Result<(), Errno> {
+    match rustix::fs::renameat_with(from_dir, from, to_dir, to, RenameFlags::NOREPLACE) {
+        Err(Errno::INVAL) => {
+            match rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::PERM | Errno::NOTSUP | Errno::NOSYS | Errno::MLINK) => {
+                    return Err(Errno::NOTSUP);
+                }
+                Err(e) => return Err(e),
+            }
+            rustix::fs::unlinkat(from_dir, from, AtFlags::empty())
+        }
+        other => other,
+    }
+}
+
+/// A name no one else uses in a folder: `putonly-kept-RANDOM-NAME`
+/// (the name cut to fit), for a file put back where no rename can refuse
+/// to replace.
+fn unique_name(name: &OsStr) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    let mut s = OsString::from(format!("putonly-kept-{:08x}-", fastrand::u32(..)));
+    let bytes = name.as_bytes();
+    s.push(OsStr::from_bytes(&bytes[..bytes.len().min(200)]));
+    s
 }
 
 /// The folders `folders` beneath `dir`, made where missing (mode 0755) and
@@ -115,6 +174,18 @@ fn destination(to: &Path, rel: &Path) -> std::io::Result<OwnedFd> {
     make_folders_beneath(dest_root, rel.parent().unwrap_or(Path::new("")))
 }
 
+/// Whether a file can be made in `dir` (a probe made and removed): checked
+/// before a claim, so that a `move_to` that cannot take files (read-only,
+/// no permission, out of inodes) leaves the file untouched.
+fn writable(dir: &OwnedFd) -> std::io::Result<()> {
+    let probe = format!(".putonly-probe-{:08x}", fastrand::u32(..));
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, probe.as_str(), flags, Mode::from_raw_mode(0o600))
+        .map_err(|e| std::io::Error::other(format!("move_to cannot take files: {e}")))?;
+    drop(fd);
+    rustix::fs::unlinkat(dir, probe.as_str(), AtFlags::empty()).map_err(io)
+}
+
 /// `name` with a numeric suffix: `a.csv`, `a.csv.1`, `a.csv.2`, ...
 fn numbered(name: &OsStr, n: usize) -> OsString {
     let mut s = name.to_os_string();
@@ -125,19 +196,35 @@ fn numbered(name: &OsStr, n: usize) -> OsString {
 }
 
 /// Puts `private` back under `name`, or beside a newer file of that name
-/// (`name.putonly-kept-N`); never replaces anything.
+/// (`name.putonly-kept-N`, or `putonly-kept-N-PRIVATE` where that name
+/// would be too long); never replaces anything.
 fn put_back(dir: BorrowedFd<'_>, private: &str, name: &OsStr) -> std::io::Result<()> {
-    for n in 0..=100 {
-        let target = if n == 0 {
-            name.to_os_string()
-        } else {
-            let mut t = name.to_os_string();
-            t.push(format!(".putonly-kept-{n}"));
-            t
+    let mut long_ok = true;
+    let mut n = 0;
+    while n <= 100 {
+        let target = match n {
+            0 => name.to_os_string(),
+            _ if long_ok => {
+                let mut t = name.to_os_string();
+                t.push(format!(".putonly-kept-{n}"));
+                t
+            }
+            _ => OsString::from(format!(
+                "putonly-kept-{n}-{}",
+                private.trim_start_matches(CLAIM_PREFIX)
+            )),
         };
-        match rustix::fs::renameat_with(dir, private, dir, &target, RenameFlags::NOREPLACE) {
+        match rename_noreplace(dir, OsStr::new(private), dir, &target) {
             Ok(()) => return Ok(()),
-            Err(Errno::EXIST) => continue,
+            Err(Errno::EXIST) => n += 1,
+            // The same number again, under the short name.
+            Err(Errno::NAMETOOLONG) if long_ok && n > 0 => long_ok = false,
+            // No way to refuse a replace here: a name no one else uses.
+            Err(Errno::NOTSUP) => {
+                let unique = unique_name(name);
+                tracing::warn!(name = ?name, kept_as = ?unique, "this filesystem cannot rename without replacing: the file is put back under a name of its own");
+                return rustix::fs::renameat(dir, private, dir, &unique).map_err(io);
+            }
             Err(e) => return Err(io(e)),
         }
     }
@@ -151,20 +238,41 @@ fn content(v: FileVersion) -> (u64, u64, u64, i64) {
     (v.dev, v.ino, v.size, v.mtime_ns)
 }
 
-/// Why the claimed file must not be acted on, if it must not.
-fn still_uploaded(u: &Uploaded<'_>) -> Option<String> {
-    if u.lease.is_some_and(|l| l.is_broken()) {
-        return Some("a process opened it for writing".into());
-    }
-    let now = u.file.metadata().map(|m| content(FileVersion::of(&m)));
-    (now.ok() != Some(content(u.version))).then(|| "it changed after its upload".into())
-}
-
-/// A claimed file: its folder, its name and its private name.
+/// A claimed file: its folder, its name, its private name, and the ctime
+/// the claim's own rename gave it.
 struct Claimed {
     dir: OwnedFd,
     name: OsString,
     private: String,
+    ctime: i64,
+}
+
+/// Why the claimed file must not be acted on, if it must not: a writer
+/// opened it (the lease), or it changed since the claim (content, or a
+/// ctime other than the one the claim's rename gave it).
+fn still_uploaded(u: &Uploaded<'_>, c: &Claimed) -> Option<String> {
+    if u.lease.is_some_and(|l| l.is_broken()) {
+        return Some("a process opened it for writing".into());
+    }
+    let now = u.file.metadata().map(|m| FileVersion::of(&m));
+    match now {
+        Ok(v) if content(v) == content(u.version) && v.ctime_ns == c.ctime => None,
+        _ => Some("it changed after its upload".into()),
+    }
+}
+
+/// Puts a claimed file back after an error, and says which ctime the round
+/// trip gave it when nothing else changed: its content is the uploaded one,
+/// its ctime was the claim's own until the put-back, and no writer broke
+/// the lease (if one is held).
+fn restore(u: &Uploaded<'_>, c: &Claimed) -> std::io::Result<Option<i64>> {
+    let untouched = still_uploaded(u, c).is_none();
+    put_back(c.dir.as_fd(), &c.private, &c.name)?;
+    let unbroken = !u.lease.is_some_and(|l| l.is_broken());
+    let now = u.file.metadata().map(|m| FileVersion::of(&m)).ok();
+    Ok(now
+        .filter(|v| untouched && unbroken && content(*v) == content(u.version))
+        .map(|v| v.ctime_ns))
 }
 
 /// Claims the uploaded file (see the module doc): `Ok(Err(reason))` when
@@ -179,31 +287,35 @@ fn claim(u: &Uploaded<'_>) -> std::io::Result<Result<Claimed, String>> {
         return Ok(Err("it changed after its upload".into()));
     }
     let dir = parent_beneath(u.root, u.rel)?;
-    let private = claim_name(u.id);
-    match rustix::fs::renameat_with(&dir, name, &dir, private.as_str(), RenameFlags::NOREPLACE) {
+    let private = OsStr::new(u.claim);
+    match rustix::fs::renameat_with(&dir, name, &dir, private, RenameFlags::NOREPLACE) {
         Ok(()) => {}
+        // No RENAME_NOREPLACE here: the private name is ours to replace.
+        Err(Errno::INVAL) => rustix::fs::renameat(&dir, name, &dir, private).map_err(io)?,
         Err(Errno::NOENT) => return Ok(Err("it was gone already".into())),
         Err(e) => return Err(io(e)),
     }
-    let claimed = Claimed {
+    // Whatever the rename took is under the private name now: is it ours?
+    let st = rustix::fs::statat(&dir, private, AtFlags::SYMLINK_NOFOLLOW);
+    let mut claimed = Claimed {
         dir,
         name: name.to_os_string(),
-        private,
+        private: u.claim.to_string(),
+        ctime: i64::MIN,
     };
-    // Whatever the rename took is under the private name now: is it ours?
-    let st = rustix::fs::statat(
-        &claimed.dir,
-        claimed.private.as_str(),
-        AtFlags::SYMLINK_NOFOLLOW,
-    );
     let why = match st {
         Err(e) => Some(format!("cannot look at it after the claim: {e}")),
         Ok(st) if (st.st_dev, st.st_ino) != (u.version.dev, u.version.ino) => {
             Some("another file had taken its name".into())
         }
         Ok(_) => {
+            claimed.ctime = u
+                .file
+                .metadata()
+                .map(|m| FileVersion::of(&m).ctime_ns)
+                .unwrap_or(i64::MIN);
             std::thread::sleep(SETTLE_AFTER_CLAIM);
-            still_uploaded(u)
+            still_uploaded(u, &claimed)
         }
     };
     match why {
@@ -217,16 +329,51 @@ fn claim(u: &Uploaded<'_>) -> std::io::Result<Result<Claimed, String>> {
 
 /// Deletes the uploaded file if it is still the uploaded version and no
 /// writer opened it.
-pub fn delete(u: &Uploaded<'_>) -> std::io::Result<Outcome> {
-    let c = match claim(u)? {
-        Ok(c) => c,
-        Err(why) => return Ok(Outcome::Kept(why)),
+pub fn delete(u: &Uploaded<'_>) -> Report {
+    let c = match claim(u) {
+        Ok(Ok(c)) => c,
+        Ok(Err(why)) => return Report::kept(why),
+        Err(e) => return Report::failed(e, None),
     };
     match rustix::fs::unlinkat(&c.dir, c.private.as_str(), AtFlags::empty()) {
-        Ok(()) => Ok(Outcome::Done),
-        Err(e) => {
-            put_back(c.dir.as_fd(), &c.private, &c.name)?;
-            Err(io(e))
+        Ok(()) => Report::done(),
+        Err(e) => Report::after_error(io(e), restore(u, &c)),
+    }
+}
+
+impl Report {
+    fn done() -> Self {
+        Report {
+            result: Ok(Outcome::Done),
+            restored_ctime: None,
+            claim_left: false,
+        }
+    }
+    fn kept(why: String) -> Self {
+        Report {
+            result: Ok(Outcome::Kept(why)),
+            restored_ctime: None,
+            claim_left: false,
+        }
+    }
+    fn failed(e: std::io::Error, restored_ctime: Option<i64>) -> Self {
+        Report {
+            result: Err(e),
+            restored_ctime,
+            claim_left: false,
+        }
+    }
+    /// An error after the claim, and how putting the file back went.
+    fn after_error(e: std::io::Error, restored: std::io::Result<Option<i64>>) -> Self {
+        match restored {
+            Ok(ctime) => Report::failed(e, ctime),
+            Err(again) => Report {
+                result: Err(std::io::Error::other(format!(
+                    "{e}; and putting it back failed: {again}"
+                ))),
+                restored_ctime: None,
+                claim_left: true,
+            },
         }
     }
 }
@@ -234,103 +381,120 @@ pub fn delete(u: &Uploaded<'_>) -> std::io::Result<Outcome> {
 /// Moves the uploaded file to the same relative path beneath `to`, if it
 /// is still the uploaded version and no writer opened it. Never replaces a
 /// file there: a taken name gets a `.N` suffix.
-pub fn move_into(u: &Uploaded<'_>, to: &Path) -> std::io::Result<Outcome> {
+pub fn move_into(u: &Uploaded<'_>, to: &Path) -> Report {
     // Ready before the claim: a move_to that cannot take it leaves the file
     // untouched.
-    let dest = destination(to, u.rel)?;
-    let c = match claim(u)? {
-        Ok(c) => c,
-        Err(why) => return Ok(Outcome::Kept(why)),
+    let dest = match destination(to, u.rel).and_then(|d| writable(&d).map(|()| d)) {
+        Ok(d) => d,
+        Err(e) => return Report::failed(e, None),
+    };
+    let c = match claim(u) {
+        Ok(Ok(c)) => c,
+        Ok(Err(why)) => return Report::kept(why),
+        Err(e) => return Report::failed(e, None),
     };
     match move_claimed(u, &c, &dest) {
-        Ok(Outcome::Done) => Ok(Outcome::Done),
-        Ok(Outcome::Kept(why)) => {
-            put_back(c.dir.as_fd(), &c.private, &c.name)?;
-            Ok(Outcome::Kept(why))
-        }
-        Err(e) => {
-            put_back(c.dir.as_fd(), &c.private, &c.name)?;
-            Err(e)
-        }
+        Ok(Outcome::Done) => Report::done(),
+        Ok(Outcome::Kept(why)) => match put_back(c.dir.as_fd(), &c.private, &c.name) {
+            Ok(()) => Report::kept(why),
+            Err(e) => Report::after_error(std::io::Error::other(why), Err(e)),
+        },
+        Err(e) => Report::after_error(e, restore(u, &c)),
     }
 }
 
 fn move_claimed(u: &Uploaded<'_>, c: &Claimed, dest: &OwnedFd) -> std::io::Result<Outcome> {
     for n in 0..1000 {
         let target = numbered(&c.name, n);
-        match rustix::fs::renameat_with(
-            &c.dir,
-            c.private.as_str(),
-            dest,
-            &target,
-            RenameFlags::NOREPLACE,
-        ) {
+        match rename_noreplace(c.dir.as_fd(), OsStr::new(&c.private), dest.as_fd(), &target) {
             Ok(()) => return Ok(Outcome::Done),
             Err(Errno::EXIST) => continue,
-            Err(Errno::XDEV) => return copy_across(u, c, dest, &target),
+            Err(Errno::XDEV) => return copy_across(u, c, dest),
+            // No atomic no-replace in move_to: a name seen free there (the
+            // administrator's folder) is taken at once.
+            Err(Errno::NOTSUP) => {
+                if rustix::fs::statat(dest, &target, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                    continue;
+                }
+                rustix::fs::renameat(&c.dir, c.private.as_str(), dest, &target).map_err(io)?;
+                return Ok(Outcome::Done);
+            }
             Err(e) => return Err(io(e)),
         }
     }
     Err(std::io::Error::other("1000 names taken in move_to"))
 }
 
-/// Across filesystems: a new file beneath `dest` (never through a link,
-/// never over a file), the uploaded bytes copied from the open file, synced
-/// with its folder; the source is removed only if it is still the uploaded
-/// version, else the copy is.
-fn copy_across(
-    u: &Uploaded<'_>,
-    c: &Claimed,
-    dest: &OwnedFd,
-    first: &OsStr,
-) -> std::io::Result<Outcome> {
+/// Across filesystems: the uploaded bytes are copied from the open file
+/// into a hidden temporary file beneath `dest` (never through a link),
+/// synced; if the source is still the uploaded version the copy gets its
+/// name (never replacing a file: a `.N` suffix), the folder is synced and
+/// the source removed; else the copy is removed.
+fn copy_across(u: &Uploaded<'_>, c: &Claimed, dest: &OwnedFd) -> std::io::Result<Outcome> {
     let mode = u
         .file
         .metadata()
         .map(|m| m.permissions().mode() & 0o777)
         .unwrap_or(0o600);
+    let temp = format!(
+        ".putonly-copy-{}",
+        c.private.trim_start_matches(CLAIM_PREFIX)
+    );
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let base = first.to_os_string();
-    let mut made = None;
+    let out = File::from(
+        rustix::fs::openat(dest, temp.as_str(), flags, Mode::from_raw_mode(mode)).map_err(io)?,
+    );
+    let remove_temp = || {
+        let _ = rustix::fs::unlinkat(dest, temp.as_str(), AtFlags::empty());
+    };
+    if let Err(e) = copy_to(u.file, &out, u.version.size).and_then(|()| out.sync_all()) {
+        remove_temp();
+        return Err(e);
+    }
+    if let Some(why) = still_uploaded(u, c) {
+        remove_temp();
+        return Ok(Outcome::Kept(why));
+    }
+    let mut named = false;
     for n in 0..1000 {
-        let target = numbered(&base, n);
-        match rustix::fs::openat(dest, &target, flags, Mode::from_raw_mode(mode)) {
-            Ok(fd) => {
-                made = Some((File::from(fd), target));
+        let target = numbered(&c.name, n);
+        match rename_noreplace(dest.as_fd(), OsStr::new(&temp), dest.as_fd(), &target) {
+            Ok(()) => {
+                named = true;
                 break;
             }
             Err(Errno::EXIST) => continue,
-            Err(e) => return Err(io(e)),
+            Err(Errno::NOTSUP) => {
+                if rustix::fs::statat(dest, &target, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                    continue;
+                }
+                if let Err(e) = rustix::fs::renameat(dest, temp.as_str(), dest, &target) {
+                    remove_temp();
+                    return Err(io(e));
+                }
+                named = true;
+                break;
+            }
+            Err(e) => {
+                remove_temp();
+                return Err(io(e));
+            }
         }
     }
-    let Some((out, target)) = made else {
+    if !named {
+        remove_temp();
         return Err(std::io::Error::other("1000 names taken in move_to"));
-    };
-    let copied = copy_to(u.file, &out, u.version.size).and_then(|()| {
-        out.sync_all()?;
-        let dir = rustix::fs::openat(
-            dest,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io)?;
-        rustix::fs::fsync(&dir).map_err(io)
-    });
-    let keep = match copied {
-        Err(e) => Err(e),
-        Ok(()) => Ok(still_uploaded(u)),
-    };
-    match keep {
-        Ok(None) => {
-            rustix::fs::unlinkat(&c.dir, c.private.as_str(), AtFlags::empty()).map_err(io)?;
-            Ok(Outcome::Done)
-        }
-        other => {
-            let _ = rustix::fs::unlinkat(dest, &target, AtFlags::empty());
-            other.map(|why| Outcome::Kept(why.unwrap_or_default()))
-        }
     }
+    let dir = rustix::fs::openat(
+        dest,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    rustix::fs::fsync(&dir).map_err(io)?;
+    rustix::fs::unlinkat(&c.dir, c.private.as_str(), AtFlags::empty()).map_err(io)?;
+    Ok(Outcome::Done)
 }
 
 /// Copies `len` bytes of `from` (from its start) into `to`.
@@ -350,20 +514,21 @@ fn copy_to(from: &File, mut to: &File, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// After a crash: a file left under its private claim name (journal record
-/// `id`, path `rel` beneath `root`) is put back under its name, or beside a
-/// newer file of that name. Returns whether there was one.
-pub fn recover(root: &Path, rel: &Path, id: i64) -> std::io::Result<bool> {
+/// After a crash, or an action whose put-back failed: a file left under
+/// its private claim name `private` (path `rel` beneath `root`) is put back
+/// under its name, or beside a newer file of that name. Returns whether
+/// there was one.
+pub fn recover(root: &Path, rel: &Path, private: &str) -> std::io::Result<bool> {
     let Some(name) = rel.file_name() else {
         return Ok(false);
     };
     let dir = parent_beneath(root, rel)?;
-    let private = claim_name(id);
-    match rustix::fs::statat(&dir, private.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+    match rustix::fs::statat(&dir, private, AtFlags::SYMLINK_NOFOLLOW) {
         Err(Errno::NOENT) => Ok(false),
         Err(e) => Err(io(e)),
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => Ok(false),
         Ok(_) => {
-            put_back(dir.as_fd(), &private, name)?;
+            put_back(dir.as_fd(), private, name)?;
             Ok(true)
         }
     }
@@ -389,6 +554,10 @@ mod tests {
         v
     }
 
+    fn outcome(r: Report) -> Outcome {
+        r.result.unwrap()
+    }
+
     #[test]
     fn deletes_the_uploaded_version_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -397,16 +566,17 @@ mod tests {
         let p = root.join("sub/a.csv");
         let rel = Path::new("sub/a.csv");
         std::fs::write(&p, b"v1").unwrap();
-        let (file, version) = uploaded(&p);
+        let claim = claim_name(7);
         let u = |file, version| Uploaded {
             root,
             rel,
             file,
             version,
             lease: None,
-            id: 7,
+            claim: &claim,
         };
-        assert_eq!(delete(&u(&file, version)).unwrap(), Outcome::Done);
+        let (file, version) = uploaded(&p);
+        assert_eq!(outcome(delete(&u(&file, version))), Outcome::Done);
         assert!(!p.exists());
 
         // Renamed over by a new version: that one stays, under its name.
@@ -414,7 +584,7 @@ mod tests {
         let (file, version) = uploaded(&p);
         std::fs::write(root.join("sub/new"), b"v2").unwrap();
         std::fs::rename(root.join("sub/new"), &p).unwrap();
-        let out = delete(&u(&file, version)).unwrap();
+        let out = outcome(delete(&u(&file, version)));
         assert!(matches!(out, Outcome::Kept(_)), "{out:?}");
         assert_eq!(std::fs::read(&p).unwrap(), b"v2");
 
@@ -425,7 +595,7 @@ mod tests {
             .open(&p)
             .and_then(|mut w| std::io::Write::write_all(&mut w, b"+"))
             .unwrap();
-        let out = delete(&u(&file, version)).unwrap();
+        let out = outcome(delete(&u(&file, version)));
         assert!(matches!(out, Outcome::Kept(_)), "{out:?}");
         assert_eq!(std::fs::read(&p).unwrap(), b"v2+");
         assert_eq!(
@@ -461,19 +631,23 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), lease.broken())
             .await
             .unwrap();
-        let out = tokio::task::spawn_blocking(move || {
+        let report = tokio::task::spawn_blocking(move || {
             delete(&Uploaded {
                 root: &root,
                 rel: Path::new("f"),
                 file: &file,
                 version,
                 lease: Some(&lease),
-                id: 1,
+                claim: &claim_name(1),
             })
-            .unwrap()
         })
         .await
         .unwrap();
+        assert!(
+            report.restored_ctime.is_none(),
+            "a broken lease: no ctime to follow"
+        );
+        let out = outcome(report);
         assert!(matches!(out, Outcome::Kept(_)), "{out:?}");
         writer.join().unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"uploaded and more");
@@ -484,20 +658,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (root, sent) = (dir.path().join("out"), dir.path().join("sent"));
         std::fs::create_dir_all(root.join("d")).unwrap();
-        std::fs::create_dir_all(&sent).unwrap();
         let rel = Path::new("d/a.csv");
         for (i, body) in ["first", "second"].iter().enumerate() {
             std::fs::write(root.join(rel), body).unwrap();
             let (file, version) = uploaded(&root.join(rel));
+            let claim = claim_name(i as i64);
             let u = Uploaded {
                 root: &root,
                 rel,
                 file: &file,
                 version,
                 lease: None,
-                id: i as i64,
+                claim: &claim,
             };
-            assert_eq!(move_into(&u, &sent).unwrap(), Outcome::Done);
+            assert_eq!(outcome(move_into(&u, &sent)), Outcome::Done);
         }
         assert_eq!(names(&sent.join("d")), vec!["a.csv", "a.csv.1"]);
         assert_eq!(std::fs::read(sent.join("d/a.csv")).unwrap(), b"first");
@@ -511,28 +685,82 @@ mod tests {
         std::fs::create_dir_all(root.join("e")).unwrap();
         std::fs::write(root.join("e/b"), b"b").unwrap();
         let (file, version) = uploaded(&root.join("e/b"));
+        let claim = claim_name(9);
         let u = Uploaded {
             root: &root,
             rel: Path::new("e/b"),
             file: &file,
             version,
             lease: None,
-            id: 9,
+            claim: &claim,
         };
-        assert!(move_into(&u, &sent).is_err());
-        assert_eq!(std::fs::read(root.join("e/b")).unwrap(), b"b", "put back");
+        assert!(move_into(&u, &sent).result.is_err());
+        assert_eq!(std::fs::read(root.join("e/b")).unwrap(), b"b", "untouched");
         assert!(names(&outside).is_empty());
+    }
+
+    #[test]
+    fn a_copy_across_filesystems_is_named_only_once_complete() {
+        // /dev/shm is a tmpfs: another filesystem than the temp folder.
+        let Ok(sent) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("big"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(sent.path().join("big"), b"an older one").unwrap();
+        let (file, version) = uploaded(&root.join("big"));
+        let claim = claim_name(4);
+        let u = Uploaded {
+            root,
+            rel: Path::new("big"),
+            file: &file,
+            version,
+            lease: None,
+            claim: &claim,
+        };
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(root).unwrap().dev() == std::fs::metadata(sent.path()).unwrap().dev() {
+            eprintln!("skipped: /dev/shm is on the same filesystem");
+            return;
+        }
+        assert_eq!(outcome(move_into(&u, sent.path())), Outcome::Done);
+        assert_eq!(
+            names(sent.path()),
+            vec!["big", "big.1"],
+            "no temporary left"
+        );
+        assert_eq!(
+            std::fs::read(sent.path().join("big.1")).unwrap(),
+            vec![7u8; 3 << 20]
+        );
+        assert!(names(root).is_empty());
     }
 
     #[test]
     fn a_claim_left_by_a_crash_is_put_back() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        std::fs::write(root.join(claim_name(5)), b"claimed").unwrap();
+        let private = claim_name(5);
+        std::fs::write(root.join(&private), b"claimed").unwrap();
         std::fs::write(root.join("x"), b"a newer x").unwrap();
-        assert!(recover(root, Path::new("x"), 5).unwrap());
-        assert!(!recover(root, Path::new("x"), 5).unwrap(), "nothing left");
+        assert!(recover(root, Path::new("x"), &private).unwrap());
+        assert!(
+            !recover(root, Path::new("x"), &private).unwrap(),
+            "nothing left"
+        );
         assert_eq!(names(root), vec!["x", "x.putonly-kept-1"]);
+        // A name too long for the suffix goes beside it under a short one.
+        let long = "l".repeat(250);
+        std::fs::write(root.join(&private), b"claimed").unwrap();
+        std::fs::write(root.join(&long), b"newer").unwrap();
+        assert!(recover(root, Path::new(&long), &private).unwrap());
+        assert!(
+            names(root).iter().any(|n| n.starts_with("putonly-kept-1-")),
+            "{:?}",
+            names(root)
+        );
     }
 
     #[test]
@@ -542,15 +770,16 @@ mod tests {
         std::fs::write(outside.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("d")).unwrap();
         let (file, version) = uploaded(&outside.path().join("secret"));
+        let claim = claim_name(3);
         let u = Uploaded {
             root: dir.path(),
             rel: Path::new("d/secret"),
             file: &file,
             version,
             lease: None,
-            id: 3,
+            claim: &claim,
         };
-        assert!(delete(&u).is_err());
+        assert!(delete(&u).result.is_err());
         assert!(outside.path().join("secret").exists());
     }
 }

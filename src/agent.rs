@@ -31,7 +31,7 @@ use crate::after_upload::{self, Outcome};
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::files::{self, OpenError};
-use crate::journal::{FileVersion, Journal, JournalError, Resume, Seen, now};
+use crate::journal::{AgentLock, FileVersion, Journal, JournalError, Resume, Seen, now};
 use crate::keys::{KeyError, key_for};
 use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
@@ -71,6 +71,8 @@ struct Ctx {
     support: Arc<Support>,
     /// Files whose after-upload action failed, and when to try again.
     after_failures: Mutex<std::collections::HashMap<PathBuf, (Instant, u32)>>,
+    /// Journal records whose after-upload action runs now.
+    claims_running: Mutex<HashSet<i64>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -80,6 +82,8 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let mut int = signal(tokio::signal::unix::SignalKind::interrupt());
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
     let state = settings.require_agent()?.clone();
+    // One agent per state folder: held until the process ends.
+    let _lock = AgentLock::take(&state.dir)?;
     let journal = Arc::new(Journal::open(&state.dir)?);
     let health = Arc::new(Health::new(
         settings
@@ -115,7 +119,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         &sdk,
         credentials,
         &settings.bucket,
-        settings.upload.request_timeout,
+        &settings.upload,
     ));
     settings.upload.max_attempts = settings.upload.max_attempts.or(Some(10));
     let engine = Engine::new(bucket.clone(), settings.upload.clone());
@@ -123,7 +127,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
 
     // Which rule tells a finished file, per watch, and why; the SIGIO
     // handler is in place before the first lease is taken.
-    recover_claims(&journal, &settings.watches);
+    recover_claims(&journal, &settings.watches, &HashSet::new());
     let folders: Vec<&Path> = settings.watches.iter().map(|w| w.path.as_path()).collect();
     let support = Arc::new(Support::probe(&folders));
     log_rules(&support, &settings.watches);
@@ -155,13 +159,10 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         leases,
         support,
         after_failures: Mutex::new(std::collections::HashMap::new()),
+        claims_running: Mutex::new(HashSet::new()),
     });
-    let housekeeping = tokio::spawn(housekeeping(
-        journal.clone(),
-        bucket.clone(),
-        retention,
-        health,
-    ));
+    let housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
+    let maintenance = tokio::spawn(maintenance(ctx.clone(), retention));
 
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -203,6 +204,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         server.abort();
     }
     housekeeping.abort();
+    maintenance.abort();
     drop(ready_rx);
     let in_flight = tasks.len();
     if in_flight > 0 {
@@ -220,7 +222,9 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    let _ = journal.set_meta("agent_stopped_at", &now().to_string());
+    if let Err(e) = journal.set_meta("agent_stopped_at", &now().to_string()) {
+        tracing::warn!(error = %e, "journal: cannot record the stop");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -282,13 +286,8 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 }
 
 /// Heartbeat (journal and systemd watchdog), credential expiry, gauges and
-/// health; journal pruning.
-async fn housekeeping(
-    journal: Arc<Journal>,
-    bucket: Arc<WriteOnlyBucket>,
-    retention: Duration,
-    health: Arc<Health>,
-) {
+/// health. Nothing here may take long: the watchdog ping depends on it.
+async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, health: Arc<Health>) {
     // Twice per systemd watchdog period, and at least every 5 s.
     let period = sd_notify::watchdog_enabled()
         .map_or(Duration::from_secs(5), |w| {
@@ -297,7 +296,6 @@ async fn housekeeping(
         .max(Duration::from_millis(100));
     let mut beat = tokio::time::interval(period);
     let mut last_heartbeat = Instant::now() - Duration::from_secs(3600);
-    let mut last_prune = Instant::now() - Duration::from_secs(3600);
     loop {
         beat.tick().await;
         notify_systemd(&[sd_notify::NotifyState::Watchdog]);
@@ -310,39 +308,161 @@ async fn housekeeping(
             ::metrics::gauge!(m::CREDENTIALS_EXPIRY).set((exp - now()) as f64);
         }
         let j = journal.clone();
-        if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || j.backlog()).await {
-            ::metrics::gauge!(m::QUEUE_DEPTH).set(st.pending as f64);
-            ::metrics::gauge!(m::FAILED_FILES).set(st.failed as f64);
-            let oldest = st.oldest_pending.map_or(0, |o| (now() - o.since).max(0));
-            ::metrics::gauge!(m::OLDEST_PENDING).set(oldest as f64);
-            health.observe(st.pending, expiry);
+        match tokio::task::spawn_blocking(move || j.backlog()).await {
+            Ok(Ok(st)) => {
+                ::metrics::gauge!(m::QUEUE_DEPTH).set(st.pending as f64);
+                ::metrics::gauge!(m::FAILED_FILES).set(st.failed as f64);
+                let oldest = st.oldest_pending.map_or(0, |o| (now() - o.since).max(0));
+                ::metrics::gauge!(m::OLDEST_PENDING).set(oldest as f64);
+                health.observe(st.pending, expiry);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "journal: cannot read the backlog"),
+            Err(e) => tracing::warn!(error = %e, "journal: the backlog query failed"),
         }
         if last_heartbeat.elapsed() < Duration::from_secs(10) {
             continue;
         }
         last_heartbeat = Instant::now();
-        let _ = journal.set_meta("agent_heartbeat_at", &now().to_string());
-        if let Some(exp) = expiry {
-            let _ = journal.set_meta("credentials_expire_at", &exp.to_string());
-        }
-        if last_prune.elapsed() >= Duration::from_secs(3600) {
-            last_prune = Instant::now();
-            let before = now() - retention.as_secs() as i64;
-            let j = journal.clone();
-            let pruned = tokio::task::spawn_blocking(move || j.prune(before, still_there)).await;
-            match pruned {
-                Ok(Ok(n)) if n > 0 => tracing::info!(records = n, "pruned old journal records"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "pruning the journal failed"),
-                _ => {}
+        // Also how a journal that could not be written is noticed to be
+        // writable again.
+        let j = journal.clone();
+        let beat = tokio::task::spawn_blocking(move || {
+            j.set_meta("agent_heartbeat_at", &now().to_string())?;
+            if let Some(exp) = expiry {
+                j.set_meta("credentials_expire_at", &exp.to_string())?;
             }
+            Ok::<(), JournalError>(())
+        })
+        .await;
+        let result = match beat {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "journal: cannot write the heartbeat");
+        }
+        health.journal_write(result);
+    }
+}
+
+/// Records the journal needs no more, off the watchdog's path and in small
+/// batches: at start-up, pending records whose file is gone (deleted while
+/// the agent was down) are closed and their uploads aborted; every hour,
+/// old records are pruned.
+async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
+    const BATCH: usize = 500;
+    let mut after = 0;
+    loop {
+        let j = ctx.journal.clone();
+        let batch = match tokio::task::spawn_blocking(move || j.pending_after(after, BATCH)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "journal: cannot list pending records");
+                break;
+            }
+            Err(_) => break,
+        };
+        let Some(last) = batch.last().map(|b| b.0) else {
+            break;
+        };
+        after = last;
+        let watches = ctx.settings.watches.clone();
+        let closed: Vec<(PathBuf, &'static str)> = tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .filter_map(|(_, p, dev)| no_longer_work(&p, dev, &watches).map(|why| (p, why)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        for (path, why) in closed {
+            tracing::info!(path = ?path, reason = why, "a pending record is closed");
+            ctx.forget_gone(&path);
+        }
+    }
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        hourly.tick().await;
+        // Files a failed put-back left under a private name (not those of
+        // actions running now).
+        let (j, watches) = (ctx.journal.clone(), ctx.settings.watches.clone());
+        let running = ctx.running_claims().clone();
+        let _ = tokio::task::spawn_blocking(move || recover_claims(&j, &watches, &running)).await;
+        let before = now() - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let (mut after, mut removed) = (0, 0);
+        loop {
+            let j = ctx.journal.clone();
+            let batch = tokio::task::spawn_blocking(move || {
+                j.prune_batch(before, after, BATCH, still_there)
+            })
+            .await;
+            match batch {
+                Ok(Ok((next, n))) => {
+                    removed += n;
+                    match next {
+                        Some(id) => after = id,
+                        None => break,
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pruning the journal failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+            tokio::task::yield_now().await;
+        }
+        if removed > 0 {
+            tracing::info!(records = removed, "pruned old journal records");
         }
     }
 }
 
+/// Only "no such file" means gone: an unmounted share or a permission
+/// problem says nothing about the file.
+///
+/// And a share not mounted (yet) is not "no such file": the folder that
+/// does exist nearest to the path must be on the file's own device.
+fn is_gone(path: &Path, dev: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path
+            .ancestors()
+            .skip(1)
+            .find_map(|a| std::fs::symlink_metadata(a).ok())
+            .is_some_and(|m| m.dev() == dev),
+        _ => false,
+    }
+}
+
+/// Why a pending record names no work any more, if it does not: its file
+/// is gone, is no longer a regular file, or is no longer in any watch (the
+/// configuration changed).
+fn no_longer_work(path: &Path, dev: u64, watches: &[WatchSettings]) -> Option<&'static str> {
+    let in_a_watch = watches.iter().any(|w| {
+        path.strip_prefix(&w.path)
+            .is_ok_and(|rel| crate::watch::Filter::new(w).accepts(rel))
+    });
+    if !in_a_watch {
+        return Some("it is in no watched folder, or excluded, now");
+    }
+    if is_gone(path, dev) {
+        return Some("its file is gone");
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.is_file() => Some("it is no longer a regular file"),
+        _ => None,
+    }
+}
+
 /// Whether the file version a done record names is still on disk (its record
-/// must then stay, or the next scan would send it again).
+/// must then stay, or the next scan would send it again). When that cannot
+/// be told (any error but "no such file", or a share not mounted), it is.
 fn still_there(path: &Path, v: FileVersion) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && FileVersion::of(&m).is(&v))
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => m.is_file() && FileVersion::of(&m).is(&v),
+        Err(_) => !is_gone(path, v.dev),
+    }
 }
 
 /// The journal as the engine's checkpoint for one file version.
@@ -380,11 +500,64 @@ impl Checkpoint for JournalCheckpoint {
 
 impl Ctx {
     fn requeue(&self, path: PathBuf, after: Duration, writers: Writers) {
-        let _ = self.requeue.send(Requeue {
-            path,
-            not_before: Instant::now() + after,
-            writers,
-        });
+        // Fails only once the watcher has stopped, at shutdown.
+        if self
+            .requeue
+            .send(Requeue {
+                path,
+                not_before: Instant::now() + after,
+                writers,
+            })
+            .is_err()
+        {
+            tracing::debug!("the watcher has stopped; a file handed back waits for the next start");
+        }
+    }
+
+    /// The outcome of a journal write that nothing waits on: a failure is
+    /// logged and turns `/healthz` unhealthy until a write succeeds.
+    fn noted<T>(&self, what: &str, r: Result<T, JournalError>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                self.health.journal_write(Ok(()));
+                Some(v)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal: cannot record {what}");
+                self.health.journal_write(Err(e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Records the upload done, trying a few times (a busy or briefly full
+    /// disk): nothing may be deleted or moved before it is on record.
+    async fn record_done(&self, id: i64, etag: &str) -> bool {
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        for attempt in 1..=5 {
+            let j = self.journal.clone();
+            let etag = etag.to_string();
+            let r = tokio::task::spawn_blocking(move || j.done(id, &etag))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(JournalError::Folder {
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                });
+            match r {
+                Ok(()) => {
+                    self.health.journal_write(Ok(()));
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "journal: cannot record an upload done");
+                    self.health.journal_write(Err(e.to_string()));
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                }
+            }
+        }
+        false
     }
 
     async fn process(&self, cand: Candidate) {
@@ -439,9 +612,13 @@ impl Ctx {
             }
             Err(OpenError::Link) => {
                 tracing::info!(path = ?path, "a symbolic link is in its path; not followed, skipped");
+                self.forget_gone(path);
                 return None;
             }
-            Err(OpenError::NotAFile) => return None,
+            Err(OpenError::NotAFile) => {
+                self.forget_gone(path);
+                return None;
+            }
             Err(OpenError::Io(e)) if is_resource_shortage(&e) => {
                 // Out of descriptors or memory: the file is fine, try later.
                 tracing::warn!(path = ?path, error = %e, "cannot open the file now; will try again");
@@ -528,6 +705,7 @@ impl Ctx {
             }
             Err(e) => {
                 tracing::error!(error = %e, "journal unavailable; will try again");
+                self.health.journal_write(Err(e.to_string()));
                 self.requeue(cand.path.clone(), Duration::from_secs(10), cand.writers);
                 None
             }
@@ -539,7 +717,7 @@ impl Ctx {
     fn fail(&self, id: i64, reason_label: &'static str, reason: &str) {
         failure(reason_label);
         let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
-        let _ = self.journal.failed(id, reason, retry_at);
+        self.noted("a failure", self.journal.failed(id, reason, retry_at));
         tracing::error!(error = %reason, "not uploaded; marked failed (see putonly status)");
     }
 
@@ -563,9 +741,11 @@ impl Ctx {
             return;
         };
         let (id, attempts, resume) = match seen {
-            Seen::Done { id } => {
-                self.after_upload(watch, cand, id, file, lease, version)
-                    .await;
+            Seen::Done { id, keep } => {
+                if !keep {
+                    self.after_upload(watch, cand, id, file, lease, version)
+                        .await;
+                }
                 return;
             }
             Seen::Failed { .. } => return,
@@ -609,16 +789,18 @@ impl Ctx {
             // The lease is already released: the writer goes on at once.
             failure("writer");
             let reason = "a process opened it for writing during its upload; abandoned";
-            let _ = self.journal.attempt_failed(id, reason);
+            self.noted("an attempt", self.journal.attempt_failed(id, reason));
             tracing::info!(path = ?path, "a process opened it for writing during its upload; abandoned, it will be sent once finished");
             self.requeue(path.clone(), watch.settle, Writers::Writing);
             return;
         };
         match result {
             Ok(up) => {
-                if let Err(e) = self.journal.done(id, &up.etag) {
-                    // Uploaded but not recorded: it will be sent again (at least once).
-                    tracing::error!(path = ?path, error = %e, "uploaded, but the journal could not record it");
+                if !self.record_done(id, &up.etag).await {
+                    // Uploaded but not on record: it stays, and is sent
+                    // again once the journal can be written (at least once).
+                    tracing::error!(path = ?path, "uploaded, but the journal could not record it; it will be sent again");
+                    self.requeue(path.clone(), MAX_FILE_BACKOFF, cand.writers);
                     return;
                 }
                 ::metrics::counter!(m::FILES_UPLOADED).increment(1);
@@ -644,13 +826,19 @@ impl Ctx {
             }
             Err(e @ UploadError::Changed { .. }) => {
                 failure("changed");
-                let _ = self.journal.attempt_failed(id, &e.to_string());
+                self.noted(
+                    "an attempt",
+                    self.journal.attempt_failed(id, &e.to_string()),
+                );
                 tracing::info!(path = ?path, "changed during upload; will send it once it settles");
                 self.requeue(path.clone(), watch.settle, Writers::Writing);
             }
             Err(e) if e.is_transient() => {
                 failure("transient");
-                let _ = self.journal.attempt_failed(id, &e.to_string());
+                self.noted(
+                    "an attempt",
+                    self.journal.attempt_failed(id, &e.to_string()),
+                );
                 let delay = self.backoff.delay(attempts + 1);
                 tracing::warn!(path = ?path, error = %e, retry_in = ?delay, "upload failed; will retry");
                 self.requeue(path.clone(), delay, cand.writers);
@@ -670,6 +858,7 @@ impl Ctx {
 
     /// A file that is gone stops counting as work in the journal.
     fn forget_gone(&self, path: &Path) {
+        self.after_failures().remove(path);
         match self.journal.gone(path) {
             Ok(stale) => self.abort_all(stale),
             Err(e) => {
@@ -697,21 +886,40 @@ impl Ctx {
         if action == AfterUpload::Keep {
             return;
         }
-        let failures = || {
-            self.after_failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-        };
-        if failures()
+        if cand.rule == Rule::Weak && cand.writers == Writers::Unclosed {
+            // Taken without a close its writer was seen to make: sent, but
+            // never deleted or moved (the record says so from now on), in
+            // case that writer is still at it.
+            tracing::info!(path = ?cand.path, "uploaded; left in place for good (after_upload skipped): its writer was never seen to close it");
+            let j = self.journal.clone();
+            let kept = tokio::task::spawn_blocking(move || j.keep_file(id)).await;
+            if let Ok(r) = kept {
+                self.noted("that a file stays", r);
+            }
+            return;
+        }
+        if self
+            .after_failures()
             .get(&cand.path)
             .is_some_and(|(next, _)| Instant::now() < *next)
         {
             return; // failed lately: tried again after its backoff
         }
-        if let Err(e) = self.journal.claim(id) {
-            tracing::warn!(path = ?cand.path, error = %e, "uploaded; the after_upload action is left for later: the journal cannot record it");
-            return;
+        let claim = after_upload::claim_name(id);
+        // Recorded (with a full sync) before the rename; off the runtime.
+        let j = self.journal.clone();
+        let name = claim.clone();
+        let claimed = tokio::task::spawn_blocking(move || j.claim(id, &name)).await;
+        match claimed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(path = ?cand.path, error = %e, "uploaded; the after_upload action is left for later: the journal cannot record it");
+                self.health.journal_write(Err(e.to_string()));
+                return;
+            }
+            Err(_) => return,
         }
+        self.running_claims().insert(id);
         let (root, rel) = (watch.path.clone(), cand.rel.clone());
         let acted = tokio::task::spawn_blocking(move || {
             let u = after_upload::Uploaded {
@@ -720,91 +928,116 @@ impl Ctx {
                 file: &file,
                 version,
                 lease: lease.as_ref(),
-                id,
+                claim: &claim,
             };
-            let result = match &action {
-                AfterUpload::Keep => Ok(Outcome::Done),
+            match &action {
+                AfterUpload::Keep => after_upload::Report {
+                    result: Ok(Outcome::Done),
+                    restored_ctime: None,
+                    claim_left: false,
+                },
                 AfterUpload::Delete => after_upload::delete(&u),
                 AfterUpload::Move { to } => after_upload::move_into(&u, to),
-            };
-            // Renamed away and back, unchanged: only its ctime moved.
-            let now = file.metadata().map(|m| FileVersion::of(&m)).ok();
-            (result, now)
+            }
         })
         .await;
-        let (result, now) = match acted {
-            Ok(r) => r,
-            Err(e) => (
-                Err(std::io::Error::other(format!("worker task failed: {e}"))),
-                None,
-            ),
-        };
-        if let Some(now) = now.filter(|n| {
-            n.ctime_ns != version.ctime_ns
-                && FileVersion {
-                    ctime_ns: n.ctime_ns,
-                    ..version
-                } == *n
-        }) && !matches!(result, Ok(Outcome::Done))
-            && let Err(e) = self.journal.refresh_ctime(id, now.ctime_ns)
-        {
-            tracing::warn!(path = ?cand.path, error = %e, "journal: cannot follow the ctime of a file put back");
+        self.running_claims().remove(&id);
+        let report = acted.unwrap_or_else(|e| after_upload::Report {
+            result: Err(std::io::Error::other(format!("worker task failed: {e}"))),
+            restored_ctime: None,
+            claim_left: true,
+        });
+        // Renamed away and back unchanged: only its ctime moved, and the
+        // record follows so it is not sent again for that.
+        let claim_left = report.claim_left;
+        let j = self.journal.clone();
+        let ctime = report.restored_ctime;
+        let recorded = tokio::task::spawn_blocking(move || {
+            if let Some(ctime) = ctime {
+                j.refresh_ctime(id, ctime)?;
+            }
+            // The claim stays on record while the file is still under its
+            // private name: maintenance puts it back later.
+            if !claim_left {
+                j.unclaim(id)?;
+            }
+            Ok::<(), JournalError>(())
+        })
+        .await;
+        if let Ok(r) = recorded {
+            self.noted("the end of an after_upload action", r);
         }
-        match result {
+        match report.result {
             Ok(outcome) => {
-                failures().remove(&cand.path);
+                self.after_failures().remove(&cand.path);
                 if let Outcome::Kept(why) = outcome {
-                    tracing::info!(path = ?cand.path, reason = %why, "uploaded; left in place as a new version");
+                    tracing::info!(path = ?cand.path, reason = %why, "uploaded; left in place");
                 }
             }
             Err(e) => {
-                let mut failures = failures();
-                let n = failures.get(&cand.path).map_or(1, |(_, n)| n + 1);
+                let mut failures = self.after_failures();
+                let now = Instant::now();
+                // Old entries (files since deleted or renamed) go.
+                failures.retain(|_, (next, _)| *next + Duration::from_secs(86_400) > now);
+                let n = failures
+                    .get(&cand.path)
+                    .map_or(1, |(_, n)| n.saturating_add(1));
                 let wait = Duration::from_secs(60)
                     .saturating_mul(1 << (n - 1).min(6))
                     .min(Duration::from_secs(3600));
-                failures.insert(cand.path.clone(), (Instant::now() + wait, n));
-                tracing::warn!(path = ?cand.path, error = %e, retry_in = ?wait, "uploaded, but the after_upload action failed; the file stays in place");
-                return; // the claim stays: the next start puts the file back if needed
+                failures.insert(cand.path.clone(), (now + wait, n));
+                tracing::warn!(path = ?cand.path, error = %e, retry_in = ?wait, claim_left, "uploaded, but the after_upload action failed; the file stays");
             }
         }
-        if let Err(e) = self.journal.unclaim(id) {
-            tracing::warn!(path = ?cand.path, error = %e, "journal: cannot record that the after_upload action is over");
-        }
+    }
+
+    fn running_claims(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.claims_running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn after_failures(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<PathBuf, (Instant, u32)>> {
+        self.after_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Puts back, under their names, files a crash left under a private claim
-/// name in the middle of their after-upload action; the journal then
-/// decides again what to do with them.
-fn recover_claims(journal: &Journal, watches: &[WatchSettings]) {
-    let claims = match journal.claims() {
+/// Puts back, under their names, files left under a private claim name by
+/// an after-upload action that did not end (a crash, or a put-back that
+/// failed); the journal then decides again what to do with them. The
+/// claims of actions running now (`running`) are left alone.
+fn recover_claims(journal: &Journal, watches: &[WatchSettings], running: &HashSet<i64>) {
+    let claims = match journal.claims(i64::MAX) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "journal: cannot list unfinished after_upload actions");
             return;
         }
     };
-    for (id, watch_name, path) in claims {
-        let watch = watches
+    for claim in claims.into_iter().filter(|c| !running.contains(&c.id)) {
+        let path = &claim.path;
+        let found = watches
             .iter()
-            .find(|w| w.path.as_os_str() == std::ffi::OsStr::new(&watch_name));
-        let rel = watch.and_then(|w| path.strip_prefix(&w.path).ok());
-        let (Some(watch), Some(rel)) = (watch, rel) else {
-            tracing::warn!(path = ?path, private = %after_upload::claim_name(id), "an after_upload action was interrupted in a folder no longer watched; look for the file under its private name");
+            .find_map(|w| path.strip_prefix(&w.path).ok().map(|rel| (w, rel)));
+        let Some((watch, rel)) = found else {
+            tracing::warn!(path = ?path, private = %claim.name, "an after_upload action was interrupted in a folder no longer watched; look for the file under its private name");
             continue;
         };
-        match after_upload::recover(&watch.path, rel, id) {
+        match after_upload::recover(&watch.path, rel, &claim.name) {
             Ok(true) => {
-                tracing::info!(path = ?path, "put back a file an interrupted after_upload action had claimed")
+                tracing::info!(path = ?path, "put back a file an unfinished after_upload action had claimed")
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(path = ?path, error = %e, private = %after_upload::claim_name(id), "cannot put back a file an interrupted after_upload action had claimed");
+                tracing::warn!(path = ?path, error = %e, private = %claim.name, "cannot put back a file an unfinished after_upload action had claimed");
                 continue;
             }
         }
-        if let Err(e) = journal.unclaim(id) {
+        if let Err(e) = journal.unclaim(claim.id) {
             tracing::warn!(path = ?path, error = %e, "journal: cannot record a recovered claim");
         }
     }

@@ -600,6 +600,21 @@ fn check_watches(
                     "watch folders that do not contain each other",
                 ));
             }
+            // Moved files would be taken again by the other watch.
+            if let AfterUpload::Move { to } = &a.after_upload
+                && i != j
+                && (to.starts_with(&b.path) || b.path.starts_with(to))
+            {
+                return Err(ConfigError::invalid(
+                    &format!("watch[{i}].move_to"),
+                    format!(
+                        "{} and watch[{j}] ({}) contain one another",
+                        to.display(),
+                        b.path.display()
+                    ),
+                    "move uploaded files to a folder outside every watched folder",
+                ));
+            }
         }
         // Two watches whose prefixes are equal or nested can produce the
         // same key (a/x.csv under foo/ and x.csv under foo/a/); with
@@ -1241,6 +1256,15 @@ mod tests {
             (
                 "path = \"/srv/a\"\nprefix = \"foo/{hostname}\"\n[[watch]]\npath = \"/srv/b\"\nprefix = \"foo/{hostname}/\"\n",
                 "watch[1].prefix",
+            ),
+            // move_to inside another watch, or holding one.
+            (
+                "path = \"/srv/a\"\nprefix = \"foo/a\"\nafter_upload = \"move\"\nmove_to = \"/srv/b/sent\"\n[[watch]]\npath = \"/srv/b\"\nprefix = \"foo/b\"\n",
+                "watch[0].move_to: /srv/b/sent and watch[1] (/srv/b) contain one another",
+            ),
+            (
+                "path = \"/srv/a\"\nprefix = \"foo/a\"\nafter_upload = \"move\"\nmove_to = \"/srv\"\n[[watch]]\npath = \"/srv/b\"\nprefix = \"foo/b\"\n",
+                "watch[0].move_to",
             ),
         ] {
             let err = resolve(&format!("{AGENT}[[watch]]\n{watch}")).unwrap_err();

@@ -42,6 +42,10 @@ pub enum JournalError {
         source: std::io::Error,
     },
     #[error(
+        "state folder {path} is in use by another putonly agent ({holder}); one agent per state folder: stop that one, or give this one its own [state] dir"
+    )]
+    Locked { path: PathBuf, holder: String },
+    #[error(
         "journal {path} is damaged ({source}); move it aside with its -wal and -shm files and start again: every file still in the watched folders is then sent once more"
     )]
     Damaged {
@@ -75,6 +79,16 @@ fn sqlite_error(path: &Path, source: rusqlite::Error) -> JournalError {
     }
 }
 
+/// An after-upload action that was not seen to its end (see
+/// [`Journal::claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub id: i64,
+    pub path: PathBuf,
+    /// The private name the file may still have in its folder.
+    pub name: String,
+}
+
 /// A multipart upload that was started and may be continued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
@@ -87,8 +101,10 @@ pub struct Resume {
 /// What the journal knows of a file version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
-    /// In the bucket already (record `id`): nothing to send.
-    Done { id: i64 },
+    /// In the bucket already (record `id`): nothing to send. `keep`: it was
+    /// taken without a close its writer was seen to make, so it is never
+    /// deleted or moved.
+    Done { id: i64, keep: bool },
     /// Failed for good; not tried again before `retry_at` (unix seconds).
     Failed { retry_at: i64, reason: String },
     /// To be uploaded: record id, attempts so far, and any upload to resume.
@@ -133,6 +149,90 @@ pub struct LastError {
     pub state: String,
     pub error: String,
     pub at: i64,
+}
+
+/// The lock file in the state folder that one running agent holds.
+pub const LOCK_NAME: &str = "agent.lock";
+
+/// Held while an agent runs on a state folder: an exclusive `flock` on the
+/// folder itself (so deleting a file cannot undo it), released by the
+/// kernel when the process ends however it ends (kill -9 included), so it
+/// is never stale. [`LOCK_NAME`] in it says who holds it. `status` and
+/// `check` do not take it.
+#[derive(Debug)]
+pub struct AgentLock {
+    _folder: std::fs::File,
+    _file: std::fs::File,
+}
+
+impl AgentLock {
+    /// Takes the lock, or says who holds it (its pid, host and start time,
+    /// as that agent wrote them).
+    pub fn take(state_dir: &Path) -> Result<AgentLock, JournalError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = state_dir.join(LOCK_NAME);
+        let folder_err = |source| JournalError::Folder {
+            path: path.clone(),
+            source,
+        };
+        prepare_state_dir(state_dir).map_err(|source| JournalError::Folder {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let folder = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(state_dir)
+            .map_err(folder_err)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(folder_err)?;
+        match rustix::fs::flock(
+            &folder,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+                return Err(JournalError::Locked {
+                    path: state_dir.to_path_buf(),
+                    holder: if holder.is_empty() {
+                        "it is starting".into()
+                    } else {
+                        holder
+                    },
+                });
+            }
+            Err(e) => {
+                return Err(folder_err(std::io::Error::from_raw_os_error(
+                    e.raw_os_error(),
+                )));
+            }
+        }
+        let me = format!(
+            "pid {} on {} since {}\n",
+            std::process::id(),
+            crate::config::hostname(),
+            humantime::format_rfc3339_seconds(SystemTime::now())
+        );
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(me.as_bytes()))
+            .map_err(folder_err)?;
+        Ok(AgentLock {
+            _folder: folder,
+            _file: file,
+        })
+    }
 }
 
 /// Creates the state folder owner-only (0700); an existing one (made by
@@ -243,6 +343,8 @@ fn files_table(name: &str) -> String {
     done_at     INTEGER,
     retry_at    INTEGER,
     claimed_at  INTEGER,
+    claim_name  TEXT,
+    keep_file   INTEGER,
     UNIQUE (path, dev, ino, size, mtime_ns, ctime_ns, key)
 );"
     )
@@ -291,6 +393,16 @@ fn migrate_add_ctime(conn: &mut Connection) -> rusqlite::Result<()> {
         )?;
         if !has_claim {
             conn.execute_batch("ALTER TABLE files ADD COLUMN claimed_at INTEGER")?;
+        }
+        for (column, kind) in [("claim_name", "TEXT"), ("keep_file", "INTEGER")] {
+            let has: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = ?1",
+                [column],
+                |r| r.get(0),
+            )?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE files ADD COLUMN {column} {kind}"))?;
+            }
         }
         return Ok(());
     }
@@ -407,7 +519,7 @@ impl Journal {
             let tx = conn.transaction()?;
             let row = tx
                 .query_row(
-                    "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum
+                    "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum, keep_file
                      FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
                        AND mtime_ns = ?5 AND key = ?6 AND (ctime_ns = ?7 OR ctime_ns IS NULL)
                      ORDER BY ctime_ns IS NULL LIMIT 1",
@@ -422,6 +534,7 @@ impl Journal {
                             r.get::<_, Option<String>>(5)?,
                             r.get::<_, Option<i64>>(6)?,
                             r.get::<_, Option<String>>(7)?,
+                            r.get::<_, Option<i64>>(8)?.is_some_and(|k| k != 0),
                         ))
                     },
                 )
@@ -434,7 +547,7 @@ impl Journal {
                 )?;
             }
             let seen = match row {
-                Some((id, state, ..)) if state == "done" => Seen::Done { id },
+                Some((id, state, .., keep)) if state == "done" => Seen::Done { id, keep },
                 Some((_, state, _, retry_at, err, ..))
                     if state == "failed" && retry_at.unwrap_or(0) > t =>
                 {
@@ -443,7 +556,7 @@ impl Journal {
                         reason: err.unwrap_or_default(),
                     }
                 }
-                Some((id, _, attempts, _, _, upload_id, part_size, checksum)) => {
+                Some((id, _, attempts, _, _, upload_id, part_size, checksum, _)) => {
                     tx.execute(
                         "UPDATE files SET state = 'pending', updated_at = ?2 WHERE id = ?1",
                         params![id, t],
@@ -546,21 +659,37 @@ impl Journal {
     }
 
     /// Before an after-upload action renames the file to its private claim
-    /// name: a crash in the middle is repaired at the next start.
-    pub fn claim(&self, id: i64) -> Result<(), JournalError> {
+    /// name `name`: committed with a full sync (the rename may reach the
+    /// disk before a merely written WAL frame), so that a crash in the
+    /// middle, power loss included, is repaired at the next start.
+    pub fn claim(&self, id: i64, name: &str) -> Result<(), JournalError> {
         self.with(|conn| {
-            conn.execute(
-                "UPDATE files SET claimed_at = ?2 WHERE id = ?1",
-                params![id, now()],
-            )
-            .map(|_| ())
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let done = conn.execute(
+                "UPDATE files SET claimed_at = ?2, claim_name = ?3 WHERE id = ?1",
+                params![id, now(), name],
+            );
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            done.map(|_| ())
         })
     }
 
     /// The after-upload action is over (done, or the file put back).
     pub fn unclaim(&self, id: i64) -> Result<(), JournalError> {
         self.with(|conn| {
-            conn.execute("UPDATE files SET claimed_at = NULL WHERE id = ?1", [id])
+            conn.execute(
+                "UPDATE files SET claimed_at = NULL, claim_name = NULL WHERE id = ?1",
+                [id],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The file of this record stays where it is after its upload (its
+    /// writer was never seen to close it): no after-upload action, ever.
+    pub fn keep_file(&self, id: i64) -> Result<(), JournalError> {
+        self.with(|conn| {
+            conn.execute("UPDATE files SET keep_file = 1 WHERE id = ?1", [id])
                 .map(|_| ())
         })
     }
@@ -578,17 +707,20 @@ impl Journal {
         })
     }
 
-    /// Claims a crash left behind: (record id, watch, path).
-    pub fn claims(&self) -> Result<Vec<(i64, String, PathBuf)>, JournalError> {
+    /// Claims not released, made before `before` (unix seconds): record
+    /// id, path and private name.
+    pub fn claims(&self, before: i64) -> Result<Vec<Claim>, JournalError> {
         self.with(|conn| {
-            let mut q =
-                conn.prepare("SELECT id, watch, path FROM files WHERE claimed_at IS NOT NULL")?;
-            let rows = q.query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    PathBuf::from(std::ffi::OsStr::from_bytes(&r.get::<_, Vec<u8>>(2)?)),
-                ))
+            let mut q = conn.prepare(
+                "SELECT id, path, claim_name FROM files
+                 WHERE claimed_at IS NOT NULL AND claimed_at < ?1 AND claim_name IS NOT NULL",
+            )?;
+            let rows = q.query_map([before], |r| {
+                Ok(Claim {
+                    id: r.get(0)?,
+                    path: PathBuf::from(std::ffi::OsStr::from_bytes(&r.get::<_, Vec<u8>>(1)?)),
+                    name: r.get(2)?,
+                })
             })?;
             rows.collect()
         })
@@ -630,52 +762,87 @@ impl Journal {
         })
     }
 
-    /// Deletes records last changed before `before` (unix seconds): every
+    /// One batch of pruning, over the records with an id above `after`:
+    /// of those last changed before `before` (unix seconds), deletes every
     /// superseded one, and every done or failed one whose file version is
-    /// gone from disk (`still_there` says). A done record of a file that is
-    /// still there stays, or the next scan would send the file again; a
-    /// failed one stays in status while its file is there to be fixed.
-    pub fn prune(
+    /// gone from disk (`still_there` says, outside the journal's lock). A
+    /// done record of a file that is still there stays, or the next scan
+    /// would send the file again; a failed one stays in status while its
+    /// file is there to be fixed. Returns the id to continue after (None:
+    /// the pass is over) and how many records went. Batches keep the lock
+    /// short and the memory flat however big the journal.
+    pub fn prune_batch(
         &self,
         before: i64,
+        after: i64,
+        limit: usize,
         still_there: impl Fn(&Path, FileVersion) -> bool,
-    ) -> Result<usize, JournalError> {
-        let old: Vec<(i64, Vec<u8>, FileVersion)> = self.with(|conn| {
+    ) -> Result<(Option<i64>, usize), JournalError> {
+        type Row = (i64, String, Vec<u8>, FileVersion);
+        let rows: Vec<Row> = self.with(|conn| {
             let mut q = conn.prepare(
-                "SELECT id, path, dev, ino, size, mtime_ns, ctime_ns FROM files
-                 WHERE state IN ('done', 'failed') AND updated_at < ?1",
+                "SELECT id, state, path, dev, ino, size, mtime_ns, ctime_ns FROM files
+                 WHERE id > ?1 AND updated_at < ?2 AND state IN ('done', 'failed', 'superseded')
+                   AND claimed_at IS NULL
+                 ORDER BY id LIMIT ?3",
             )?;
-            let rows = q.query_map([before], |r| {
+            let rows = q.query_map(params![after, before, limit as i64], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
+                    r.get(2)?,
                     FileVersion {
-                        dev: r.get::<_, i64>(2)? as u64,
-                        ino: r.get::<_, i64>(3)? as u64,
-                        size: r.get::<_, i64>(4)? as u64,
-                        mtime_ns: r.get(5)?,
-                        ctime_ns: r.get::<_, Option<i64>>(6)?.unwrap_or(UNKNOWN_CTIME),
+                        dev: r.get::<_, i64>(3)? as u64,
+                        ino: r.get::<_, i64>(4)? as u64,
+                        size: r.get::<_, i64>(5)? as u64,
+                        mtime_ns: r.get(6)?,
+                        ctime_ns: r.get::<_, Option<i64>>(7)?.unwrap_or(UNKNOWN_CTIME),
                     },
                 ))
             })?;
             rows.collect()
         })?;
-        let gone: Vec<i64> = old
+        let next = (rows.len() == limit)
+            .then(|| rows.last().map(|r| r.0))
+            .flatten();
+        let gone: Vec<i64> = rows
             .into_iter()
-            .filter(|(_, p, v)| !still_there(Path::new(std::ffi::OsStr::from_bytes(p)), *v))
+            .filter(|(_, state, p, v)| {
+                state == "superseded" || !still_there(Path::new(std::ffi::OsStr::from_bytes(p)), *v)
+            })
             .map(|(id, ..)| id)
             .collect();
-        self.with(|conn| {
+        let removed = self.with(|conn| {
             let tx = conn.transaction()?;
-            let mut n = tx.execute(
-                "DELETE FROM files WHERE state = 'superseded' AND updated_at < ?1",
-                [before],
-            )?;
+            let mut n = 0;
             for id in &gone {
                 n += tx.execute("DELETE FROM files WHERE id = ?1", [id])?;
             }
             tx.commit()?;
             Ok(n)
+        })?;
+        Ok((next, removed))
+    }
+
+    /// Pending records with an id above `after`, at most `limit`: (id,
+    /// path, device of the file recorded).
+    pub fn pending_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, PathBuf, u64)>, JournalError> {
+        self.with(|conn| {
+            let mut q = conn.prepare(
+                "SELECT id, path, dev FROM files WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = q.query_map(params![after, limit as i64], |r| {
+                Ok((
+                    r.get(0)?,
+                    PathBuf::from(std::ffi::OsStr::from_bytes(&r.get::<_, Vec<u8>>(1)?)),
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            rows.collect()
         })
     }
 
@@ -877,7 +1044,7 @@ mod tests {
             j.observe("w", Path::new("/a"), v(10, 1), "foo/a")
                 .unwrap()
                 .0,
-            Seen::Done { id }
+            Seen::Done { id, keep: false }
         );
         assert!(matches!(
             j.observe("w", Path::new("/a"), v(11, 2), "foo/a")
@@ -1002,7 +1169,7 @@ mod tests {
         };
         assert_eq!(
             j.observe("w", Path::new("/a"), a, "foo/a").unwrap().0,
-            Seen::Done { id: 1 }
+            Seen::Done { id: 1, keep: false }
         );
         let rewritten = FileVersion { ctime_ns: 556, ..a };
         assert!(matches!(
@@ -1029,13 +1196,22 @@ mod tests {
             panic!("the upload in progress was lost")
         };
         assert_eq!((r.upload_id.as_str(), r.parts.len()), ("up-1", 1));
-        j.claim(1).unwrap();
+        j.keep_file(1).unwrap();
         assert_eq!(
-            j.claims().unwrap(),
-            vec![(1, "w".to_string(), PathBuf::from("/a"))]
+            j.observe("w", Path::new("/a"), a, "foo/a").unwrap().0,
+            Seen::Done { id: 1, keep: true },
+            "a file taken without its close stays for good"
         );
+        j.claim(1, ".putonly-claim-1-x").unwrap();
+        let claim = Claim {
+            id: 1,
+            path: PathBuf::from("/a"),
+            name: ".putonly-claim-1-x".into(),
+        };
+        assert_eq!(j.claims(now() + 1).unwrap(), vec![claim]);
+        assert!(j.claims(now() - 60).unwrap().is_empty(), "too recent");
         j.unclaim(1).unwrap();
-        assert!(j.claims().unwrap().is_empty());
+        assert!(j.claims(now() + 1).unwrap().is_empty());
         let fk: i64 = j
             .with(|c| {
                 c.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
@@ -1044,6 +1220,26 @@ mod tests {
             })
             .unwrap();
         assert_eq!(fk, 0, "foreign keys hold after the migration");
+    }
+
+    #[test]
+    fn one_agent_per_state_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = AgentLock::take(dir.path()).unwrap();
+        // flock locks belong to the open file: a second open is refused
+        // even in the same process, as another agent would be.
+        let err = AgentLock::take(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id()))
+                && msg.contains("one agent per state folder"),
+            "{msg}"
+        );
+        // Deleting the lock file does not let a second agent in.
+        std::fs::remove_file(dir.path().join(LOCK_NAME)).unwrap();
+        assert!(AgentLock::take(dir.path()).is_err());
+        drop(first);
+        AgentLock::take(dir.path()).unwrap();
     }
 
     #[test]
@@ -1073,14 +1269,28 @@ mod tests {
         let failed = upload("/f");
         j.failed(failed, "AccessDenied", i64::MAX).unwrap();
         let pending = upload("/p");
-        assert_eq!(j.prune(now() - 10, |_, _| false).unwrap(), 0);
-        assert_eq!(
-            j.prune(now() + 10, |_, _| true).unwrap(),
-            0,
-            "the files are still there"
-        );
-        assert_eq!(j.prune(now() + 10, |_, _| false).unwrap(), 2);
+        // A whole pass, batch by batch as the agent runs it.
+        let prune = |before: i64, limit: usize, there: bool| {
+            let (mut after, mut removed, mut batches) = (0, 0, 0);
+            loop {
+                let (next, n) = j.prune_batch(before, after, limit, |_, _| there).unwrap();
+                removed += n;
+                batches += 1;
+                match next {
+                    Some(id) => after = id,
+                    None => return (removed, batches),
+                }
+            }
+        };
+        assert_eq!(prune(now() - 10, 1, false).0, 0, "too recent");
+        assert_eq!(prune(now() + 10, 1, true).0, 0, "the files are still there");
+        assert_eq!(prune(now() + 10, 1, false), (2, 3), "one record a batch");
         let st = j.status().unwrap();
         assert_eq!((st.done, st.failed, st.pending), (0, 0, 1), "{pending}");
+        assert_eq!(
+            j.pending_after(0, 10).unwrap(),
+            vec![(pending, PathBuf::from("/p"), 1)]
+        );
+        assert!(j.pending_after(pending, 10).unwrap().is_empty());
     }
 }

@@ -45,6 +45,8 @@ pub struct Health {
     /// Unix seconds; 0 when no role credentials expire.
     credentials_expire: AtomicI64,
     unhealthy_after: Duration,
+    /// The last journal write that failed, until one succeeds again.
+    journal_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -55,7 +57,15 @@ impl Health {
             pending: AtomicU64::new(0),
             credentials_expire: AtomicI64::new(0),
             unhealthy_after,
+            journal_error: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The outcome of a journal write: a failure makes the agent unhealthy
+    /// until a write succeeds again.
+    pub fn journal_write(&self, result: Result<(), String>) {
+        let mut e = self.journal_error.lock().unwrap_or_else(|p| p.into_inner());
+        *e = result.err();
     }
 
     /// A file was uploaded.
@@ -76,6 +86,14 @@ impl Health {
     /// waiting while nothing succeeded for `unhealthy_after`.
     pub fn problems(&self, at: i64) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(e) = self
+            .journal_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            out.push(format!("the journal cannot be written: {e}"));
+        }
         let expire = self.credentials_expire.load(Ordering::Relaxed);
         if expire != 0 && expire <= at {
             out.push(format!(
@@ -230,5 +248,13 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(h.problems(t + 100).len(), 2, "expired and stalled");
+        h.journal_write(Err("disk full".into()));
+        assert!(
+            h.problems(t + 100)
+                .iter()
+                .any(|p| p.contains("journal cannot be written: disk full"))
+        );
+        h.journal_write(Ok(()));
+        assert_eq!(h.problems(t + 100).len(), 2);
     }
 }

@@ -34,13 +34,52 @@ use aws_types::SdkConfig;
 use bytes::Bytes;
 
 use crate::checksum::Crc;
-use crate::config::{BucketSettings, ChecksumKind, Sse};
+use crate::config::{BucketSettings, ChecksumKind, Sse, UploadSettings};
 use crate::credentials::{CredentialError, CredentialSource, error_chain, or_if_empty};
 use crate::keys::{KeyError, PrefixGuard};
 
 /// How long a request waits for valid credentials before it gives up (and
 /// the engine's retry rule decides whether to try again).
 const CREDENTIAL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The slowest link the deadlines allow for, in bytes a second for all
+/// requests together (unless `upload.bandwidth_limit` is lower): 1 Mbit/s.
+const SLOWEST_LINK: u64 = 128 * 1024;
+
+/// How long one request may take, from sending its first byte to having
+/// read the whole answer (body included): `upload.request_timeout`, plus
+/// the time its body needs on the slowest link allowed for (1 Mbit/s),
+/// shared by `concurrency` requests; a CompleteMultipartUpload, which S3
+/// may take minutes over for many parts, 0.1 s more per part. A big part
+/// on a slow link is not cut off, and an answer that stops or trickles
+/// after its headers is.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    base: Duration,
+    bytes_per_sec: u64,
+}
+
+impl Deadlines {
+    pub fn new(upload: &UploadSettings) -> Self {
+        let link = upload.bandwidth_limit.unwrap_or(u64::MAX).min(SLOWEST_LINK);
+        Deadlines {
+            base: upload.request_timeout,
+            bytes_per_sec: (link / upload.concurrency.max(1) as u64).max(1024),
+        }
+    }
+
+    /// The deadline of a request carrying `body` bytes.
+    pub fn for_body(&self, body: u64) -> Duration {
+        self.base
+            .saturating_add(Duration::from_secs(body / self.bytes_per_sec + 1))
+    }
+
+    /// The deadline of a CompleteMultipartUpload of `parts` parts.
+    pub fn for_complete(&self, parts: usize) -> Duration {
+        self.base
+            .saturating_add(Duration::from_millis(100).saturating_mul(parts as u32))
+    }
+}
 
 /// A part that the server accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +190,7 @@ pub struct WriteOnlyBucket {
     credentials: CredentialSource,
     options: BucketSettings,
     abort_denied_logged: AtomicBool,
+    deadlines: Deadlines,
 }
 
 impl WriteOnlyBucket {
@@ -162,7 +202,7 @@ impl WriteOnlyBucket {
         sdk: &SdkConfig,
         credentials: CredentialSource,
         bucket: &BucketSettings,
-        request_timeout: Duration,
+        upload: &UploadSettings,
     ) -> Self {
         let mut conf = aws_sdk_s3::config::Builder::from(sdk)
             .credentials_provider(credentials.provider())
@@ -170,10 +210,11 @@ impl WriteOnlyBucket {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(RetryConfig::disabled())
+            // Each request gets its own deadline (see Deadlines), answer
+            // body included; the SDK only bounds connecting.
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
-                    .read_timeout(request_timeout)
                     .build(),
             );
         if credentials.role().is_some() {
@@ -187,6 +228,7 @@ impl WriteOnlyBucket {
             credentials,
             options: bucket.clone(),
             abort_denied_logged: AtomicBool::new(false),
+            deadlines: Deadlines::new(upload),
         }
     }
 
@@ -196,7 +238,13 @@ impl WriteOnlyBucket {
 
     /// Checks the key, waits for credentials, sends; if the server rejects
     /// the session credentials, renews them once and sends again.
-    async fn send<T, F, Fut>(&self, key: &str, attempt: F) -> Result<T, S3Error>
+    async fn send<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        deadline: Duration,
+        attempt: F,
+    ) -> Result<T, S3Error>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
@@ -204,6 +252,20 @@ impl WriteOnlyBucket {
         self.guard.check(key)?;
         self.credentials.ready(CREDENTIAL_PATIENCE).await?;
         let generation = self.credentials.generation();
+        let attempt = || async {
+            tokio::time::timeout(deadline, attempt())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(S3Error::Transient {
+                        op,
+                        key: key.to_string(),
+                        detail: format!(
+                            "no whole answer within {}",
+                            humantime::format_duration(deadline)
+                        ),
+                    })
+                })
+        };
         match attempt().await {
             Err(S3Error::CredentialsRejected { .. }) if self.credentials.role().is_some() => {
                 self.credentials.rejected(generation).await;
@@ -279,7 +341,8 @@ fn algorithm(kind: ChecksumKind) -> ChecksumAlgorithm {
 
 impl ObjectWriter for WriteOnlyBucket {
     async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<String, S3Error> {
-        self.send(key, || async {
+        let deadline = self.deadlines.for_body(body.len() as u64);
+        self.send("PutObject", key, deadline, || async {
             let req = self
                 .client
                 .put_object()
@@ -300,26 +363,31 @@ impl ObjectWriter for WriteOnlyBucket {
     }
 
     async fn create_multipart(&self, key: &str, kind: ChecksumKind) -> Result<String, S3Error> {
-        self.send(key, || async {
-            let req = self
-                .client
-                .create_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .checksum_algorithm(algorithm(kind))
-                .checksum_type(ChecksumType::FullObject);
-            let out = with_object_options!(req, &self.options)
-                .send()
-                .await
-                .map_err(|e| classify("CreateMultipartUpload", key, e))?;
-            out.upload_id()
-                .map(str::to_string)
-                .ok_or_else(|| S3Error::Transient {
-                    op: "CreateMultipartUpload",
-                    key: key.to_string(),
-                    detail: "the answer held no upload id".into(),
-                })
-        })
+        self.send(
+            "CreateMultipartUpload",
+            key,
+            self.deadlines.for_body(0),
+            || async {
+                let req = self
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .checksum_algorithm(algorithm(kind))
+                    .checksum_type(ChecksumType::FullObject);
+                let out = with_object_options!(req, &self.options)
+                    .send()
+                    .await
+                    .map_err(|e| classify("CreateMultipartUpload", key, e))?;
+                out.upload_id()
+                    .map(str::to_string)
+                    .ok_or_else(|| S3Error::Transient {
+                        op: "CreateMultipartUpload",
+                        key: key.to_string(),
+                        detail: "the answer held no upload id".into(),
+                    })
+            },
+        )
         .await
     }
 
@@ -331,7 +399,8 @@ impl ObjectWriter for WriteOnlyBucket {
         body: Bytes,
         crc: Crc,
     ) -> Result<PartDone, S3Error> {
-        self.send(key, || async {
+        let deadline = self.deadlines.for_body(body.len() as u64);
+        self.send("UploadPart", key, deadline, || async {
             let req = self
                 .client
                 .upload_part()
@@ -371,7 +440,8 @@ impl ObjectWriter for WriteOnlyBucket {
         parts: &[PartDone],
         whole: Crc,
     ) -> Result<String, S3Error> {
-        self.send(key, || async {
+        let deadline = self.deadlines.for_complete(parts.len());
+        self.send("CompleteMultipartUpload", key, deadline, || async {
             let completed: Vec<CompletedPart> = parts
                 .iter()
                 .map(|p| {
@@ -412,17 +482,22 @@ impl ObjectWriter for WriteOnlyBucket {
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) {
         let result = self
-            .send(key, || async {
-                self.client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(upload_id)
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| classify("AbortMultipartUpload", key, e))
-            })
+            .send(
+                "AbortMultipartUpload",
+                key,
+                self.deadlines.for_body(0),
+                || async {
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(upload_id)
+                        .send()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify("AbortMultipartUpload", key, e))
+                },
+            )
             .await;
         match result {
             Ok(()) => tracing::debug!(key, upload_id, "aborted multipart upload"),

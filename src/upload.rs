@@ -578,14 +578,27 @@ impl<W: ObjectWriter> Engine<W> {
         }
         parts.sort_by_key(|p| p.number);
         let whole = Crc::combine(kind, parts.iter().map(|p| p.crc));
-        let etag = inner
+        let etag = match inner
             .retry(|| {
                 inner
                     .writer
                     .complete_multipart(&job.key, &upload_id, &parts, whole)
             })
             .await
-            .map_err(s3_err)?;
+        {
+            Ok(etag) => etag,
+            Err(e) => {
+                // Refused for good (InvalidPart, EntityTooSmall, ...): this
+                // upload id will never complete, so the next try starts
+                // afresh instead of sending the same Complete forever. (A
+                // lost upload, NoSuchUpload, is started over by the caller.)
+                if refuses_these_parts(&e) {
+                    inner.writer.abort_multipart(&job.key, &upload_id).await;
+                    checkpoint.forget().map_err(cp_err)?;
+                }
+                return Err(s3_err(e));
+            }
+        };
         Ok(Uploaded {
             key: job.key.clone(),
             size,
@@ -594,6 +607,15 @@ impl<W: ObjectWriter> Engine<W> {
             parts: count as u32,
         })
     }
+}
+
+/// Whether a CompleteMultipartUpload answer says this upload's parts will
+/// never make an object (so the upload is abandoned). An access denied or
+/// a KMS problem may be fixed meanwhile: the upload is kept for then.
+fn refuses_these_parts(e: &S3Error) -> bool {
+    matches!(e, S3Error::Rejected { code, .. }
+        if ["InvalidPart", "InvalidPartOrder", "EntityTooSmall", "MalformedXML", "InvalidDigest", "BadDigest"]
+            .contains(&code.as_str()))
 }
 
 fn closed(path: &Path) -> UploadError {
@@ -675,6 +697,8 @@ mod tests {
         objects: Mutex<Vec<(String, Vec<u8>, Crc)>>,
         fail_part_times: AtomicUsize,
         deny_parts: bool,
+        /// Refuse this many CompleteMultipartUpload with InvalidPart.
+        refuse_complete_times: AtomicUsize,
         in_flight: AtomicUsize,
         max_in_flight: AtomicUsize,
     }
@@ -747,6 +771,19 @@ mod tests {
             whole: Crc,
         ) -> Result<String, S3Error> {
             self.log(format!("complete {key}"));
+            if self
+                .refuse_complete_times
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(S3Error::Rejected {
+                    op: "CompleteMultipartUpload",
+                    key: key.into(),
+                    status: 400,
+                    code: "InvalidPart".into(),
+                    message: "One or more of the specified parts could not be found".into(),
+                });
+            }
             let numbers: Vec<i32> = parts.iter().map(|p| p.number).collect();
             assert_eq!(numbers, (1..=parts.len() as i32).collect::<Vec<_>>());
             let mut stored = self.parts.lock().unwrap().clone();
@@ -758,6 +795,8 @@ mod tests {
         }
         async fn abort_multipart(&self, key: &str, _: &str) {
             self.log(format!("abort {key}"));
+            // The server drops the parts of an aborted upload.
+            self.parts.lock().unwrap().clear();
         }
     }
 
@@ -991,6 +1030,45 @@ mod tests {
             !calls.contains(&"part 1".to_string()) && !calls.contains(&"part 2".to_string()),
             "{calls:?}"
         );
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+    }
+
+    #[tokio::test]
+    async fn a_complete_refused_for_good_forgets_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "ip", (5 * MIB * 2 + 3) as usize);
+        let fake = Arc::new(Fake {
+            refuse_complete_times: AtomicUsize::new(1),
+            ..Fake::default()
+        });
+        let engine = Engine::new(fake.clone(), settings());
+        let cp = Arc::new(MemoryCheckpoint::default());
+        let job = Job {
+            path,
+            key: "foo/ip".into(),
+            expected: None,
+            opened: None,
+        };
+        let err = engine
+            .upload_with(&job, no_progress(), cp.clone())
+            .await
+            .unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        assert!(cp.resume().is_none(), "the refused upload is forgotten");
+        assert_eq!(fake.calls.lock().unwrap().last().unwrap(), "abort foo/ip");
+        // The next try starts a new upload rather than completing the old one.
+        engine
+            .upload_with(&job, no_progress(), cp.clone())
+            .await
+            .unwrap();
+        let creates = fake
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("create"))
+            .count();
+        assert_eq!(creates, 2);
         assert_eq!(fake.objects.lock().unwrap()[0].1, data);
     }
 

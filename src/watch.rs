@@ -35,6 +35,7 @@ use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
+use crate::after_upload::CLAIM_PREFIX;
 use crate::config::WatchSettings;
 use crate::journal::FileVersion;
 pub use crate::writers::{Rule, Writers};
@@ -48,6 +49,10 @@ const ROOT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// the scan then pauses until the agent has taken half of them.
 pub const SCAN_READY_HIGH: usize = 4096;
 const SCAN_READY_LOW: usize = SCAN_READY_HIGH / 2;
+
+/// At most this many finished files wait to be handed to the agent; files
+/// judged beyond that stay tracked while they settle and are judged again.
+pub const READY_MAX: usize = SCAN_READY_HIGH * 2;
 
 /// At most this many files are tracked while they settle. News of further
 /// new files is dropped, and once half of them are handed over a rescan
@@ -292,7 +297,7 @@ impl Watch {
         match (rule, writers) {
             (Rule::Lease, _) | (Rule::Weak, Writers::Closed) => Some(settle),
             (Rule::Weak, Writers::Writing) => None,
-            (Rule::Weak, Writers::Unknown) => Some(weak_scan_quiet(settle)),
+            (Rule::Weak, Writers::Unknown | Writers::Unclosed) => Some(weak_scan_quiet(settle)),
         }
     }
 
@@ -309,10 +314,25 @@ impl Watch {
                 .rescan_interval
                 .max(weak_scan_quiet(settle).saturating_mul(10));
             if p.writers == Writers::Writing && now.duration_since(p.stable_since) >= stall {
-                tracing::warn!(path = ?path, quiet_for = ?stall, "seen being written, but no close came; judged as a file of unknown history from now on");
-                p.writers = Writers::Unknown;
+                tracing::warn!(path = ?path, quiet_for = ?stall, "seen being written, but no close came; judged as a file of unknown history from now on (it will be sent but not deleted or moved)");
+                p.writers = Writers::Unclosed;
             }
         }
+    }
+
+    /// For a path that is no longer a regular file: if the agent handed it
+    /// back, it holds a record of it, and this candidate (with no version)
+    /// has it closed.
+    fn gone(&self, path: &Path, p: &Pending) -> Option<Candidate> {
+        let (watch, rel) = self.locate(path).filter(|_| p.requeued)?;
+        Some(Candidate {
+            watch,
+            path: path.to_path_buf(),
+            rel,
+            version: None,
+            writers: p.writers,
+            rule: Rule::Weak,
+        })
     }
 
     /// A file handed back by the agent. News the watcher had of it since
@@ -531,7 +551,12 @@ impl Watch {
                 }
             }
             Intake::Removed(path) => {
-                st.waiting.remove(&path);
+                // A file the agent handed back (a retry waiting out its
+                // backoff) has a pending record: the agent must hear that
+                // it is gone, to close it and abort its upload.
+                if let Some(c) = st.waiting.remove(&path).and_then(|p| self.gone(&path, &p)) {
+                    st.make_ready(c);
+                }
             }
             Intake::Changed { path, change } => {
                 let Some((watch, rel)) = self.locate(&path) else {
@@ -573,7 +598,11 @@ impl Watch {
         let mut writers: Option<HashSet<(u64, u64)>> = None;
         let mut done: Vec<PathBuf> = Vec::new();
         let mut ready: Vec<Candidate> = Vec::new();
+        let room = READY_MAX.saturating_sub(st.ready.len());
         for (path, p) in st.waiting.iter_mut() {
+            if ready.len() >= room {
+                break; // the rest stay tracked and are judged at a later tick
+            }
             if p.not_before > now {
                 continue;
             }
@@ -584,24 +613,16 @@ impl Watch {
                     if m.file_type().is_symlink() {
                         tracing::info!(path = ?path, "symbolic link; not followed, skipped");
                     }
-                    done.push(path.clone()); // a folder, FIFO, socket or device
+                    // A folder, FIFO, socket or device now.
+                    ready.extend(self.gone(path, p));
+                    done.push(path.clone());
                     continue;
                 }
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
-                    } else if p.requeued
-                        && let Some((watch, rel)) = self.locate(path)
-                    {
-                        // The agent closes its record of a file that is gone.
-                        ready.push(Candidate {
-                            watch,
-                            path: path.clone(),
-                            rel,
-                            version: None,
-                            writers: p.writers,
-                            rule: Rule::Weak,
-                        });
+                    } else {
+                        ready.extend(self.gone(path, p));
                     }
                     done.push(path.clone());
                     continue;
@@ -614,7 +635,10 @@ impl Watch {
                 // First look, or it changed: stable from now on. A file of
                 // unknown history is stable since it last changed.
                 p.stable_since = match quiet {
-                    Some(q) if p.last.is_none() && p.writers == Writers::Unknown => {
+                    Some(q)
+                        if p.last.is_none()
+                            && matches!(p.writers, Writers::Unknown | Writers::Unclosed) =>
+                    {
                         now.checked_sub(untouched(&v).min(q)).unwrap_or(now)
                     }
                     _ => now,
@@ -725,10 +749,30 @@ fn classify(event: notify::Event) -> Vec<Intake> {
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
             let mut out = Vec::new();
             let mut it = paths.into_iter();
-            if let Some(from) = it.next() {
-                out.push(Intake::Removed(from));
+            let from = it.next();
+            let to: Vec<PathBuf> = it.collect();
+            let claimed = |p: &Path| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(CLAIM_PREFIX))
+            };
+            match from {
+                // The agent claims a file for its after-upload action: what
+                // is known of the name stays until the action is over.
+                Some(_) if to.iter().any(|t| claimed(t)) => {}
+                // The agent puts a claimed file back: that says nothing of
+                // its writers (a close it was not).
+                Some(from) if claimed(&from) => {
+                    out.extend(to.into_iter().map(|path| Intake::Changed {
+                        path,
+                        change: Change::Touched,
+                    }));
+                }
+                Some(from) => {
+                    out.push(Intake::Removed(from));
+                    out.extend(to.into_iter().map(renamed_in));
+                }
+                None => out.extend(to.into_iter().map(renamed_in)),
             }
-            out.extend(it.map(renamed_in));
             out
         }
         EventKind::Modify(ModifyKind::Name(_)) => paths.into_iter().map(renamed_in).collect(),
@@ -977,6 +1021,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn finished_files_waiting_for_the_agent_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher_of(dir.path());
+        let mut st = State::default();
+        let n = READY_MAX + 500;
+        for i in 0..n {
+            let path = dir.path().join(format!("f{i}"));
+            std::fs::write(&path, b"x").unwrap();
+            let change = Change::Closed;
+            w.intake(Intake::Changed { path, change }, &mut st);
+        }
+        // First look, then quiet for settle (100 ms).
+        w.settle(&mut st);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        w.settle(&mut st);
+        assert_eq!(st.ready.len(), READY_MAX, "no more than READY_MAX wait");
+        assert_eq!(st.waiting.len(), 500, "the rest stay tracked");
+        // As the agent takes them, the rest follow.
+        st.ready.clear();
+        st.queued.clear();
+        w.settle(&mut st);
+        assert_eq!((st.ready.len(), st.waiting.len()), (500, 0));
+    }
+
+    #[tokio::test]
+    async fn a_handed_back_file_removed_during_its_backoff_is_reported_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher_of(dir.path());
+        let mut st = State::default();
+        let path = dir.path().join("retrying");
+        w.requeued(
+            Requeue {
+                path: path.clone(),
+                not_before: Instant::now() + Duration::from_secs(300),
+                writers: Writers::Closed,
+            },
+            &mut st,
+        );
+        w.intake(Intake::Removed(path.clone()), &mut st);
+        let c = st.ready.pop_front().expect("handed over as gone");
+        assert_eq!((c.path, c.version), (path, None));
+        // A file it never handed back is just forgotten.
+        w.intake(Intake::Removed(dir.path().join("other")), &mut st);
+        assert!(st.ready.is_empty());
+    }
+
+    #[tokio::test]
     async fn what_events_said_of_writers_survives_touches_requeues_and_overflows() {
         let dir = tempfile::tempdir().unwrap();
         let w = watcher_of(dir.path());
@@ -1029,9 +1120,11 @@ mod tests {
         w.unstick(&mut st, Instant::now());
         assert_eq!(writers(&st, "new"), Writers::Writing, "not after a moment");
         let later = Instant::now() + Duration::from_secs(7200);
-        st.waiting.get_mut(&at("c")).unwrap().stable_since = later;
+        for name in ["b", "c"] {
+            st.waiting.get_mut(&at(name)).unwrap().stable_since = later;
+        }
         w.unstick(&mut st, later);
-        assert_eq!(writers(&st, "new"), Writers::Unknown);
+        assert_eq!(writers(&st, "new"), Writers::Unclosed);
         assert_eq!(writers(&st, "c"), Writers::Writing, "c had news lately");
 
         // Lost events may have held a close: what was "being written" is

@@ -41,6 +41,10 @@ pub enum Writers {
     Writing,
     /// Closed after writing, or renamed into the folder, since the last write.
     Closed,
+    /// Seen being written, and no close came for a long time: judged as a
+    /// file of unknown history, but never deleted or moved after its upload
+    /// (its writer may still hold it).
+    Unclosed,
 }
 
 /// For which files of a watch a lease can be had.
@@ -128,16 +132,22 @@ impl Support {
         if let Some(mode) = &self.fixed {
             return mode.clone();
         }
-        let mut devices = self.devices();
-        devices
+        if let Some(s) = self.devices().get(&meta.dev()) {
+            return s.mode.clone();
+        }
+        // Probed without the lock (a hung network mount must not stall
+        // every other judgement), on the file itself as opened, not through
+        // its path again: if it is not the file `meta` describes, nothing
+        // is learnt and this one file gets the weaker rule.
+        let Some((mode, why)) = probe_file(path, meta.dev(), &self.caps) else {
+            return Mode::NoLease;
+        };
+        if mode != Mode::AnyFile {
+            tracing::warn!(path = ?path, %why, "a filesystem below a watch gets the weaker finished-file rule");
+        }
+        self.devices()
             .entry(meta.dev())
-            .or_insert_with(|| {
-                let (mode, why) = probe_folder(path, &self.caps);
-                if mode != Mode::AnyFile {
-                    tracing::warn!(path = ?path, %why, "a filesystem below a watch gets the weaker finished-file rule");
-                }
-                DeviceSupport { mode, why }
-            })
+            .or_insert(DeviceSupport { mode, why })
             .mode
             .clone()
     }
@@ -177,6 +187,19 @@ impl Support {
         };
         let (mode, why) = match (error.raw_os_error(), &s.mode) {
             (_, Mode::NoLease) => return false,
+            // Not a property of the filesystem (out of memory, ...).
+            (Some(e), _)
+                if ![
+                    libc::EACCES,
+                    libc::EINVAL,
+                    libc::ENOLCK,
+                    libc::EOPNOTSUPP,
+                    libc::ENOSYS,
+                ]
+                .contains(&e) =>
+            {
+                return false;
+            }
             (Some(libc::EACCES), Mode::AnyFile) => (
                 Mode::OwnFiles {
                     uid: self.caps.euid,
@@ -268,14 +291,39 @@ fn leaseless_filesystem(f_type: i64) -> Option<&'static str> {
     })
 }
 
+/// Probes the filesystem of the file at `path`, opened without following
+/// a final link and checked to be on device `dev`; `None` if it is not.
+fn probe_file(path: &Path, dev: u64, caps: &Capabilities) -> Option<(Mode, String)> {
+    use rustix::fs::{Mode as FsMode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    if st.st_dev != dev {
+        return None;
+    }
+    Some(probe_statfs(rustix::fs::fstatfs(&fd), path, caps))
+}
+
 fn probe_folder(folder: &Path, caps: &Capabilities) -> (Mode, String) {
+    probe_statfs(rustix::fs::statfs(folder), folder, caps)
+}
+
+fn probe_statfs(
+    statfs: rustix::io::Result<rustix::fs::StatFs>,
+    folder: &Path,
+    caps: &Capabilities,
+) -> (Mode, String) {
     if std::fs::read_to_string("/proc/sys/fs/leases-enable").is_ok_and(|s| s.trim() == "0") {
         return (
             Mode::NoLease,
             "the sysctl fs.leases-enable is 0".to_string(),
         );
     }
-    match rustix::fs::statfs(folder) {
+    match statfs {
         Ok(st) => {
             // f_type's type differs between architectures.
             #[allow(clippy::unnecessary_cast)]

@@ -173,12 +173,7 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
         );
         return;
     }
-    let bucket = WriteOnlyBucket::new(
-        &sdk,
-        credentials,
-        &settings.bucket,
-        settings.upload.request_timeout,
-    );
+    let bucket = WriteOnlyBucket::new(&sdk, credentials, &settings.bucket, &settings.upload);
     let host = crate::config::hostname();
     let stamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -490,6 +490,10 @@ async fn run_agent(args: RunArgs) -> ExitCode {
             report_error(&e);
             ExitCode::from(EXIT_USAGE)
         }
+        Err(e @ crate::agent::AgentError::Journal(crate::journal::JournalError::Locked { .. })) => {
+            report_error(&e);
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(e) => {
             report_error(&e);
             ExitCode::from(EXIT_FAILED)

@@ -243,7 +243,7 @@ async fn send(
         &sdk,
         credentials,
         &settings.bucket,
-        settings.upload.request_timeout,
+        &settings.upload,
     ));
     let engine = Engine::new(bucket, settings.upload.clone());
     out.begin(&jobs);

@@ -688,7 +688,7 @@ async fn run_and_status_refuse_a_bad_configuration_with_exit_2() {
 }
 
 /// A plain HTTP/1.0 GET: (status, body).
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream
@@ -710,7 +710,7 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
 }
 
 /// The value of an unlabelled metric (or 0 when absent).
-fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())

@@ -6,6 +6,7 @@ mod check;
 mod faults;
 mod garage;
 mod hostile;
+mod longrun;
 mod packaging;
 mod policy;
 mod push;

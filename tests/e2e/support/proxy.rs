@@ -110,6 +110,44 @@ struct State {
     hang: Mutex<Option<(String, Instant, Duration)>>,
     /// Upload ids the server completed or aborted.
     finished_uploads: Mutex<std::collections::HashSet<String>>,
+    /// Request bodies (all together) go through at this many bytes a
+    /// second: a slow link.
+    link: Mutex<Option<Pacer>>,
+    /// The next this many answers of this operation send their headers and
+    /// then a byte every half second, never ending.
+    stall_body: Mutex<Option<(String, usize)>>,
+}
+
+/// Paces bytes at a rate shared by every request.
+#[derive(Clone)]
+struct Pacer {
+    bytes_per_sec: u64,
+    next: Arc<Mutex<Instant>>,
+}
+
+impl Pacer {
+    /// Waits until `n` more bytes may pass.
+    async fn take(&self, n: usize) {
+        let until = {
+            let mut next = self.next.lock().unwrap();
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+            *next
+        };
+        tokio::time::sleep_until(until.into()).await;
+    }
+}
+
+/// The proxy's record, readable from anywhere (see [`Proxy::log`]).
+#[derive(Clone)]
+pub struct Log {
+    state: Arc<State>,
+}
+
+impl Log {
+    pub fn records(&self) -> Vec<Record> {
+        self.state.log.lock().unwrap().clone()
+    }
 }
 
 pub struct Proxy {
@@ -173,6 +211,13 @@ impl Proxy {
         self.state.log.lock().unwrap().clone()
     }
 
+    /// A handle on the record that tasks of their own can keep.
+    pub fn log(&self) -> Log {
+        Log {
+            state: self.state.clone(),
+        }
+    }
+
     /// Requests for the S3 bucket (not STS).
     pub fn s3_records(&self) -> Vec<Record> {
         self.records()
@@ -233,6 +278,22 @@ impl Proxy {
     /// before forwarding it (the client's deadline is what gets it out).
     pub fn hang_for(&self, op: &str, window: Duration, hold: Duration) {
         *self.state.hang.lock().unwrap() = Some((op.to_string(), Instant::now() + window, hold));
+    }
+
+    /// Request bodies, all together, pass at `bytes_per_sec` from now on
+    /// (`None`: at full speed again).
+    pub fn throttle(&self, bytes_per_sec: Option<u64>) {
+        *self.state.link.lock().unwrap() = bytes_per_sec.map(|b| Pacer {
+            bytes_per_sec: b,
+            next: Arc::new(Mutex::new(Instant::now())),
+        });
+    }
+
+    /// The next `count` answers of `op` (forwarded, so the server did the
+    /// work) send their headers and then a byte every half second, never
+    /// ending: too slow to finish, fast enough not to look stalled.
+    pub fn stall_answer_body(&self, op: &str, count: usize) {
+        *self.state.stall_body.lock().unwrap() = Some((op.to_string(), count));
     }
 
     /// Stops injecting random faults.
@@ -313,7 +374,23 @@ async fn handle(
             .map(str::to_string);
         (full(bytes), action)
     } else {
-        (body.boxed(), None)
+        let pacer = state.link.lock().unwrap().clone();
+        match pacer {
+            None => (body.boxed(), None),
+            Some(pacer) => {
+                let paced =
+                    futures::stream::unfold((body, pacer), |(mut body, pacer)| async move {
+                        let frame = body.frame().await?;
+                        if let Ok(f) = &frame
+                            && let Some(data) = f.data_ref()
+                        {
+                            pacer.take(data.len()).await;
+                        }
+                        Some((frame, (body, pacer)))
+                    });
+                (http_body_util::StreamBody::new(paced).boxed(), None)
+            }
+        }
     };
     let (bucket, key) = split_path(&path);
     let op = match &action {
@@ -485,6 +562,34 @@ async fn handle(
     } else {
         rbody.boxed()
     };
+    let stall = {
+        let mut stall = state.stall_body.lock().unwrap();
+        match stall.as_mut() {
+            Some((o, n)) if *o == op && *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    };
+    if stall {
+        record.injected = true;
+        state.log.lock().unwrap().push(record);
+        // The headers go out; the body trickles and never ends.
+        let mut rparts = rparts;
+        rparts.headers.remove(hyper::header::CONTENT_LENGTH);
+        let trickle = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Some((
+                Ok::<_, hyper::Error>(hyper::body::Frame::data(Bytes::from_static(b" "))),
+                (),
+            ))
+        });
+        return Ok(Response::from_parts(
+            rparts,
+            http_body_util::StreamBody::new(trickle).boxed(),
+        ));
+    }
     state.log.lock().unwrap().push(record);
     if let Some(d) = delay {
         // The server has answered; the client hears it too late, if at all.
