@@ -1078,3 +1078,38 @@ fn permanent_reason(e: &UploadError) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn only_no_such_file_on_its_own_filesystem_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = std::fs::metadata(dir.path()).unwrap().dev();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(!is_gone(&file, dev), "there");
+        std::fs::remove_file(&file).unwrap();
+        assert!(is_gone(&file, dev), "deleted");
+        assert!(
+            is_gone(&dir.path().join("sub/deeper/f"), dev),
+            "its folder too"
+        );
+        // A share not mounted: the folder that exists is another filesystem.
+        assert!(!is_gone(&file, dev.wrapping_add(1)), "not mounted");
+        // Not "no such file": a file where a folder should be.
+        std::fs::write(dir.path().join("plain"), b"x").unwrap();
+        assert!(!is_gone(&dir.path().join("plain/f"), dev));
+        // still_there keeps a record when it cannot tell.
+        let v = FileVersion {
+            dev: dev.wrapping_add(1),
+            ino: 1,
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+        };
+        assert!(still_there(&file, v), "cannot tell: kept");
+    }
+}
