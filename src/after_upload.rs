@@ -186,11 +186,19 @@ fn writable(dir: &OwnedFd) -> std::io::Result<()> {
     rustix::fs::unlinkat(dir, probe.as_str(), AtFlags::empty()).map_err(io)
 }
 
-/// `name` with a numeric suffix: `a.csv`, `a.csv.1`, `a.csv.2`, ...
+/// Names tried for a file in `move_to`: `a.csv`, then `a.csv.1` to
+/// `a.csv.99`, then random ones (`a.csv.3f9a0c1e`): a name produced every
+/// minute for years still finds a free one at once.
+const NUMBERED: usize = 100;
+const TRIES: usize = NUMBERED + 100;
+
+/// The `n`th name tried for `name` (see [`NUMBERED`]).
 fn numbered(name: &OsStr, n: usize) -> OsString {
     let mut s = name.to_os_string();
-    if n > 0 {
-        s.push(format!(".{n}"));
+    match n {
+        0 => {}
+        n if n < NUMBERED => s.push(format!(".{n}")),
+        _ => s.push(format!(".{:08x}", fastrand::u32(..))),
     }
     s
 }
@@ -404,7 +412,7 @@ pub fn move_into(u: &Uploaded<'_>, to: &Path) -> Report {
 }
 
 fn move_claimed(u: &Uploaded<'_>, c: &Claimed, dest: &OwnedFd) -> std::io::Result<Outcome> {
-    for n in 0..1000 {
+    for n in 0..TRIES {
         let target = numbered(&c.name, n);
         match rename_noreplace(c.dir.as_fd(), OsStr::new(&c.private), dest.as_fd(), &target) {
             Ok(()) => return Ok(Outcome::Done),
@@ -422,7 +430,7 @@ fn move_claimed(u: &Uploaded<'_>, c: &Claimed, dest: &OwnedFd) -> std::io::Resul
             Err(e) => return Err(io(e)),
         }
     }
-    Err(std::io::Error::other("1000 names taken in move_to"))
+    Err(std::io::Error::other("no free name in move_to"))
 }
 
 /// Across filesystems: the uploaded bytes are copied from the open file
@@ -456,7 +464,7 @@ fn copy_across(u: &Uploaded<'_>, c: &Claimed, dest: &OwnedFd) -> std::io::Result
         return Ok(Outcome::Kept(why));
     }
     let mut named = false;
-    for n in 0..1000 {
+    for n in 0..TRIES {
         let target = numbered(&c.name, n);
         match rename_noreplace(dest.as_fd(), OsStr::new(&temp), dest.as_fd(), &target) {
             Ok(()) => {
@@ -483,7 +491,7 @@ fn copy_across(u: &Uploaded<'_>, c: &Claimed, dest: &OwnedFd) -> std::io::Result
     }
     if !named {
         remove_temp();
-        return Err(std::io::Error::other("1000 names taken in move_to"));
+        return Err(std::io::Error::other("no free name in move_to"));
     }
     let dir = rustix::fs::openat(
         dest,
@@ -697,6 +705,29 @@ mod tests {
         assert!(move_into(&u, &sent).result.is_err());
         assert_eq!(std::fs::read(root.join("e/b")).unwrap(), b"b", "untouched");
         assert!(names(&outside).is_empty());
+    }
+
+    #[test]
+    fn a_name_moved_again_and_again_always_finds_a_free_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, sent) = (dir.path().join("out"), dir.path().join("sent"));
+        std::fs::create_dir_all(&root).unwrap();
+        let n = NUMBERED + 50;
+        for i in 0..n {
+            std::fs::write(root.join("latest.csv"), i.to_string()).unwrap();
+            let (file, version) = uploaded(&root.join("latest.csv"));
+            let claim = claim_name(i as i64);
+            let u = Uploaded {
+                root: &root,
+                rel: Path::new("latest.csv"),
+                file: &file,
+                version,
+                lease: None,
+                claim: &claim,
+            };
+            assert_eq!(outcome(move_into(&u, &sent)), Outcome::Done, "move {i}");
+        }
+        assert_eq!(names(&sent).len(), n);
     }
 
     #[test]

@@ -815,8 +815,11 @@ impl Journal {
         let removed = self.with(|conn| {
             let tx = conn.transaction()?;
             let mut n = 0;
-            for id in &gone {
-                n += tx.execute("DELETE FROM files WHERE id = ?1", [id])?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM files WHERE id = ?1")?;
+                for id in &gone {
+                    n += delete.execute([id])?;
+                }
             }
             tx.commit()?;
             Ok(n)

@@ -511,3 +511,104 @@ async fn an_answer_that_stops_after_its_headers_does_not_hang_the_upload() {
     let log = std::fs::read_to_string(&s.log).unwrap();
     assert!(log.contains("no whole answer within"), "{log}");
 }
+
+/// A journal with 200,000 old records whose files are gone: pruning
+/// them must not hold up the systemd watchdog's ping (WATCHDOG_USEC 2 s:
+/// a ping a second), nor run again and again.
+#[tokio::test(flavor = "multi_thread")]
+async fn pruning_a_big_journal_does_not_stop_the_watchdog() {
+    let s = setup_with(
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"foo/p\"\nsettle = \"200ms\"\n",
+        "[\"foo/\"]",
+        "",
+    )
+    .await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replacen("[state]\n", "[state]\nretention = \"1s\"\n", 1);
+    std::fs::write(&s.config, text).unwrap();
+    // The journal made by a first run, then filled the way years of
+    // running fill it.
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    status(&s).await;
+    assert_eq!(agent.stop().await, Some(0));
+    let journal = s.work.path().join("state/journal.sqlite");
+    let rows = rounds(200_000, 1_000_000);
+    let fill = std::process::Command::new(
+        crate::support::shape::python().expect("python3 with sqlite3"),
+    )
+    .args([
+        "-c",
+        "import sqlite3, sys\n\
+         c = sqlite3.connect(sys.argv[1])\n\
+         n = int(sys.argv[2])\n\
+         c.executemany(\"INSERT INTO files (watch, path, dev, ino, size, mtime_ns, key, state, created_at, updated_at, done_at) VALUES ('w', ?, ?, ?, 1, 1, ?, 'done', 0, 0, 0)\",\n\
+             (((sys.argv[3] + '/gone/f%d' % i).encode(), int(sys.argv[4]), i, 'foo/p/f%d' % i) for i in range(n)))\n\
+         c.commit()\n",
+    ])
+    .arg(&journal)
+    .arg(rows.to_string())
+    .arg(&s.outbox)
+    .arg({
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&s.outbox).unwrap().dev().to_string()
+    })
+    .status()
+    .unwrap();
+    assert!(fill.success(), "filling the journal");
+
+    let socket_path = s.work.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut cmd = putonly(Some(s.moto.dir.path()));
+    cmd.env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "2000000");
+    let agent = Agent::spawn(cmd, &s.config, &s.log);
+    // Pings are timed as they come, apart from the status polling below.
+    let pings = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let listener = {
+        let pings = pings.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf).await {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "WATCHDOG=1")
+                {
+                    pings.lock().unwrap().push(Instant::now());
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut pruned_at = None;
+    while started.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if pruned_at.is_none() && status(&s).await["done"].as_u64() == Some(0) {
+            pruned_at = Some(Instant::now());
+        }
+        if pruned_at.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+            break;
+        }
+    }
+    listener.abort();
+    let pings = pings.lock().unwrap().clone();
+    assert_eq!(agent.stop().await, Some(0));
+    let Some(pruned) = pruned_at else {
+        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        panic!(
+            "the old records were not pruned within 5 minutes: {}\n{log}",
+            status(&s).await
+        );
+    };
+    let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    let worst = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{rows} records pruned in {:?}; {} watchdog pings, the longest gap {worst:?}",
+        pruned - started,
+        pings.len()
+    );
+    assert!(pings.len() >= 3, "too few pings: {pings:?}");
+    assert!(
+        worst < Duration::from_secs(2),
+        "the watchdog would have killed the agent: a {worst:?} gap between pings"
+    );
+}
