@@ -70,6 +70,9 @@ pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
             .or_default_provider()
             .or_else("us-east-1");
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+    if let Some(client) = http_client() {
+        loader = loader.http_client(client);
+    }
     if let Some(profile) = &aws.profile {
         loader = loader.profile_name(profile);
     }
@@ -77,6 +80,38 @@ pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
         loader = loader.endpoint_url(url);
     }
     loader.load().await
+}
+
+/// The HTTP client every AWS call (S3 and STS) goes through: the SDK's own
+/// connection pool (rustls with aws-lc), its connections driven by the
+/// runtime that builds it, with TCP keepalive on (probes after 30 s idle),
+/// so that a connection whose peer vanished without a word (a NAT that
+/// forgot it, a host that died) is found out without waiting for a
+/// request's deadline. `None` (the SDK's default client, without
+/// keepalive) outside a runtime or if it cannot be built.
+fn http_client() -> Option<aws_smithy_http_client::pool::Client> {
+    use aws_smithy_http_client::{pool, tls};
+    let id = pool::PartitionId::from_index(0);
+    let partition = pool::Partition::new(
+        id,
+        pool::DriverSpawner::tokio(tokio::runtime::Handle::try_current().ok()?),
+    );
+    let built = pool::Builder::default()
+        .tcp_keepalive(Duration::from_secs(30))
+        .partitions([partition])
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .build_https()
+        .map_err(|e| e.to_string())
+        .and_then(|p| pool::Client::from_partition(&p, id).map_err(|e| e.to_string()));
+    match built {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the HTTP client with TCP keepalive; using the SDK's default one");
+            None
+        }
+    }
 }
 
 /// Shared AWS files that hold secrets and can be read by other users of the

@@ -612,3 +612,120 @@ async fn pruning_a_big_journal_does_not_stop_the_watchdog() {
         "the watchdog would have killed the agent: a {worst:?} gap between pings"
     );
 }
+
+/// The agent's connections carry TCP keepalive (probes after 30 s idle), so
+/// a peer that vanished without a word (a NAT that forgot the connection, a
+/// host that died) is found out without waiting for a request's deadline.
+/// Checked on the agent's own sockets, taken with pidfd_getfd while a slow
+/// upload holds them open.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agents_connections_carry_tcp_keepalive() {
+    if !crate::support::shape::is_root() {
+        eprintln!("skipped: looking at another process's sockets needs root");
+        return;
+    }
+    let s = setup_custom(
+        "",
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"foo/ka\"\nsettle = \"200ms\"\n",
+        "[\"foo/\"]",
+        "",
+        "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nconcurrency = 2\n",
+    )
+    .await;
+    s.proxy.throttle(Some(256 * 1024));
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    std::fs::write(s.outbox.join("slow.bin"), bytes(10 * MIB, 5)).unwrap();
+    let port: u16 = s.proxy.url.rsplit(':').next().unwrap().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let options = loop {
+        let found = socket_options(agent.pid(), port);
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection of the agent's to the endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    s.proxy.throttle(None);
+    assert_eq!(agent.stop().await, Some(0));
+    assert!(
+        options
+            .iter()
+            .all(|&(keepalive, idle)| keepalive && idle == 30),
+        "(SO_KEEPALIVE, TCP_KEEPIDLE) of the agent's connections: {options:?}"
+    );
+}
+
+/// (SO_KEEPALIVE, TCP_KEEPIDLE) of each TCP socket of process `pid`
+/// connected to 127.0.0.1:`port`.
+fn socket_options(pid: i32, port: u16) -> Vec<(bool, i32)> {
+    // Socket inodes connected to the port, from /proc/net/tcp.
+    let remote = format!("0100007F:{port:04X}");
+    let inodes: BTreeSet<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[2] == remote && f[3] == "01")
+        .map(|f| f[9].to_string())
+        .collect();
+    let mut out = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    // SAFETY: plain syscalls on numbers; every returned descriptor is ours
+    // and closed below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return out;
+    }
+    for fd in fds.flatten() {
+        let Ok(link) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
+        let Some(inode) = link
+            .strip_prefix("socket:[")
+            .and_then(|l| l.strip_suffix(']'))
+        else {
+            continue;
+        };
+        if !inodes.contains(inode) {
+            continue;
+        }
+        let Ok(target) = fd.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: as above.
+        let mine = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as i32;
+        if mine < 0 {
+            continue;
+        }
+        let get = |level: i32, name: i32| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt into a local int of the size given.
+            let r = unsafe {
+                libc::getsockopt(
+                    mine,
+                    level,
+                    name,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if r == 0 { v } else { -1 }
+        };
+        out.push((
+            get(libc::SOL_SOCKET, libc::SO_KEEPALIVE) == 1,
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        ));
+        // SAFETY: closing the descriptor pidfd_getfd gave us.
+        unsafe { libc::close(mine) };
+    }
+    // SAFETY: closing our pidfd.
+    unsafe { libc::close(pidfd) };
+    out
+}
