@@ -24,14 +24,9 @@ fn rounds(ci: usize, long: usize) -> usize {
 
 /// Sizes of the successful writes of `key` the proxy saw.
 fn written_sizes(records: &[crate::support::proxy::Record], key: &str) -> BTreeSet<u64> {
-    records
-        .iter()
-        .filter(|r| {
-            (r.op == "PutObject" || r.op == "CompleteMultipartUpload")
-                && r.status == 200
-                && r.key.as_deref() == Some(key)
-        })
-        .filter_map(|r| r.size)
+    crate::support::proxy::sizes_written(records, key)
+        .into_iter()
+        .flatten()
         .collect()
 }
 

@@ -167,16 +167,7 @@ impl World {
 
     /// Successful writes of `key` and the object size each announced.
     fn writes_of(&self, key: &str) -> Vec<Option<u64>> {
-        self.proxy
-            .records()
-            .iter()
-            .filter(|r| {
-                (r.op == "PutObject" || r.op == "CompleteMultipartUpload")
-                    && r.status == 200
-                    && r.key.as_deref() == Some(key)
-            })
-            .map(|r| r.size)
-            .collect()
+        crate::support::proxy::sizes_written(&self.proxy.records(), key)
     }
 
     async fn object(&self, key: &str) -> Option<Vec<u8>> {

@@ -59,6 +59,20 @@ pub struct Record {
     pub corrected: bool,
 }
 
+/// The object sizes announced by the successful writes (PutObject or
+/// CompleteMultipartUpload answered 200) of `key` in `records`.
+pub fn sizes_written(records: &[Record], key: &str) -> Vec<Option<u64>> {
+    records
+        .iter()
+        .filter(|r| {
+            (r.op == "PutObject" || r.op == "CompleteMultipartUpload")
+                && r.status == 200
+                && r.key.as_deref() == Some(key)
+        })
+        .map(|r| r.size)
+        .collect()
+}
+
 impl Record {
     /// One line for a failure message: operation, status, upload id, and
     /// whether the proxy injected or corrected the answer.
