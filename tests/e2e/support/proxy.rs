@@ -504,6 +504,10 @@ async fn handle(
         record.chaos = Some(kind);
     }
     if let Some((status, code)) = injected {
+        // Take the whole body first, as S3 does: an answer sent while the
+        // client is still writing races with its write, and the client may
+        // see a broken pipe instead of the injected error.
+        let _ = body.collect().await;
         record.status = status;
         record.injected = true;
         state.log.lock().unwrap().push(record);
