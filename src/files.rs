@@ -109,6 +109,16 @@ pub fn open_beneath(root: &Path, rel: &Path) -> Result<Opened, OpenError> {
     Ok(Opened { file, meta })
 }
 
+/// The status of `rel` beneath the folder `root`, as `lstat` would give it
+/// (a final link is described, not followed) but reached without following
+/// any link below `root`: a folder swapped for a link answers
+/// [`OpenError::Link`], never the status of what it points to.
+pub fn lstat_beneath(root: &Path, rel: &Path) -> Result<std::fs::Metadata, OpenError> {
+    let root_fd = open_root(root)?;
+    let handle = beneath(root_fd.as_fd(), rel, OFlags::PATH)?;
+    File::from(handle).metadata().map_err(OpenError::Io)
+}
+
 /// Opens `rel` beneath `dir` with `flags` (plus `O_NOFOLLOW | O_CLOEXEC`):
 /// no link followed, no `..` out of it. With `O_PATH`, a final component
 /// that is a link yields a handle on the link itself.
@@ -231,6 +241,24 @@ mod tests {
         assert!(matches!(
             open_beneath(&root, Path::new("real")).unwrap_err(),
             OpenError::NotAFile
+        ));
+    }
+
+    #[test]
+    fn status_is_taken_beneath_the_root_only() {
+        let (_dir, root) = tree();
+        assert!(lstat_beneath(&root, Path::new("real/f")).unwrap().is_file());
+        // A final link is described, not followed.
+        let m = lstat_beneath(&root, Path::new("filelink")).unwrap();
+        assert!(m.file_type().is_symlink());
+        // A folder that is a link is never gone through.
+        for linked in ["d/secret", "inlink/f", "../outside/secret"] {
+            let e = lstat_beneath(&root, Path::new(linked)).unwrap_err();
+            assert!(matches!(e, OpenError::Link), "{linked}: {e:?}");
+        }
+        assert!(matches!(
+            lstat_beneath(&root, Path::new("nothing")).unwrap_err(),
+            OpenError::Gone
         ));
     }
 

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::after_upload::CLAIM_PREFIX;
 use crate::config::WatchSettings;
+use crate::files::{self, OpenError};
 use crate::journal::FileVersion;
 pub use crate::writers::{Rule, Writers};
 use crate::writers::{Support, open_for_writing, weak_scan_quiet};
@@ -185,7 +186,10 @@ impl Pending {
 /// while the agent is busy) and the folders waiting for the next walk.
 #[derive(Default)]
 struct Scans {
-    current: Option<mpsc::Receiver<PathBuf>>,
+    /// The configured watched folders: the only folders a walk may reach
+    /// through a symbolic link (the configuration's choice).
+    roots: Arc<Vec<PathBuf>>,
+    current: Option<mpsc::Receiver<Found>>,
     next: Vec<PathBuf>,
 }
 
@@ -199,12 +203,15 @@ impl Scans {
             }
         }
         if self.current.is_none() && !self.next.is_empty() {
-            self.current = Some(spawn_scan(std::mem::take(&mut self.next)));
+            self.current = Some(spawn_scan(
+                std::mem::take(&mut self.next),
+                self.roots.clone(),
+            ));
         }
     }
 
-    /// The next file of the walk in progress; `None` once it ended.
-    async fn recv(&mut self) -> Option<PathBuf> {
+    /// The next find of the walk in progress; `None` once it ended.
+    async fn recv(&mut self) -> Option<Found> {
         match self.current.as_mut() {
             Some(rx) => rx.recv().await,
             None => std::future::pending().await,
@@ -231,6 +238,12 @@ struct State {
     /// News of new files was dropped (too many waiting): a rescan is due
     /// once the backlog has halved.
     dropped: bool,
+    /// Inotify, one watch per folder (none in unit tests, or where
+    /// notifications cannot be had: periodic rescans then find everything).
+    watcher: Option<notify::RecommendedWatcher>,
+    /// Folders that could not be watched (or read), each warned about once;
+    /// tried again at every rescan.
+    unwatchable: HashSet<PathBuf>,
 }
 
 impl State {
@@ -349,6 +362,44 @@ impl Watch {
         p.requeued = true;
     }
 
+    /// Watches one folder below a watched folder (not its subfolders: the
+    /// walks find those). One that cannot be watched (unreadable to the
+    /// agent, the inotify limit) is warned about once and tried again at
+    /// the next rescan; its siblings keep their watches and their events.
+    /// A folder that turned out a link when the watch was added is
+    /// unwatched at once: what it points to is no part of the tree.
+    fn watch_folder(&self, path: &Path, st: &mut State) {
+        let Some((watch, rel)) = self.locate(path) else {
+            return;
+        };
+        if self.filters[watch].skips_dir(&rel) {
+            return;
+        }
+        let Some(w) = st.watcher.as_mut() else {
+            return;
+        };
+        if let Err(e) = w.watch(path, RecursiveMode::NonRecursive) {
+            return unwatchable(st, path, &watch_error(&e));
+        }
+        // inotify follows a link to add a watch: check after adding that
+        // the path is still a folder below the root, reached by no link.
+        if !self.lstat(path).is_ok_and(|m| m.is_dir()) {
+            let _ = w.unwatch(path);
+            return;
+        }
+        if st.unwatchable.remove(path) {
+            tracing::info!(folder = ?path, "folder watched again");
+        }
+    }
+
+    /// The status of `path` (`lstat`), reached beneath its watched folder
+    /// without following any link: a folder swapped for a link gives
+    /// [`OpenError::Link`], never the status of what it points to.
+    fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OpenError> {
+        let (watch, rel) = self.locate(path).ok_or(OpenError::Link)?;
+        files::lstat_beneath(&self.watches[watch].path, &rel)
+    }
+
     /// Which watch a path belongs to, and the path relative to it.
     fn locate(&self, path: &Path) -> Option<(usize, PathBuf)> {
         self.watches.iter().enumerate().find_map(|(i, w)| {
@@ -365,18 +416,22 @@ impl Watch {
 
     pub async fn run(mut self) {
         let (tx, mut rx) = mpsc::channel::<Intake>(8192);
-        let mut watcher = match make_watcher(tx) {
+        let watcher = match make_watcher(tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start file notifications; relying on periodic rescans");
                 None
             }
         };
+        let mut st = State {
+            watcher,
+            ..State::default()
+        };
         let mut watched = HashMap::new();
         let roots = self.roots();
-        add_watches(&mut watcher, &roots, &mut watched);
+        st.scans.roots = Arc::new(roots.clone());
+        add_watches(&mut st.watcher, &roots, &mut watched);
         let mut roots_checked = Instant::now();
-        let mut st = State::default();
         st.scans.request(roots.clone());
 
         let min_settle = self
@@ -416,7 +471,7 @@ impl Watch {
                     // A watched folder removed and made again is watched anew.
                     if roots_checked.elapsed() >= ROOT_CHECK_INTERVAL {
                         roots_checked = Instant::now();
-                        let again = add_watches(&mut watcher, &roots, &mut watched);
+                        let again = add_watches(&mut st.watcher, &roots, &mut watched);
                         st.scans.request(again);
                     }
                 }
@@ -432,7 +487,7 @@ impl Watch {
                     tracing::debug!("periodic rescan");
                     self.unstick(&mut st, Instant::now());
                     roots_checked = Instant::now();
-                    add_watches(&mut watcher, &roots, &mut watched);
+                    add_watches(&mut st.watcher, &roots, &mut watched);
                     st.scans.request(roots.clone());
                 }
             }
@@ -456,7 +511,7 @@ impl Watch {
     /// [`SCAN_READY_HIGH`] files waiting in `ready`. Scanned files untouched
     /// long enough for their rule skip the wait: they are ready at once
     /// (under the weak rule unless `/proc` shows a writer).
-    fn take_scanned(&self, first: PathBuf, st: &mut State) {
+    fn take_scanned(&self, first: Found, st: &mut State) {
         let mut settled = Vec::new();
         self.found(first, st, &mut settled);
         while st.ready.len() + settled.len() < SCAN_READY_HIGH {
@@ -464,7 +519,7 @@ impl Watch {
                 break;
             };
             match rx.try_recv() {
-                Ok(path) => self.found(path, st, &mut settled),
+                Ok(found) => self.found(found, st, &mut settled),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     st.scans.finished();
@@ -499,8 +554,14 @@ impl Watch {
         }
     }
 
-    /// A file a scan found: history unknown.
-    fn found(&self, path: PathBuf, st: &mut State, settled: &mut Vec<Scanned>) {
+    /// What a scan found: a folder to watch, one it cannot read, or a file
+    /// (of unknown history).
+    fn found(&self, found: Found, st: &mut State, settled: &mut Vec<Scanned>) {
+        let path = match found {
+            Found::File(path) => path,
+            Found::Folder(path) => return self.watch_folder(&path, st),
+            Found::Unreadable(path, e) => return unwatchable(st, &path, &e),
+        };
         if st.waiting.contains_key(&path) || st.queued.contains(&path) {
             return;
         }
@@ -510,7 +571,7 @@ impl Watch {
         if !self.filters[watch].accepts(&rel) {
             return;
         }
-        if let Ok(meta) = std::fs::symlink_metadata(&path)
+        if let Ok(meta) = files::lstat_beneath(&self.watches[watch].path, &rel)
             && meta.is_file()
         {
             let v = FileVersion::of(&meta);
@@ -547,6 +608,9 @@ impl Watch {
                 if let Some((i, rel)) = self.locate(&path)
                     && !self.filters[i].skips_dir(&rel)
                 {
+                    // Watched before it is walked: no file made meanwhile
+                    // is missed. The walk watches its subfolders.
+                    self.watch_folder(&path, st);
                     st.scans.request([path]);
                 }
             }
@@ -569,7 +633,9 @@ impl Watch {
                 let writers = match change {
                     // A new hard link announces no writer; a new file does.
                     Change::Created => Some(
-                        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                        if files::lstat_beneath(&self.watches[watch].path, &rel)
+                            .is_ok_and(|m| m.nlink() > 1)
+                        {
                             Writers::Unknown
                         } else {
                             Writers::Writing
@@ -606,8 +672,9 @@ impl Watch {
             if p.not_before > now {
                 continue;
             }
-            // lstat: symbolic links are never followed.
-            let meta = match std::fs::symlink_metadata(path) {
+            // lstat beneath the watched folder: no symbolic link followed,
+            // in the file's name or in its folders'.
+            let meta = match self.lstat(path) {
                 Ok(m) if m.is_file() => m,
                 Ok(m) => {
                     if m.file_type().is_symlink() {
@@ -618,12 +685,19 @@ impl Watch {
                     done.push(path.clone());
                     continue;
                 }
+                Err(OpenError::Link) => {
+                    tracing::info!(path = ?path, "a symbolic link is in its path; not followed, skipped");
+                    ready.extend(self.gone(path, p));
+                    done.push(path.clone());
+                    continue;
+                }
+                Err(OpenError::Gone) => {
+                    ready.extend(self.gone(path, p));
+                    done.push(path.clone());
+                    continue;
+                }
                 Err(e) => {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
-                    } else {
-                        ready.extend(self.gone(path, p));
-                    }
+                    tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
                     done.push(path.clone());
                     continue;
                 }
@@ -678,6 +752,43 @@ impl Watch {
         for c in ready {
             st.make_ready(c);
         }
+    }
+}
+
+/// What a walk reports.
+#[derive(Debug)]
+enum Found {
+    File(PathBuf),
+    /// A folder below the walk's start: to be watched.
+    Folder(PathBuf),
+    /// A folder the walk could not read, and why.
+    Unreadable(PathBuf, String),
+}
+
+/// At most this many unwatchable folders are remembered (and each warned
+/// about once); beyond that they are tried at rescans without a warning.
+const UNWATCHABLE_MAX: usize = 10_000;
+
+/// Records a folder that cannot be watched or read; warns the first time.
+fn unwatchable(st: &mut State, path: &Path, why: &str) {
+    if st.unwatchable.contains(path) || st.unwatchable.len() >= UNWATCHABLE_MAX {
+        return;
+    }
+    st.unwatchable.insert(path.to_path_buf());
+    tracing::warn!(folder = ?path, error = why, "cannot watch or read this folder; its siblings are watched, it is tried again at every rescan");
+}
+
+/// An inotify error in words that name the fix.
+fn watch_error(e: &notify::Error) -> String {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => {
+            "the inotify watch limit is reached; raise the sysctl fs.inotify.max_user_watches"
+                .to_string()
+        }
+        notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            "permission denied: the agent's user cannot read it".to_string()
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -825,7 +936,7 @@ fn add_watches(
         if known.flatten().is_some() {
             let _ = w.unwatch(root);
         }
-        match w.watch(root, RecursiveMode::Recursive) {
+        match w.watch(root, RecursiveMode::NonRecursive) {
             Ok(()) => {
                 if known.is_some() {
                     tracing::info!(folder = ?root, "watched folder is back; watching and scanning it");
@@ -842,22 +953,41 @@ fn add_watches(
     again
 }
 
-/// Walks `roots` off the runtime and reports every regular file found. The
-/// walk waits while its small channel is full, so it goes only as fast as
-/// the watcher takes its files.
-fn spawn_scan(roots: Vec<PathBuf>) -> mpsc::Receiver<PathBuf> {
+/// Walks `roots` off the runtime and reports every regular file and every
+/// folder below them, and the folders it cannot read. No symbolic link is
+/// followed, not even a walk's starting folder unless it is one of the
+/// configured watched folders (`configured`): a folder swapped for a link
+/// between its event and its walk is not walked. The walk waits while its
+/// small channel is full, so it goes only as fast as the watcher takes what
+/// it finds.
+fn spawn_scan(roots: Vec<PathBuf>, configured: Arc<Vec<PathBuf>>) -> mpsc::Receiver<Found> {
     let (tx, rx) = mpsc::channel(256);
     tokio::task::spawn_blocking(move || {
         for root in roots {
-            for entry in walkdir::WalkDir::new(&root).follow_links(false) {
-                match entry {
-                    Ok(e) if e.file_type().is_file() => {
-                        if tx.blocking_send(e.into_path()).is_err() {
-                            return;
-                        }
+            let walk = walkdir::WalkDir::new(&root)
+                .follow_links(false)
+                .follow_root_links(configured.contains(&root));
+            for entry in walk {
+                let found = match entry {
+                    Ok(e) if e.file_type().is_file() => Found::File(e.into_path()),
+                    Ok(e) if e.file_type().is_dir() && e.depth() > 0 => {
+                        Found::Folder(e.into_path())
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "scan: cannot read"),
+                    Ok(_) => continue,
+                    // Gone while the walk went by: nothing to say.
+                    Err(e)
+                        if e.io_error()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => match e.path() {
+                        Some(p) => Found::Unreadable(p.to_path_buf(), e.to_string()),
+                        None => continue,
+                    },
+                };
+                if tx.blocking_send(found).is_err() {
+                    return;
                 }
             }
         }
