@@ -12,6 +12,7 @@
 //! kernel's answer), [`files`] (opening beneath a watch, never through a
 //! link), [`journal`] (its only memory), [`agent`] (the loop),
 //! [`after_upload`] (delete or move, only what was sent) and [`metrics`];
+//! [`printable`] escapes producers' names wherever people read them;
 //! [`policy`] generates and lints the IAM documents. `docs/ARCHITECTURE.md`
 //! draws the flow.
 
@@ -27,6 +28,7 @@ pub mod keys;
 pub mod lease;
 pub mod metrics;
 pub mod policy;
+pub mod printable;
 pub mod retry;
 pub mod s3;
 pub mod throttle;

@@ -446,7 +446,8 @@ pub fn init_logging(cli: &Cli) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        // One event, one line: names in fields cannot forge log lines.
+        .with_writer(|| crate::printable::OneLine(std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -532,5 +533,6 @@ fn man() -> ExitCode {
 
 /// Prints an error with its whole chain, prefixed with the program name.
 pub(crate) fn report_error(e: &dyn std::error::Error) {
-    eprintln!("putonly: {}", crate::credentials::error_chain(e));
+    let chain = crate::credentials::error_chain(e);
+    eprintln!("putonly: {}", crate::printable::printable(&chain));
 }

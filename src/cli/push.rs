@@ -374,14 +374,14 @@ impl Output {
                 .to_string(),
             );
         } else {
-            self.println(&format!(
+            self.println(&crate::printable::printable(&format!(
                 "uploaded {} -> s3://{}/{} ({}, {:.1}s)",
                 job.path.display(),
                 self.bucket,
                 u.key,
                 bytesize::ByteSize(u.size).display().iec(),
                 took.as_secs_f64()
-            ));
+            )));
         }
     }
 
@@ -398,7 +398,11 @@ impl Output {
                 .to_string(),
             );
         } else {
-            let line = format!("putonly: failed: {}: {reason}", path.display());
+            let line = crate::printable::printable(&format!(
+                "putonly: failed: {}: {reason}",
+                path.display()
+            ))
+            .into_owned();
             match &self.bars {
                 Some(bars) => {
                     let _ = bars.println(&line);
@@ -420,7 +424,9 @@ impl Output {
                 .to_string(),
             );
         } else {
-            let line = format!("putonly: skipped: {:?}: {reason}", path);
+            let line =
+                crate::printable::printable(&format!("putonly: skipped: {:?}: {reason}", path))
+                    .into_owned();
             match &self.bars {
                 Some(bars) => {
                     let _ = bars.println(&line);

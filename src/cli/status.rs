@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{EXIT_OK, EXIT_USAGE, StatusArgs, report_error};
 use crate::journal::{Journal, Status, now};
+use crate::printable::printable;
 
 pub fn run(args: StatusArgs) -> ExitCode {
     let settings = match args.agent.settings() {
@@ -66,7 +67,7 @@ fn render(s: &Status) -> String {
     match &s.oldest_pending {
         Some(p) => out.push_str(&format!(
             "oldest pending: {} (seen {})\n",
-            p.path,
+            printable(&p.path),
             ago(p.since)
         )),
         None => out.push_str("oldest pending: none\n"),
@@ -90,9 +91,9 @@ fn render(s: &Status) -> String {
                 "  {} [{}] {} -> {}: {}\n",
                 ago(e.at),
                 e.state,
-                e.path,
-                e.key,
-                e.error
+                printable(&e.path),
+                printable(&e.key),
+                printable(&e.error)
             ));
         }
     }
