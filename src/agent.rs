@@ -391,9 +391,9 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
         let before = now() - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
         let (mut after, mut removed) = (0, 0);
         loop {
-            let j = ctx.journal.clone();
+            let (j, watches) = (ctx.journal.clone(), ctx.settings.watches.clone());
             let batch = tokio::task::spawn_blocking(move || {
-                j.prune_batch(before, after, BATCH, still_there)
+                j.prune_batch(before, after, BATCH, |p, v| still_there(p, v, &watches))
             })
             .await;
             match batch {
@@ -435,9 +435,24 @@ fn is_gone(path: &Path, dev: u64) -> bool {
     }
 }
 
+/// The status (`lstat`) of `path` reached beneath the watched folder it is
+/// in, following no link; [`OpenError::Link`] when a link is in its path
+/// or no watch holds it.
+fn lstat_in_watch(path: &Path, watches: &[WatchSettings]) -> Result<std::fs::Metadata, OpenError> {
+    watches
+        .iter()
+        .find_map(|w| {
+            path.strip_prefix(&w.path)
+                .ok()
+                .filter(|rel| !rel.as_os_str().is_empty())
+                .map(|rel| files::lstat_beneath(&w.path, rel))
+        })
+        .unwrap_or(Err(OpenError::Link))
+}
+
 /// Why a pending record names no work any more, if it does not: its file
-/// is gone, is no longer a regular file, or is no longer in any watch (the
-/// configuration changed).
+/// is gone, is no longer a regular file, is behind a link now, or is no
+/// longer in any watch (the configuration changed).
 fn no_longer_work(path: &Path, dev: u64, watches: &[WatchSettings]) -> Option<&'static str> {
     let in_a_watch = watches.iter().any(|w| {
         path.strip_prefix(&w.path)
@@ -446,21 +461,23 @@ fn no_longer_work(path: &Path, dev: u64, watches: &[WatchSettings]) -> Option<&'
     if !in_a_watch {
         return Some("it is in no watched folder, or excluded, now");
     }
-    if is_gone(path, dev) {
-        return Some("its file is gone");
-    }
-    match std::fs::symlink_metadata(path) {
+    match lstat_in_watch(path, watches) {
         Ok(m) if !m.is_file() => Some("it is no longer a regular file"),
-        _ => None,
+        Ok(_) => None,
+        Err(OpenError::Link) => Some("a symbolic link is in its path now"),
+        Err(_) if is_gone(path, dev) => Some("its file is gone"),
+        Err(_) => None,
     }
 }
 
 /// Whether the file version a done record names is still on disk (its record
 /// must then stay, or the next scan would send it again). When that cannot
 /// be told (any error but "no such file", or a share not mounted), it is.
-fn still_there(path: &Path, v: FileVersion) -> bool {
-    match std::fs::symlink_metadata(path) {
+/// A path that now leads through a link names no file of the tree.
+fn still_there(path: &Path, v: FileVersion, watches: &[WatchSettings]) -> bool {
+    match lstat_in_watch(path, watches) {
         Ok(m) => m.is_file() && FileVersion::of(&m).is(&v),
+        Err(OpenError::Link) => false,
         Err(_) => !is_gone(path, v.dev),
     }
 }
@@ -1110,6 +1127,26 @@ mod tests {
             mtime_ns: 1,
             ctime_ns: 1,
         };
-        assert!(still_there(&file, v), "cannot tell: kept");
+        let watches = [crate::config::WatchSettings {
+            path: dir.path().to_path_buf(),
+            prefix: "foo/".into(),
+            include: vec![],
+            exclude: vec![],
+            settle: Duration::from_millis(100),
+            after_upload: crate::config::AfterUpload::Keep,
+        }];
+        assert!(still_there(&file, v, &watches), "cannot tell: kept");
+        // A path through a folder that is now a link names no file of the
+        // tree, whatever the link points to.
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::fs::write(dir.path().join("real/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let real = FileVersion::of(&std::fs::metadata(dir.path().join("real/f")).unwrap());
+        assert!(still_there(&dir.path().join("real/f"), real, &watches));
+        assert!(!still_there(&dir.path().join("link/f"), real, &watches));
+        assert_eq!(
+            no_longer_work(&dir.path().join("link/f"), dev, &watches),
+            Some("a symbolic link is in its path now")
+        );
     }
 }
