@@ -230,7 +230,8 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
 }
 
 /// Logs, per watch, which rule tells a finished file and why: a warning
-/// where it is the weaker one.
+/// where it is the weaker one; and a warning where the kernel does not stop
+/// producers from hard-linking files they cannot read (or it cannot tell).
 fn log_rules(support: &Support, watches: &[WatchSettings]) {
     for (i, w) in watches.iter().enumerate() {
         let rule = support.describe(i, w.settle);
@@ -239,6 +240,9 @@ fn log_rules(support: &Support, watches: &[WatchSettings]) {
         } else {
             tracing::warn!(watch = i, folder = ?w.path, %rule, "finished-file rule");
         }
+    }
+    if let Err(warning) = files::hardlinks_verdict() {
+        tracing::warn!("{warning}");
     }
 }
 

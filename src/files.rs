@@ -66,6 +66,31 @@ impl From<OpenError> for std::io::Error {
     }
 }
 
+/// Whether the kernel stops users from hard-linking files they cannot
+/// read or write (`fs.protected_hardlinks = 1`, the default of most
+/// distributions). Without it, a producer can link a file it cannot read
+/// into a watched folder, and the agent, which may read it, would send it:
+/// a hard link is the file itself, no link in its path to refuse. `Err`
+/// says why it cannot be told (no `/proc/sys` in some containers).
+pub fn hardlinks_protected() -> Result<bool, String> {
+    const SYSCTL: &str = "/proc/sys/fs/protected_hardlinks";
+    match std::fs::read_to_string(SYSCTL) {
+        Ok(v) => Ok(v.trim() != "0"),
+        Err(e) => Err(format!("cannot read {SYSCTL}: {e}")),
+    }
+}
+
+/// What `putonly check` and the agent's start-up say of
+/// [`hardlinks_protected`]: `Ok` with a line when protected, `Err` with a
+/// warning and the fix when not, or when it cannot be told.
+pub fn hardlinks_verdict() -> Result<&'static str, String> {
+    match hardlinks_protected() {
+        Ok(true) => Ok("fs.protected_hardlinks = 1: producers cannot hard-link files they cannot read into a watched folder"),
+        Ok(false) => Err("fs.protected_hardlinks = 0: a producer can hard-link a file it cannot read (the agent's credentials, say) into a watched folder, and the agent would send it; set it to 1 (sysctl -w fs.protected_hardlinks=1, and in /etc/sysctl.d)".to_string()),
+        Err(e) => Err(format!("fs.protected_hardlinks cannot be told ({e}): if it is 0 on this host, a producer can hard-link a file it cannot read into a watched folder and the agent would send it; check it on the host (it is per host, not per container)")),
+    }
+}
+
 /// A handle (`O_PATH`) on a configured folder: a watch root or `move_to`.
 /// The path is the configuration's choice and is taken as it is, links
 /// included.

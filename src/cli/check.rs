@@ -101,6 +101,12 @@ fn local_checks(settings: &Settings, r: &mut Report) {
             r.warn(&what, rule);
         }
     }
+    if !settings.watches.is_empty() {
+        match crate::files::hardlinks_verdict() {
+            Ok(line) => r.ok("hard links", line),
+            Err(warning) => r.warn("hard links", warning),
+        }
+    }
     if let Some(state) = &settings.state {
         match state_writable(&state.dir) {
             Ok(()) => r.ok(
