@@ -2,6 +2,7 @@
 //! with IAM authorization on, Garage), through the recording proxy.
 
 mod agent;
+mod attackers;
 mod check;
 mod faults;
 mod garage;
