@@ -635,3 +635,88 @@ async fn push_of_a_folder_with_odd_files_follows_its_rules() {
     }
     proxy.assert_only_writes();
 }
+
+/// `setup_custom` with the hostile watch, and periodic rescans an hour
+/// apart: whatever arrives sooner came through file events.
+async fn setup_without_rescans() -> Setup {
+    let s = setup_custom("", WATCH, "[\"foo/\", \"fighters/\"]", "", "").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replace("rescan_interval = \"10s\"", "rescan_interval = \"1h\"");
+    std::fs::write(&s.config, text).unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_folder_leaves_its_siblings_watched() {
+    if !crate::support::dac_is_enforced() {
+        eprintln!("skipped: file permissions cannot be enforced on the agent here");
+        return;
+    }
+    let s = setup_without_rescans().await;
+    let locked = s.outbox.join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::create_dir_all(s.outbox.join("open")).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let agent = agent_as_service_user(&s);
+    // Past start-up and a few of the 2 s checks of the watched folder.
+    let st = status(&s).await;
+    assert_eq!(st["pending"].as_u64(), Some(0), "{st}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    write(&s.outbox, "open/new.txt", b"sibling");
+    write(&s.outbox, "top.txt", b"top");
+    // Through events, not the hourly rescan.
+    wait_done(&s, 2, Duration::from_secs(60)).await;
+    let log = log_of(&s);
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("cannot watch or read this folder") && l.contains("locked"))
+        .count();
+    assert_eq!(warnings, 1, "one warning for the unreadable folder:\n{log}");
+    assert!(!log.contains("cannot watch folder; will try again"), "{log}");
+    assert_eq!(agent.stop().await, Some(0));
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        get(&s.moto.admin(), BUCKET, "fighters/in/open/new.txt").await,
+        b"sibling"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_with_escapes_and_newlines_are_escaped_in_status_and_log() {
+    if !crate::support::dac_is_enforced() {
+        eprintln!("skipped: file permissions cannot be enforced on the agent here");
+        return;
+    }
+    let s = setup_without_rescans().await;
+    let agent = agent_as_service_user(&s);
+    status(&s).await;
+    // A folder whose name forges a log line, holding an unreadable file
+    // whose name clears the screen: it fails, so status names it.
+    let dir = OsStr::from_bytes(b"x\nFORGED folder line");
+    std::fs::create_dir_all(s.outbox.join(dir)).unwrap();
+    let name = OsStr::from_bytes(b"bad\x1b[2J\x1b[Hname\nFORGED file line.txt");
+    let bad = s.outbox.join(dir).join(name);
+    std::fs::write(&bad, b"secret").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o000)).unwrap();
+    wait_failed(&s, 1, Duration::from_secs(60)).await;
+    assert_eq!(agent.stop().await, Some(0));
+    let out = putonly(Some(s.moto.dir.path()))
+        .args(["status", "--config"])
+        .arg(&s.config)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains('\x1b'), "raw escape in status:\n{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("FORGED")),
+        "forged line in status:\n{text}"
+    );
+    assert!(text.contains("\\u{1b}[2J"), "{text}");
+    let log = log_of(&s);
+    assert!(!log.contains('\x1b'), "raw escape in the log");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "forged line in the log:\n{log}"
+    );
+}
