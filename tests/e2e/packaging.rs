@@ -112,7 +112,15 @@ async fn the_daemonset_configuration_is_valid_and_per_node() {
         pod = ds['spec']['template']['spec']\n\
         scs = [c['securityContext'] for c in pod['containers'] + pod.get('initContainers', [])]\n\
         assert all(sc['capabilities'] == {'drop': ['ALL'], 'add': ['LEASE']} for sc in scs), scs\n\
-        assert all(sc['allowPrivilegeEscalation'] is False for sc in scs), scs\n";
+        assert all(sc['allowPrivilegeEscalation'] is False for sc in scs), scs\n\
+        assert pod['automountServiceAccountToken'] is False, 'no API token in the pod'\n\
+        sa = next(d for d in docs if d['kind'] == 'ServiceAccount')\n\
+        assert sa['metadata']['name'] == pod['serviceAccountName'], sa\n\
+        assert sa['automountServiceAccountToken'] is False, sa\n\
+        images = [c['image'] for c in pod['containers'] + pod.get('initContainers', [])]\n\
+        assert all('@sha256:' in i for i in images), ('images by digest', images)\n\
+        inits = pod.get('initContainers', [])\n\
+        assert all(c.get('securityContext', {}).get('runAsNonRoot') for c in inits), inits\n";
     let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(repo().join("packaging/kubernetes/daemonset.yaml"))
