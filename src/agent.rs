@@ -307,9 +307,9 @@ async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, healt
             .credentials()
             .expiry()
             .and_then(|exp| exp.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_secs() as i64);
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         if let Some(exp) = expiry {
-            ::metrics::gauge!(m::CREDENTIALS_EXPIRY).set((exp - now()) as f64);
+            ::metrics::gauge!(m::CREDENTIALS_EXPIRY).set(exp.saturating_sub(now()) as f64);
         }
         let j = journal.clone();
         match tokio::task::spawn_blocking(move || j.backlog()).await {
@@ -392,7 +392,7 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
         let (j, watches) = (ctx.journal.clone(), ctx.settings.watches.clone());
         let running = ctx.running_claims().clone();
         let _ = tokio::task::spawn_blocking(move || recover_claims(&j, &watches, &running)).await;
-        let before = now() - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let before = now().saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
         let (mut after, mut removed) = (0, 0);
         loop {
             let (j, watches) = (ctx.journal.clone(), ctx.settings.watches.clone());
@@ -737,7 +737,8 @@ impl Ctx {
     /// changes or `failed_retry_after` passes.
     fn fail(&self, id: i64, reason_label: &'static str, reason: &str) {
         failure(reason_label);
-        let retry_at = now() + self.settings.agent.failed_retry_after.as_secs() as i64;
+        let after = i64::try_from(self.settings.agent.failed_retry_after.as_secs());
+        let retry_at = now().saturating_add(after.unwrap_or(i64::MAX));
         self.noted("a failure", self.journal.failed(id, reason, retry_at));
         tracing::error!(error = %reason, "not uploaded; marked failed (see putonly status)");
     }

@@ -4,8 +4,9 @@
 //! Parsing is strict: an unknown key, a wrong type or an unparsable size or
 //! duration is an error that names the key, its line and the fix. Raw values
 //! ([`RawConfig`]) are resolved once into [`Settings`]; no other module reads
-//! the file or re-validates. This module never touches the network or the
-//! credentials themselves (a profile is only a name here).
+//! the file or re-validates. Every duration is capped ([`MAX_DURATION`]).
+//! This module never touches the network or the credentials themselves (a
+//! profile is only a name here).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,6 +25,9 @@ pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// The most parts one multipart upload may have.
 pub const MAX_PARTS: u64 = 10_000;
+/// The longest duration any setting may hold: ten years (of 365.25 days).
+/// Longer ones would overflow the clocks they are added to.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 /// A configuration problem: what is wrong, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -1050,15 +1054,27 @@ pub fn parse_rate(setting: &str, s: &str) -> Result<u64, ConfigError> {
     Ok(rate)
 }
 
-/// Parses a duration such as `1h`, `5m` or `6s`.
+/// Parses a duration such as `1h`, `5m` or `6s`; zero and anything longer
+/// than [`MAX_DURATION`] are refused.
 pub fn parse_duration(setting: &str, s: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(s.trim()).map_err(|_| {
+    let too_long = || {
         ConfigError::invalid(
+            setting,
+            format!("{s:?} is longer than the 10 years a duration may be"),
+            "give at most \"10y\" (e.g. \"5m\", \"1h\", \"30d\")",
+        )
+    };
+    let d = humantime::parse_duration(s.trim()).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => too_long(),
+        _ => ConfigError::invalid(
             setting,
             format!("{s:?} is not a duration"),
             "write a number with a unit, e.g. \"1h\", \"5m\" or \"30s\"",
-        )
+        ),
     })?;
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
     if d.is_zero() {
         return Err(ConfigError::invalid(
             setting,
@@ -1305,6 +1321,60 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("watch[0].prefix"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn durations_above_ten_years_are_refused_naming_the_setting() {
+        let role = "[role]\narn = \"arn:aws:iam::123456789012:role/r\"\n";
+        for (table, key, setting) in [
+            ("[agent]", "rescan_interval", "agent.rescan_interval"),
+            ("[agent]", "shutdown_timeout", "agent.shutdown_timeout"),
+            ("[agent]", "failed_retry_after", "agent.failed_retry_after"),
+            ("[upload]", "request_timeout", "upload.request_timeout"),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:1\"",
+                "unhealthy_after",
+                "metrics.unhealthy_after",
+            ),
+            (
+                "[state]\ndir = \"/var/lib/putonly\"",
+                "retention",
+                "state.retention",
+            ),
+            (role, "duration", "role.duration"),
+            (
+                "[state]\ndir = \"/var/lib/putonly\"\n[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/\"",
+                "settle",
+                "watch[0].settle",
+            ),
+        ] {
+            let base =
+                format!("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n{table}\n");
+            // The review's example, one just past the cap, and one that
+            // overflows humantime itself.
+            for long in ["500000000000y", "10y 1s", "99999999999999999999999s"] {
+                let err = resolve(&format!("{base}{key} = \"{long}\"\n")).unwrap_err();
+                assert!(
+                    err.starts_with(&format!("{setting}: {long:?} is longer than the 10 years")),
+                    "{setting} = {long}: {err}"
+                );
+                assert!(err.contains("give at most \"10y\""), "{err}");
+            }
+            // The cap itself is accepted.
+            if setting != "role.duration" {
+                resolve(&format!("{base}{key} = \"10y\"\n")).unwrap();
+            }
+        }
+        let err = resolve(&format!(
+            "{role}duration = \"1h\"\nrefresh_before = \"11y\"\n[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n"
+        ))
+        .unwrap_err();
+        assert!(err.starts_with("role.refresh_before: "), "{err}");
+        assert_eq!(
+            parse_duration("x", "10y").unwrap(),
+            MAX_DURATION,
+            "10y is the cap exactly"
+        );
     }
 
     #[test]

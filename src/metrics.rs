@@ -104,7 +104,8 @@ impl Health {
         let pending = self.pending.load(Ordering::Relaxed);
         let since = self.last_success.load(Ordering::Relaxed).max(self.started);
         let quiet = at - since;
-        if pending > 0 && quiet >= self.unhealthy_after.as_secs() as i64 {
+        let limit = i64::try_from(self.unhealthy_after.as_secs()).unwrap_or(i64::MAX);
+        if pending > 0 && quiet >= limit {
             out.push(format!(
                 "{pending} file(s) waiting and no upload succeeded for {quiet} s"
             ));

@@ -76,8 +76,9 @@ impl Deadlines {
 
     /// The deadline of a CompleteMultipartUpload of `parts` parts.
     pub fn for_complete(&self, parts: usize) -> Duration {
-        self.base
-            .saturating_add(Duration::from_millis(100).saturating_mul(parts as u32))
+        self.base.saturating_add(
+            Duration::from_millis(100).saturating_mul(u32::try_from(parts).unwrap_or(u32::MAX)),
+        )
     }
 }
 

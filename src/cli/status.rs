@@ -42,17 +42,12 @@ pub fn run(args: StatusArgs) -> ExitCode {
 }
 
 fn ago(t: i64) -> String {
-    let d = now() - t;
+    let d = now().saturating_sub(t);
+    let shown = humantime::format_duration(Duration::from_secs(d.unsigned_abs()));
     if d >= 0 {
-        format!(
-            "{} ago",
-            humantime::format_duration(Duration::from_secs(d as u64))
-        )
+        format!("{shown} ago")
     } else {
-        format!(
-            "in {}",
-            humantime::format_duration(Duration::from_secs((-d) as u64))
-        )
+        format!("in {shown}")
     }
 }
 

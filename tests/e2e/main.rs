@@ -6,6 +6,7 @@ mod attackers;
 mod check;
 mod faults;
 mod garage;
+mod hardening;
 mod hostile;
 mod longrun;
 mod packaging;
