@@ -16,8 +16,10 @@
 //! backoff; permanent ones mark the file failed with the reason until it
 //! changes or `failed_retry_after` passes. SIGTERM/SIGINT stop intake, let
 //! in-flight uploads finish within `shutdown_timeout`, and leave the journal
-//! consistent. The agent never reads the bucket and never deletes or moves a
-//! file whose upload is not recorded as done.
+//! consistent. A task that panics (or the watcher ending) stops the agent
+//! the same way, but with an error: it never exits 0 after one. The agent
+//! never reads the bucket and never deletes or moves a file whose upload is
+//! not recorded as done.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,33 @@ pub enum AgentError {
     Metrics(String),
     #[error("cannot watch for broken read leases (SIGIO handler): {0}")]
     Leases(std::io::Error),
+    #[error(
+        "{task} stopped: {detail}. This is a bug in putonly; the agent stopped (in-flight uploads resume from the journal at the next start). Please report it with the log"
+    )]
+    TaskFailed { task: &'static str, detail: String },
+}
+
+/// Debug builds only, for the tests of what a panicked task does to the
+/// agent: panics when PUTONLY_DEBUG_PANIC names `task`. Release builds
+/// have no such variable.
+#[cfg(debug_assertions)]
+fn debug_panic(task: &str) {
+    if std::env::var("PUTONLY_DEBUG_PANIC").is_ok_and(|v| v == task) {
+        panic!("PUTONLY_DEBUG_PANIC={task}");
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn debug_panic(_task: &str) {}
+
+/// What a background task that should run until shutdown ended with.
+fn task_ended(task: &'static str, joined: Result<(), tokio::task::JoinError>) -> AgentError {
+    let detail = match joined {
+        Ok(()) => "it ended on its own".to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(task, %detail, "a task of the agent stopped; shutting down");
+    AgentError::TaskFailed { task, detail }
 }
 
 /// The longest pause between two attempts at a file after transient failures.
@@ -135,16 +164,17 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
 
     let (ready_tx, mut ready_rx) = mpsc::channel::<Candidate>(concurrency * 2);
     let (requeue_tx, requeue_rx) = mpsc::unbounded_channel();
-    let watcher = tokio::spawn(
-        Watch::new(
-            settings.watches.clone(),
-            settings.agent.rescan_interval,
-            support.clone(),
-            ready_tx,
-            requeue_rx,
-        )
-        .run(),
+    let watch = Watch::new(
+        settings.watches.clone(),
+        settings.agent.rescan_interval,
+        support.clone(),
+        ready_tx,
+        requeue_rx,
     );
+    let mut watcher = tokio::spawn(async move {
+        debug_panic("watcher");
+        watch.run().await
+    });
     let shutdown_timeout = settings.agent.shutdown_timeout;
     let retention = state.retention;
     let ctx = Arc::new(Ctx {
@@ -161,10 +191,13 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         after_failures: Mutex::new(std::collections::HashMap::new()),
         claims_running: Mutex::new(HashSet::new()),
     });
-    let housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
-    let maintenance = tokio::spawn(maintenance(ctx.clone(), retention));
+    let mut housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
+    let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention));
+    // Set when a task panicked: the agent stops as on SIGTERM, then fails.
+    let mut failure: Option<AgentError> = None;
 
     let slots = Arc::new(Semaphore::new(concurrency));
+    let mut slot = None;
     let mut tasks: JoinSet<()> = JoinSet::new();
     tracing::info!("watching; ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -176,21 +209,31 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
                 tracing::warn!("SIGHUP: the configuration is not reloaded in place; restart the agent to apply changes (safe at any time: the journal resumes every upload)");
             }
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "an upload task failed");
+                if joined.is_err() {
+                    failure = Some(task_ended("an upload task", joined));
+                    break;
                 }
             }
-            permit = slots.clone().acquire_owned() => {
+            joined = &mut watcher => { failure = Some(task_ended("the watcher", joined)); break; }
+            joined = &mut housekeeping => { failure = Some(task_ended("housekeeping", joined)); break; }
+            joined = &mut maintenance => { failure = Some(task_ended("journal maintenance", joined)); break; }
+            // A slot first, then a candidate for it; waiting for either
+            // leaves every other branch (signals, a task that ended) live.
+            permit = slots.clone().acquire_owned(), if slot.is_none() => {
                 let Ok(permit) = permit else { break };
-                let cand = tokio::select! {
-                    c = ready_rx.recv() => c,
-                    _ = recv(&mut term) => { tracing::info!("SIGTERM: stopping"); break; }
-                    _ = recv(&mut int) => { tracing::info!("SIGINT: stopping"); break; }
+                slot = Some(permit);
+            }
+            cand = ready_rx.recv(), if slot.is_some() => {
+                let Some(cand) = cand else {
+                    // Only the watcher's end closes the queue.
+                    failure = Some(task_ended("the watcher", (&mut watcher).await));
+                    break;
                 };
-                let Some(cand) = cand else { break };
+                let permit = slot.take();
                 let ctx = ctx.clone();
                 tasks.spawn(async move {
                     let _permit = permit;
+                    debug_panic("upload");
                     ctx.process(cand).await;
                 });
             }
@@ -225,8 +268,13 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     if let Err(e) = journal.set_meta("agent_stopped_at", &now().to_string()) {
         tracing::warn!(error = %e, "journal: cannot record the stop");
     }
-    tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
 }
 
 /// Logs, per watch, which rule tells a finished file and why: a warning

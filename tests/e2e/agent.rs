@@ -94,6 +94,15 @@ impl Agent {
         self.child.kill().await.unwrap();
     }
 
+    /// The exit code of an agent that stops by itself within `limit`.
+    pub(crate) async fn exited(mut self, limit: Duration) -> Option<i32> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the agent stops by itself")
+            .unwrap()
+            .code()
+    }
+
     /// SIGTERM, then the exit code.
     pub(crate) async fn stop(mut self) -> Option<i32> {
         let pid = self.pid();

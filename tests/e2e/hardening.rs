@@ -1,11 +1,13 @@
 //! What the configuration must not let through, with the real binary: a
 //! duration beyond ten years is refused by `check --offline` and `run`
-//! alike, with no panic.
+//! alike, with no panic; a task that panics makes `putonly run` fail (never
+//! exit 0).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use crate::agent::{Agent, setup_custom};
 use crate::support::moto::Moto;
 use crate::support::{putonly, run};
 
@@ -89,4 +91,44 @@ async fn a_duration_beyond_ten_years_is_refused_and_run_fails_without_a_panic() 
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(message), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicked_task_makes_run_exit_non_zero() {
+    let s = setup_custom(
+        "",
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"200ms\"\n",
+        "[\"foo/\", \"fighters/\"]",
+        "",
+        "",
+    )
+    .await;
+    // No rescan to bring the next file, which the agent waited for before
+    // it looked at its tasks again.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("rescan_interval = \"10s\"", "rescan_interval = \"1h\""),
+    )
+    .unwrap();
+    for (task, stopped) in [
+        ("watcher", "the watcher stopped"),
+        ("upload", "an upload task stopped"),
+    ] {
+        let mut cmd = putonly(Some(s.moto.dir.path()));
+        cmd.env("PUTONLY_DEBUG_PANIC", task);
+        let agent = Agent::spawn(cmd, &s.config, &s.log);
+        std::fs::write(s.outbox.join(format!("{task}.csv")), b"x,y\n").unwrap();
+        // Start-up and the file's settle time: the panic is seen at once,
+        // not when the next file comes.
+        let code = agent.exited(Duration::from_secs(20)).await;
+        let log = std::fs::read_to_string(&s.log).unwrap();
+        assert_eq!(code, Some(1), "{log}");
+        assert!(
+            log.contains(&format!("PUTONLY_DEBUG_PANIC={task}")),
+            "{log}"
+        );
+        assert!(log.contains(stopped), "{log}");
+        assert!(log.contains("This is a bug in putonly"), "{log}");
+    }
 }
