@@ -136,7 +136,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         None => None,
     };
     tracing::info!(journal = %state.dir.display(), watches = settings.watches.len(), "putonly agent starting");
-    let sdk = load_sdk_config(&settings.aws).await;
+    let sdk = load_sdk_config(&settings.aws).await?;
     let credentials = tokio::select! {
         c = start_credentials(&sdk, &settings) => c?,
         _ = recv(&mut term) => { tracing::info!("SIGTERM during start-up: stopping"); return Ok(()); }

@@ -4,9 +4,11 @@
 //! Parsing is strict: an unknown key, a wrong type or an unparsable size or
 //! duration is an error that names the key, its line and the fix. Raw values
 //! ([`RawConfig`]) are resolved once into [`Settings`]; no other module reads
-//! the file or re-validates. Every duration is capped ([`MAX_DURATION`]).
-//! This module never touches the network or the credentials themselves (a
-//! profile is only a name here).
+//! the file or re-validates. Every duration is capped ([`MAX_DURATION`]);
+//! plain http is refused unless it stays on this machine or
+//! `aws.allow_insecure_http` says so ([`check_endpoint`]). This module
+//! never touches the network or the credentials themselves (a profile is
+//! only a name here).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -74,6 +76,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub agent: RawAgent,
     pub metrics: Option<RawMetrics>,
+    /// The file this came from, if any (named in messages; not a key).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -116,6 +121,10 @@ pub struct RawAws {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub endpoint_url: Option<String>,
+    pub allow_insecure_http: Option<bool>,
+    /// Set when `--endpoint-url` replaced the file's value (not a key).
+    #[serde(skip)]
+    pub endpoint_url_from_flag: bool,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -159,10 +168,12 @@ impl RawConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let mut raw = Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
             message,
-        })
+        })?;
+        raw.file = Some(path.to_path_buf());
+        Ok(raw)
     }
 
     /// Parses configuration text; the error is one line that names the
@@ -194,7 +205,15 @@ impl RawConfig {
 pub struct AwsSettings {
     pub region: Option<String>,
     pub profile: Option<String>,
+    /// Checked by [`check_endpoint`]: https, loopback, or allowed insecure.
     pub endpoint_url: Option<String>,
+    /// The setting `endpoint_url` came from, for messages:
+    /// `aws.endpoint_url` or `--endpoint-url`.
+    pub endpoint_setting: &'static str,
+    /// Plain http to a host other than loopback is allowed.
+    pub allow_insecure_http: bool,
+    /// The configuration file, if any (named in messages).
+    pub file: Option<PathBuf>,
 }
 
 /// The role to assume with STS.
@@ -397,19 +416,28 @@ pub struct MetricsSettings {
 impl Settings {
     /// Resolves raw values (the file merged with any flags) into settings.
     pub fn resolve(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let endpoint_setting = if raw.aws.endpoint_url_from_flag {
+            "--endpoint-url"
+        } else {
+            "aws.endpoint_url"
+        };
+        let allow_insecure_http = raw.aws.allow_insecure_http.unwrap_or(false);
+        let endpoint_url = non_empty(endpoint_setting, &raw.aws.endpoint_url)?;
+        if let Some(url) = &endpoint_url {
+            check_endpoint(
+                endpoint_setting,
+                url,
+                allow_insecure_http,
+                raw.file.as_deref(),
+            )?;
+        }
         let aws = AwsSettings {
             region: non_empty("aws.region", &raw.aws.region)?,
             profile: non_empty("aws.profile", &raw.aws.profile)?,
-            endpoint_url: match non_empty("aws.endpoint_url", &raw.aws.endpoint_url)? {
-                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
-                    return Err(ConfigError::invalid(
-                        "aws.endpoint_url",
-                        format!("{url:?} is not an http:// or https:// URL"),
-                        "write it as http://HOST:PORT or https://HOST",
-                    ));
-                }
-                other => other,
-            },
+            endpoint_url,
+            endpoint_setting,
+            allow_insecure_http,
+            file: raw.file.clone(),
         };
         let role = match &raw.role {
             None => None,
@@ -1020,6 +1048,91 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// How requests reach an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// https: encrypted and the server authenticated.
+    Tls,
+    /// Plain http to this machine (127.0.0.0/8, ::1, `localhost`): the
+    /// traffic never leaves it.
+    Loopback,
+    /// Plain http across a network, allowed by `aws.allow_insecure_http`.
+    Insecure,
+}
+
+/// The host of an http(s) URL, as a client connects to it (after any
+/// `user@`, without port or IPv6 brackets); `None` for another scheme.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    Some(match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    })
+}
+
+/// Whether `host` is this machine: `localhost`, 127.0.0.0/8, ::1 (also as
+/// ::ffff:127.x.y.z). Anything else, a name included, is not.
+fn is_loopback(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// Checks an endpoint URL from `setting` (a key, a flag or an environment
+/// variable): https is fine; plain http only to loopback, or anywhere when
+/// `allow_insecure` (`aws.allow_insecure_http`). Over plain http the
+/// temporary secret key and session token STS hands out cross the network
+/// in clear, and with unsigned payloads a man in the middle can swap a
+/// file's content for other bytes of the same length and recompute the CRC.
+/// `file` is the configuration file the fix names.
+pub fn check_endpoint(
+    setting: &str,
+    url: &str,
+    allow_insecure: bool,
+    file: Option<&Path>,
+) -> Result<Transport, ConfigError> {
+    let Some(host) = url_host(url) else {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{url:?} is not an http:// or https:// URL"),
+            "write it as https://HOST, or http://127.0.0.1:PORT for a server on this machine",
+        ));
+    };
+    if url.starts_with("https://") {
+        return Ok(Transport::Tls);
+    }
+    if is_loopback(host) {
+        return Ok(Transport::Loopback);
+    }
+    if allow_insecure {
+        return Ok(Transport::Insecure);
+    }
+    let file = file.map_or_else(
+        || "the configuration file (--config FILE; putonly push and policy also take --allow-insecure-http)".to_string(),
+        |p| p.display().to_string(),
+    );
+    Err(ConfigError::invalid(
+        setting,
+        format!(
+            "{url} is plain http to {host:?}, which is not this machine: the temporary secret key and session token from STS, and every file, would cross the network unencrypted, where they can be read, and a file swapped for other bytes of the same length with its CRC recomputed"
+        ),
+        format!(
+            "use https://; or, only on a network you trust, set allow_insecure_http = true in the [aws] table of {file}"
+        ),
+    ))
+}
+
 /// Parses a size such as `16MiB`, `8 MB` or `1048576`.
 pub fn parse_size(setting: &str, s: &str) -> Result<u64, ConfigError> {
     s.trim()
@@ -1321,6 +1434,96 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("watch[0].prefix"), "{bad}: {e}");
         }
+    }
+
+    fn with_aws(aws: &str) -> Result<Settings, String> {
+        resolve(&format!(
+            "[aws]\n{aws}\n[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n"
+        ))
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_loopback_or_allowed() {
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://127.8.9.10",
+            "http://[::1]:3900/",
+            "http://[::ffff:127.0.0.1]:9000",
+            "http://localhost:5000",
+            "http://LocalHost",
+            "https://s3.example.com",
+            "https://10.0.0.5:9000",
+        ] {
+            let s = with_aws(&format!("endpoint_url = \"{url}\"")).unwrap();
+            assert_eq!(s.aws.endpoint_url.as_deref(), Some(url));
+        }
+        for url in [
+            "http://10.0.0.5:9000",
+            "http://s3.example.com",
+            "http://127.0.0.1.evil.example",
+            "http://127.0.0.1@evil.example/",
+            "http://localhost.evil.example:80",
+            "http://evil.example#@127.0.0.1",
+            "http://[::2]:9000",
+            "http://0.0.0.0:9000",
+            "http://2130706433/",
+        ] {
+            let err = with_aws(&format!("endpoint_url = \"{url}\"")).unwrap_err();
+            assert!(err.starts_with("aws.endpoint_url: "), "{url}: {err}");
+            assert!(err.contains("plain http"), "{url}: {err}");
+            assert!(err.contains("unencrypted"), "{url}: {err}");
+            assert!(
+                err.contains("set allow_insecure_http = true in the [aws] table"),
+                "{url}: {err}"
+            );
+            // Allowed on purpose.
+            let s = with_aws(&format!(
+                "endpoint_url = \"{url}\"\nallow_insecure_http = true"
+            ))
+            .unwrap();
+            assert!(s.aws.allow_insecure_http);
+        }
+        assert_eq!(
+            check_endpoint("x", "http://10.1.1.1", true, None).unwrap(),
+            Transport::Insecure
+        );
+        assert_eq!(
+            check_endpoint("x", "http://127.0.0.1:1", false, None).unwrap(),
+            Transport::Loopback
+        );
+        assert_eq!(
+            check_endpoint("x", "https://10.1.1.1", false, None).unwrap(),
+            Transport::Tls
+        );
+    }
+
+    #[test]
+    fn a_refused_endpoint_names_the_file_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[aws]\nendpoint_url = \"http://192.0.2.7:9000\"\n[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n",
+        )
+        .unwrap();
+        let mut raw = RawConfig::load(&path).unwrap();
+        let err = Settings::resolve(&raw).unwrap_err().to_string();
+        assert!(
+            err.starts_with("aws.endpoint_url: http://192.0.2.7:9000 is plain http"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("[aws] table of {}", path.display())),
+            "{err}"
+        );
+        // The same URL from --endpoint-url names the flag.
+        raw.aws.endpoint_url_from_flag = true;
+        let err = Settings::resolve(&raw).unwrap_err().to_string();
+        assert!(err.starts_with("--endpoint-url: "), "{err}");
+        // Without a file, the fix says where it can go.
+        raw.file = None;
+        let err = Settings::resolve(&raw).unwrap_err().to_string();
+        assert!(err.contains("--allow-insecure-http"), "{err}");
     }
 
     #[test]

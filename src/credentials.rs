@@ -8,7 +8,10 @@
 //! jittered retries, and keeps handing out the current credentials while STS
 //! is unreachable, until they are about to expire. It must never log or
 //! print a secret key or session token (the SDK's `Credentials` redacts them
-//! in `Debug`; nothing here formats them).
+//! in `Debug`; nothing here formats them). It refuses to build clients that
+//! would send them in clear: every endpoint S3 and STS would use, wherever
+//! it was set (putonly's configuration or the AWS environment and profile),
+//! passes [`check_endpoint`] first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +27,7 @@ use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_types::SdkConfig;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{AwsSettings, RoleSettings};
+use crate::config::{AwsSettings, ConfigError, RoleSettings, Transport, check_endpoint};
 use crate::retry::Backoff;
 
 /// Why credentials could not be had.
@@ -62,8 +65,11 @@ impl CredentialError {
 }
 
 /// Loads the AWS SDK configuration: region, endpoint and base credentials,
-/// from the settings first and the standard AWS environment second.
-pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
+/// from the settings first and the standard AWS environment second. An
+/// endpoint from the AWS environment that would carry credentials in clear
+/// is refused as the configuration's own is ([`endpoints`]); one allowed by
+/// `aws.allow_insecure_http` is logged as a warning.
+pub async fn load_sdk_config(aws: &AwsSettings) -> Result<SdkConfig, ConfigError> {
     warn_about_exposed_credentials();
     let region =
         RegionProviderChain::first_try(aws.region.clone().map(aws_types::region::Region::new))
@@ -79,7 +85,115 @@ pub async fn load_sdk_config(aws: &AwsSettings) -> SdkConfig {
     if let Some(url) = &aws.endpoint_url {
         loader = loader.endpoint_url(url);
     }
-    loader.load().await
+    let sdk = loader.load().await;
+    for e in endpoints(&sdk, aws)? {
+        if e.transport == Transport::Insecure {
+            tracing::warn!(
+                service = e.service,
+                endpoint = %e.url,
+                source = %e.source,
+                "plain http to another host, allowed by aws.allow_insecure_http: the temporary credentials and the files cross the network unencrypted"
+            );
+        }
+    }
+    Ok(sdk)
+}
+
+/// An endpoint a client talks to, where it was set, and how it is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `S3` or `STS`.
+    pub service: &'static str,
+    pub url: String,
+    /// The setting or environment variable it came from.
+    pub source: String,
+    pub transport: Transport,
+}
+
+/// The endpoint each client built from `sdk` talks to, chosen as the SDK
+/// chooses it (`aws_sdk_s3::config::Builder::from(&SdkConfig)`): putonly's
+/// own endpoint_url first; otherwise AWS_ENDPOINT_URL_S3 (_STS),
+/// AWS_ENDPOINT_URL, the profile's `services` section, the profile's
+/// endpoint_url (none of them under AWS_IGNORE_CONFIGURED_ENDPOINT_URLS).
+/// None of those: AWS's own https endpoints, and nothing is listed. Each
+/// one found must pass [`check_endpoint`].
+pub fn endpoints(sdk: &SdkConfig, aws: &AwsSettings) -> Result<Vec<Endpoint>, ConfigError> {
+    let mut out = Vec::new();
+    for service in ["S3", "STS"] {
+        let (url, source) = match &aws.endpoint_url {
+            Some(url) => (url.clone(), aws.endpoint_setting.to_string()),
+            None => {
+                let configured = aws_types::service_config::ServiceConfigKey::builder()
+                    .service_id(service)
+                    .env("AWS_ENDPOINT_URL")
+                    .profile("endpoint_url")
+                    .build()
+                    .ok()
+                    .and_then(|key| sdk.service_config()?.load_config(key));
+                match configured.or_else(|| sdk.endpoint_url().map(str::to_string)) {
+                    Some(url) => {
+                        let source = endpoint_source(service, &url, aws);
+                        (url, source)
+                    }
+                    None => continue,
+                }
+            }
+        };
+        let transport = check_endpoint(&source, &url, aws.allow_insecure_http, aws.file.as_deref())
+            .map_err(|e| match e {
+                // From the AWS environment: it can also just go.
+                ConfigError::Invalid {
+                    setting,
+                    problem,
+                    fix,
+                } if aws.endpoint_url.is_none() => ConfigError::Invalid {
+                    fix: format!("{fix}; or remove it (aws.endpoint_url, if set, wins over it)"),
+                    setting,
+                    problem,
+                },
+                other => other,
+            })?;
+        out.push(Endpoint {
+            service,
+            url,
+            source,
+            transport,
+        });
+    }
+    Ok(out)
+}
+
+/// The endpoints the clients would use, found without the network (the
+/// region is fixed, so none is looked up): for `putonly check --offline`.
+pub async fn offline_endpoints(aws: &AwsSettings) -> Result<Vec<Endpoint>, ConfigError> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(aws_types::region::Region::from_static("us-east-1"));
+    if let Some(profile) = &aws.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    endpoints(&loader.load().await, aws)
+}
+
+/// Where an endpoint from the AWS environment was set, for messages.
+fn endpoint_source(service: &str, url: &str, aws: &AwsSettings) -> String {
+    let is = |var: &str| std::env::var(var).is_ok_and(|v| v.trim() == url.trim());
+    let service_var = format!("AWS_ENDPOINT_URL_{service}");
+    if is(&service_var) {
+        return format!("the environment variable {service_var}");
+    }
+    if is("AWS_ENDPOINT_URL") {
+        return "the environment variable AWS_ENDPOINT_URL".into();
+    }
+    let profile = aws
+        .profile
+        .clone()
+        .or_else(|| std::env::var("AWS_PROFILE").ok())
+        .unwrap_or_else(|| "default".into());
+    let file = std::env::var("AWS_CONFIG_FILE").unwrap_or_else(|_| "~/.aws/config".into());
+    format!("endpoint_url (or its services section) of the AWS profile {profile} in {file}")
 }
 
 /// The HTTP client every AWS call (S3 and STS) goes through: the SDK's own

@@ -2,7 +2,8 @@
 //! configuration, folders, the finished-file rule each watch runs under
 //! (a warning where no read lease can be had), state folder, base identity,
 //! the role, and (only when asked with --probe-write) one small write per
-//! allowed prefix.
+//! allowed prefix. It says which endpoints S3 and STS would use and why
+//! plain http is allowed there (loopback, or `aws.allow_insecure_http`).
 //! It never reads the bucket; `--offline` sends nothing at all.
 
 use std::process::ExitCode;
@@ -12,8 +13,10 @@ use bytes::Bytes;
 
 use super::{CheckArgs, EXIT_FAILED, EXIT_OK};
 use crate::checksum::Crc;
-use crate::config::{Settings, Sse};
-use crate::credentials::{CredentialSource, caller_identity, error_chain, load_sdk_config};
+use crate::config::{Settings, Sse, Transport};
+use crate::credentials::{
+    CredentialSource, caller_identity, error_chain, load_sdk_config, offline_endpoints,
+};
 use crate::s3::{ObjectWriter, S3Error, WriteOnlyBucket};
 use crate::writers::{Mode, Support};
 
@@ -48,7 +51,8 @@ pub async fn run(args: CheckArgs) -> ExitCode {
         format!("{} is valid", args.agent.config.display()),
     );
     local_checks(&settings, &mut r);
-    if !args.offline {
+    let endpoints_ok = endpoint_checks(&settings, &mut r).await;
+    if !args.offline && endpoints_ok {
         remote_checks(&settings, args.probe_write, &mut r).await;
     }
     if r.failed == 0 {
@@ -124,6 +128,46 @@ fn local_checks(settings: &Settings, r: &mut Report) {
     }
 }
 
+/// Which endpoints S3 and STS would use, from where, and why plain http is
+/// allowed there; found without the network. False when one is refused.
+async fn endpoint_checks(settings: &Settings, r: &mut Report) -> bool {
+    let endpoints = match offline_endpoints(&settings.aws).await {
+        Ok(e) => e,
+        Err(e) => {
+            r.fail("endpoint", e);
+            return false;
+        }
+    };
+    if endpoints.is_empty() {
+        r.ok("endpoint", "AWS's own, over https");
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        // S3 and STS at the same place from the same setting: one line.
+        let same = |o: &crate::credentials::Endpoint| o.url == e.url && o.source == e.source;
+        if endpoints[..i].iter().any(same) {
+            continue;
+        }
+        let services = if endpoints[i + 1..].iter().any(same) {
+            "S3 and STS".to_string()
+        } else {
+            e.service.to_string()
+        };
+        let at = format!("{services} at {} (from {})", e.url, e.source);
+        match e.transport {
+            Transport::Tls => r.ok("endpoint", format!("{at}, over https")),
+            Transport::Loopback => r.ok(
+                "endpoint",
+                format!("{at}: plain http, allowed because the host is loopback (the traffic never leaves this machine)"),
+            ),
+            Transport::Insecure => r.warn(
+                "endpoint",
+                format!("{at}: plain http to another host, allowed by aws.allow_insecure_http: the temporary credentials and the files cross the network unencrypted; use https:// unless this network is trusted"),
+            ),
+        }
+    }
+    true
+}
+
 /// Prepares the state folder as the agent does and writes a file in it.
 fn state_writable(dir: &std::path::Path) -> std::io::Result<()> {
     crate::journal::prepare_state_dir(dir)?;
@@ -133,7 +177,13 @@ fn state_writable(dir: &std::path::Path) -> std::io::Result<()> {
 }
 
 async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
-    let sdk = load_sdk_config(&settings.aws).await;
+    let sdk = match load_sdk_config(&settings.aws).await {
+        Ok(sdk) => sdk,
+        Err(e) => {
+            r.fail("endpoint", e);
+            return;
+        }
+    };
     match caller_identity(&sdk).await {
         Ok((arn, account)) => r.ok("base identity", format!("{arn} (account {account})")),
         Err(e) => {

@@ -337,9 +337,17 @@ pub struct AwsFlags {
     #[arg(long, value_name = "REGION")]
     pub region: Option<String>,
 
-    /// S3 and STS endpoint, for S3-compatible stores (overrides [aws] endpoint_url).
+    /// S3 and STS endpoint, for S3-compatible stores (overrides [aws]
+    /// endpoint_url). https://, or plain http:// to this machine
+    /// (127.0.0.1, ::1, localhost) only, unless --allow-insecure-http.
     #[arg(long, value_name = "URL")]
     pub endpoint_url: Option<String>,
+
+    /// Allow a plain http:// endpoint on another host (sets [aws]
+    /// allow_insecure_http): the temporary credentials and the files then
+    /// cross the network unencrypted. Only for a network you trust.
+    #[arg(long)]
+    pub allow_insecure_http: bool,
 }
 
 impl AwsFlags {
@@ -372,6 +380,10 @@ impl AwsFlags {
         }
         if let Some(u) = &self.endpoint_url {
             raw.aws.endpoint_url = Some(u.clone());
+            raw.aws.endpoint_url_from_flag = true;
+        }
+        if self.allow_insecure_http {
+            raw.aws.allow_insecure_http = Some(true);
         }
         Ok(raw)
     }
@@ -535,4 +547,45 @@ fn man() -> ExitCode {
 pub(crate) fn report_error(e: &dyn std::error::Error) {
     let chain = crate::credentials::error_chain(e);
     eprintln!("putonly: {}", crate::printable::printable(&chain));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(args: &[&str]) -> PushArgs {
+        let mut all = vec!["putonly", "push", "--bucket", "b-1", "--prefix", "foo/"];
+        all.extend_from_slice(args);
+        all.push("file.csv");
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Push(p) => *p,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn flags_over_a_plain_http_endpoint() {
+        let mut raw = push(&["--endpoint-url", "http://192.0.2.1:9000"])
+            .aws
+            .apply()
+            .unwrap();
+        raw.bucket.allowed_prefixes = Some(vec!["foo/".into()]);
+        let err = crate::config::Settings::resolve(&raw)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--endpoint-url: http://192.0.2.1:9000 is plain http"),
+            "{err}"
+        );
+        let mut raw = push(&[
+            "--endpoint-url",
+            "http://192.0.2.1:9000",
+            "--allow-insecure-http",
+        ])
+        .aws
+        .apply()
+        .unwrap();
+        raw.bucket.allowed_prefixes = Some(vec!["foo/".into()]);
+        crate::config::Settings::resolve(&raw).unwrap();
+    }
 }

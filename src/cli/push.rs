@@ -98,7 +98,13 @@ pub async fn run(args: PushArgs) -> ExitCode {
             Err(e) => {
                 report_error(e.as_ref());
                 out.finish();
-                return ExitCode::from(EXIT_FAILED);
+                // A refused endpoint from the AWS environment is a
+                // configuration error: nothing was sent.
+                return ExitCode::from(if e.is::<ConfigError>() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                });
             }
         }
     }
@@ -237,7 +243,7 @@ async fn send(
     settings: &Settings,
     out: &Output,
 ) -> Result<SendResult, Box<dyn std::error::Error>> {
-    let sdk = load_sdk_config(&settings.aws).await;
+    let sdk = load_sdk_config(&settings.aws).await?;
     let credentials = CredentialSource::start(&sdk, settings.role.as_ref()).await?;
     let bucket = Arc::new(WriteOnlyBucket::new(
         &sdk,

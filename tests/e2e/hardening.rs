@@ -1,7 +1,8 @@
-//! What the configuration must not let through, with the real binary: a
-//! duration beyond ten years is refused by `check --offline` and `run`
-//! alike, with no panic; a task that panics makes `putonly run` fail (never
-//! exit 0).
+//! What the configuration must not let through, with the real binary: plain
+//! http to another host (from the file, a flag, the AWS environment or
+//! profile) is refused unless `allow_insecure_http` says so; a duration
+//! beyond ten years is refused by `check --offline` and `run` alike, with
+//! no panic; a task that panics makes `putonly run` fail (never exit 0).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -59,6 +60,122 @@ async fn run_agent(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String,
         .await
         .expect("putonly run stops by itself");
     text(&out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_to_another_host_is_refused_wherever_it_is_set() {
+    let work = tempfile::tempdir().unwrap();
+    let insecure = agent_config(work.path(), "endpoint_url = \"http://192.0.2.10:9000\"", "");
+    let refusal = "aws.endpoint_url: http://192.0.2.10:9000 is plain http to \"192.0.2.10\", which is not this machine: the temporary secret key and session token from STS, and every file, would cross the network unencrypted";
+    let fix = format!(
+        "set allow_insecure_http = true in the [aws] table of {}",
+        insecure.display()
+    );
+
+    // check, run and push: a configuration error (2), naming the setting,
+    // the file and the fix; nothing sent.
+    let (code, _, err) = check_offline(&insecure, &[]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(refusal), "{err}");
+    assert!(err.contains(&fix), "{err}");
+    let (code, _, err) = run_agent(&insecure, &[]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(refusal), "{err}");
+    let file = work.path().join("report.csv");
+    std::fs::write(&file, b"a,b\n").unwrap();
+    let (code, _, err) = text(
+        &run(putonly(None)
+            .args(["push", "--config"])
+            .arg(&insecure)
+            .arg(&file))
+        .await,
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(refusal), "{err}");
+    let (code, _, err) = text(
+        &run(putonly(None)
+            .args([
+                "push",
+                "--bucket",
+                "account-b-bucket",
+                "--prefix",
+                "foo/",
+                "--endpoint-url",
+                "http://192.0.2.10:9000",
+            ])
+            .arg(&file))
+        .await,
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--endpoint-url: http://192.0.2.10:9000 is plain http"),
+        "{err}"
+    );
+    assert!(err.contains("--allow-insecure-http"), "{err}");
+
+    // Allowed on purpose: check says so, as a warning.
+    let allowed = agent_config(
+        work.path(),
+        "endpoint_url = \"http://192.0.2.10:9000\"\nallow_insecure_http = true",
+        "",
+    );
+    let (code, out, err) = check_offline(&allowed, &[]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("[warn] endpoint: S3 and STS at http://192.0.2.10:9000 (from aws.endpoint_url): plain http to another host, allowed by aws.allow_insecure_http"),
+        "{out}"
+    );
+
+    // Loopback is fine, and says why; it wins over the AWS environment.
+    let loopback = agent_config(work.path(), "endpoint_url = \"http://127.0.0.1:9\"", "");
+    let (code, out, _) =
+        check_offline(&loopback, &[("AWS_ENDPOINT_URL", "http://192.0.2.12")]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("[ ok ] endpoint: S3 and STS at http://127.0.0.1:9 (from aws.endpoint_url): plain http, allowed because the host is loopback"),
+        "{out}"
+    );
+
+    // From the AWS environment, with nothing in the file: refused too.
+    let silent = agent_config(work.path(), "", "");
+    let sts_env = [("AWS_ENDPOINT_URL_STS", "http://192.0.2.11")];
+    let (code, out, _) = check_offline(&silent, &sts_env).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("[FAIL] endpoint: the environment variable AWS_ENDPOINT_URL_STS: http://192.0.2.11 is plain http"),
+        "{out}"
+    );
+    let (code, _, err) = run_agent(&silent, &sts_env).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "the environment variable AWS_ENDPOINT_URL_STS: http://192.0.2.11 is plain http"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("or remove it"), "{err}");
+
+    // ... and from the AWS profile.
+    let aws_config = work.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        "[profile p]\nregion = us-east-1\nendpoint_url = http://192.0.2.13:80\n",
+    )
+    .unwrap();
+    let with_profile = agent_config(work.path(), "profile = \"p\"", "");
+    let (code, out, _) = check_offline(
+        &with_profile,
+        &[("AWS_CONFIG_FILE", aws_config.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "[FAIL] endpoint: endpoint_url (or its services section) of the AWS profile p in {}: http://192.0.2.13:80 is plain http",
+            aws_config.display()
+        )),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
