@@ -136,6 +136,9 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         None => None,
     };
     tracing::info!(journal = %state.dir.display(), watches = settings.watches.len(), "putonly agent starting");
+    for warning in settings.exposed_files() {
+        tracing::warn!("{warning}");
+    }
     let sdk = load_sdk_config(&settings.aws).await?;
     let credentials = tokio::select! {
         c = start_credentials(&sdk, &settings) => c?,

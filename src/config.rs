@@ -4,9 +4,10 @@
 //! Parsing is strict: an unknown key, a wrong type or an unparsable size or
 //! duration is an error that names the key, its line and the fix. Raw values
 //! ([`RawConfig`]) are resolved once into [`Settings`]; no other module reads
-//! the file or re-validates. Every duration is capped ([`MAX_DURATION`]);
-//! plain http is refused unless it stays on this machine or
-//! `aws.allow_insecure_http` says so ([`check_endpoint`]). This module
+//! the file (or the external id file) or re-validates. Every duration is
+//! capped ([`MAX_DURATION`]); plain http is refused unless it stays on this
+//! machine or `aws.allow_insecure_http` says so ([`check_endpoint`]). The
+//! external id is a [`Secret`]: no `Debug` output shows it. This module
 //! never touches the network or the credentials themselves (a profile is
 //! only a name here).
 
@@ -30,6 +31,37 @@ pub const MAX_PARTS: u64 = 10_000;
 /// The longest duration any setting may hold: ten years (of 365.25 days).
 /// Longer ones would overflow the clocks they are added to.
 pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// A value that must never be shown: its `Debug` prints `"** redacted **"`
+/// and it has no `Display`. [`Secret::expose`] is the one way to the text,
+/// for the request that needs it.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one request that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"** redacted **\"")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
 
 /// A configuration problem: what is wrong, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +164,8 @@ pub struct RawAws {
 pub struct RawRole {
     pub arn: Option<String>,
     pub session_name: Option<String>,
-    pub external_id: Option<String>,
+    pub external_id: Option<Secret>,
+    pub external_id_file: Option<PathBuf>,
     pub duration: Option<String>,
     pub refresh_before: Option<String>,
 }
@@ -221,7 +254,12 @@ pub struct AwsSettings {
 pub struct RoleSettings {
     pub arn: String,
     pub session_name: String,
-    pub external_id: Option<String>,
+    /// From `external_id`, `external_id_file`, `--external-id`,
+    /// `PUTONLY_EXTERNAL_ID` or `--external-id-file`; never shown.
+    pub external_id: Option<Secret>,
+    /// The file the external id was read from, if it was (its permissions
+    /// are checked like the configuration file's).
+    pub external_id_file: Option<PathBuf>,
     /// Asked of STS as is; STS may refuse values outside its own limits.
     pub duration: Duration,
     /// Renew this long before the credentials expire.
@@ -772,13 +810,68 @@ fn resolve_role(r: &RawRole) -> Result<RoleSettings, ConfigError> {
             "make refresh_before smaller than duration (a fifth of it is a good choice)",
         ));
     }
+    let (external_id, external_id_file) = resolve_external_id(r)?;
     Ok(RoleSettings {
         arn,
         session_name,
-        external_id: non_empty("role.external_id", &r.external_id)?,
+        external_id,
+        external_id_file,
         duration,
         refresh_before,
     })
+}
+
+/// The external id, from `role.external_id` or the file `role.external_id_file`
+/// names (one line; surrounding white space is dropped). The value is never
+/// part of an error message.
+fn resolve_external_id(r: &RawRole) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
+    let (value, setting, file) = match (&r.external_id, &r.external_id_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                "role.external_id_file",
+                "is set together with role.external_id",
+                "keep one: external_id_file (preferred: the file can be readable by the agent alone) or external_id",
+            ));
+        }
+        (None, None) => return Ok((None, None)),
+        (Some(id), None) => (id.expose().to_string(), "role.external_id", None),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::invalid(
+                    "role.external_id_file",
+                    format!("cannot read {}: {e}", path.display()),
+                    "create the file with the external id on one line, readable by the agent's user only (chmod 600, or 640 with the agent's group)",
+                )
+            })?;
+            (text, "role.external_id_file", Some(path.clone()))
+        }
+    };
+    let id = value.trim();
+    let where_ = file
+        .as_ref()
+        .map_or(String::new(), |p| format!(" ({})", p.display()));
+    if id.is_empty() {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("is empty{where_}"),
+            "give the external id the role's trust policy requires, or remove the setting",
+        ));
+    }
+    // STS: at most 1224 characters from [\w+=,.@:/-] (and at least 2, left
+    // to STS itself). Checked here so that a stray line or character in the
+    // file is found before STS refuses it.
+    if id.len() > 1224
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c))
+    {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("is not a valid external id{where_} (the value is not shown: it is a secret)"),
+            "STS accepts up to 1224 characters from letters, digits and _+=,.@:/- on one line",
+        ));
+    }
+    Ok((Some(Secret::new(id)), file))
 }
 
 fn resolve_bucket(b: &RawBucket) -> Result<BucketSettings, ConfigError> {
@@ -1131,6 +1224,85 @@ pub fn check_endpoint(
             "use https://; or, only on a network you trust, set allow_insecure_http = true in the [aws] table of {file}"
         ),
     ))
+}
+
+/// Who besides the agent's user can read `path`, as a warning with the fix:
+/// other users (o+r), or a group this process is not in (g+r). `None` when
+/// only the owner and the process's own groups can (the packaged
+/// /etc/putonly/agent.toml is 0640 root:putonly), or it cannot be told.
+pub fn readable_by_others(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode();
+    let shown = path.display();
+    if mode & 0o004 != 0 {
+        return Some(format!(
+            "{shown} (mode {:04o}) can be read by every user of this machine; fix: chmod o-r {shown}",
+            mode & 0o7777
+        ));
+    }
+    if mode & 0o040 != 0 && !in_group(meta.gid()) {
+        let group = group_name(meta.gid()).unwrap_or_else(|| meta.gid().to_string());
+        return Some(format!(
+            "{shown} (mode {:04o}) can be read by the members of group {group}, and this process is not in that group; fix: chgrp to the agent's group (the package's is putonly), or chmod g-r {shown}",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// Whether this process runs in group `gid` (effective or supplementary).
+/// The packaged group `putonly` counts as the agent's too, so that a check
+/// run by root does not warn about the packaged file.
+fn in_group(gid: u32) -> bool {
+    // SAFETY: getegid cannot fail; getgroups writes at most buf.len() ids.
+    if unsafe { libc::getegid() } == gid {
+        return true;
+    }
+    let mut buf = vec![0 as libc::gid_t; 1024];
+    let len = libc::c_int::try_from(buf.len()).unwrap_or(0);
+    let n = unsafe { libc::getgroups(len, buf.as_mut_ptr()) };
+    if let Ok(n) = usize::try_from(n)
+        && buf[..n.min(buf.len())].contains(&gid)
+    {
+        return true;
+    }
+    group_name(gid).as_deref() == Some("putonly")
+}
+
+/// The name of group `gid`, if the system knows one.
+fn group_name(gid: u32) -> Option<String> {
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given; the result
+    // points into `group` and `buf`, both alive while it is read.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut group, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || group.gr_name.is_null() {
+        return None;
+    }
+    // SAFETY: gr_name is a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(group.gr_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+impl Settings {
+    /// Files holding this configuration (the file itself, the external id
+    /// file) that users other than the agent's can read: one warning with
+    /// the fix for each.
+    pub fn exposed_files(&self) -> Vec<String> {
+        let id_file = self
+            .role
+            .as_ref()
+            .and_then(|r| r.external_id_file.as_deref());
+        self.aws
+            .file
+            .as_deref()
+            .into_iter()
+            .chain(id_file)
+            .filter_map(readable_by_others)
+            .collect()
+    }
 }
 
 /// Parses a size such as `16MiB`, `8 MB` or `1048576`.
@@ -1578,6 +1750,152 @@ mod tests {
             MAX_DURATION,
             "10y is the cap exactly"
         );
+    }
+
+    const ROLE: &str = "[role]\narn = \"arn:aws:iam::123456789012:role/r\"\n";
+    const BUCKET: &str = "[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n";
+
+    #[test]
+    fn the_external_id_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("external-id");
+        std::fs::write(&file, "ext-1234:abc/def\n").unwrap();
+        let text = format!(
+            "{ROLE}external_id_file = {:?}\n{BUCKET}",
+            file.display().to_string()
+        );
+        let role = resolve(&text).unwrap().role.unwrap();
+        assert_eq!(
+            role.external_id.as_ref().map(Secret::expose),
+            Some("ext-1234:abc/def")
+        );
+        assert_eq!(role.external_id_file.as_deref(), Some(file.as_path()));
+
+        // Both ways at once, a missing file, an empty one, a bad value.
+        let both = format!("{ROLE}external_id = \"x1\"\nexternal_id_file = \"/x\"\n{BUCKET}");
+        let err = resolve(&both).unwrap_err();
+        assert!(
+            err.starts_with("role.external_id_file: is set together with role.external_id"),
+            "{err}"
+        );
+        let missing = dir.path().join("nope");
+        let err = resolve(&format!(
+            "{ROLE}external_id_file = {:?}\n{BUCKET}",
+            missing.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("role.external_id_file: cannot read"),
+            "{err}"
+        );
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        std::fs::write(&file, "\n").unwrap();
+        let err = resolve(&text).unwrap_err();
+        assert!(err.starts_with("role.external_id_file: is empty"), "{err}");
+        std::fs::write(&file, "secret-value\nsecond line\n").unwrap();
+        let err = resolve(&text).unwrap_err();
+        assert!(
+            err.starts_with("role.external_id_file: is not a valid external id"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("secret-value"),
+            "the value is never shown: {err}"
+        );
+        let err = resolve(&format!("{ROLE}external_id = \"has space\"\n{BUCKET}")).unwrap_err();
+        assert!(err.starts_with("role.external_id: is not a valid"), "{err}");
+        assert!(!err.contains("has space"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_external_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("id");
+        std::fs::write(&file, "from-the-file-42\n").unwrap();
+        for (text, id) in [
+            (
+                format!("{ROLE}external_id = \"in-the-config-41\"\n{BUCKET}"),
+                "in-the-config-41",
+            ),
+            (
+                format!(
+                    "{ROLE}external_id_file = {:?}\n{BUCKET}",
+                    file.display().to_string()
+                ),
+                "from-the-file-42",
+            ),
+        ] {
+            let raw = RawConfig::parse(&text).unwrap();
+            let settings = Settings::resolve(&raw).unwrap();
+            for shown in [
+                format!("{raw:?}"),
+                format!("{raw:#?}"),
+                format!("{settings:?}"),
+                format!("{settings:#?}"),
+                format!("{:?}", settings.role),
+            ] {
+                assert!(!shown.contains(id), "{shown}");
+                assert!(
+                    shown.contains("** redacted **") || !shown.contains("external_id: Some"),
+                    "{shown}"
+                );
+            }
+            assert!(format!("{settings:?}").contains("external_id: Some(\"** redacted **\")"));
+        }
+    }
+
+    #[test]
+    fn files_other_users_can_read_are_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("agent.toml");
+        let id = dir.path().join("external-id");
+        std::fs::write(&id, "abc-1\n").unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "{ROLE}external_id_file = {:?}\n{BUCKET}",
+                id.display().to_string()
+            ),
+        )
+        .unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let settings = || Settings::resolve(&RawConfig::load(&config).unwrap()).unwrap();
+        // The packaged modes: owner, and a group this process is in.
+        mode(&config, 0o640);
+        mode(&id, 0o600);
+        assert_eq!(settings().exposed_files(), Vec::<String>::new());
+        // Everyone can read both.
+        mode(&config, 0o644);
+        mode(&id, 0o604);
+        let warnings = settings().exposed_files();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(&format!(
+                "{} (mode 0644) can be read by every user",
+                config.display()
+            )),
+            "{warnings:?}"
+        );
+        assert!(warnings[0].ends_with(&format!("fix: chmod o-r {}", config.display())));
+        assert!(
+            warnings[1].starts_with(&id.display().to_string()),
+            "{warnings:?}"
+        );
+        // Group-readable by a group this process is not in (needs root to
+        // give the file to such a group).
+        mode(&config, 0o640);
+        mode(&id, 0o640);
+        if std::os::unix::fs::chown(&id, None, Some(54_321)).is_ok() {
+            let warnings = settings().exposed_files();
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(
+                warnings[0].contains("can be read by the members of group 54321, and this process is not in that group"),
+                "{warnings:?}"
+            );
+        }
     }
 
     #[test]

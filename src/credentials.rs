@@ -8,10 +8,11 @@
 //! jittered retries, and keeps handing out the current credentials while STS
 //! is unreachable, until they are about to expire. It must never log or
 //! print a secret key or session token (the SDK's `Credentials` redacts them
-//! in `Debug`; nothing here formats them). It refuses to build clients that
-//! would send them in clear: every endpoint S3 and STS would use, wherever
-//! it was set (putonly's configuration or the AWS environment and profile),
-//! passes [`check_endpoint`] first.
+//! in `Debug`; nothing here formats them), nor the external id (a
+//! [`crate::config::Secret`]). It refuses to build clients that would send
+//! them in clear: every endpoint S3 and STS would use, wherever it was set
+//! (putonly's configuration or the AWS environment and profile), passes
+//! [`check_endpoint`] first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -529,7 +530,7 @@ impl RoleSession {
             .role_session_name(&self.settings.session_name)
             .duration_seconds(i32::try_from(self.settings.duration.as_secs()).unwrap_or(i32::MAX));
         if let Some(id) = &self.settings.external_id {
-            req = req.external_id(id);
+            req = req.external_id(id.expose());
         }
         let out = req.send().await.map_err(|e| classify_sts(arn, e))?;
         let c = out

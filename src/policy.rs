@@ -123,7 +123,7 @@ pub fn generate(settings: &Settings, principal: Option<&str>) -> Result<Document
             "Action": "sts:AssumeRole",
         });
         if let Some(id) = &role.external_id {
-            statement["Condition"] = json!({ "StringEquals": { "sts:ExternalId": id } });
+            statement["Condition"] = json!({ "StringEquals": { "sts:ExternalId": id.expose() } });
         }
         json!({ "Version": "2012-10-17", "Statement": [statement] })
     });

@@ -3,7 +3,9 @@
 //! (a warning where no read lease can be had), state folder, base identity,
 //! the role, and (only when asked with --probe-write) one small write per
 //! allowed prefix. It says which endpoints S3 and STS would use and why
-//! plain http is allowed there (loopback, or `aws.allow_insecure_http`).
+//! plain http is allowed there (loopback, or `aws.allow_insecure_http`),
+//! and warns when users other than the agent's can read the configuration
+//! or the external id file.
 //! It never reads the bucket; `--offline` sends nothing at all.
 
 use std::process::ExitCode;
@@ -41,7 +43,7 @@ impl Report {
 }
 
 pub async fn run(args: CheckArgs) -> ExitCode {
-    let settings = match args.agent.settings() {
+    let settings = match args.agent.settings_with(Some(&args.external_id)) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -50,6 +52,9 @@ pub async fn run(args: CheckArgs) -> ExitCode {
         "configuration",
         format!("{} is valid", args.agent.config.display()),
     );
+    for warning in settings.exposed_files() {
+        r.warn("configuration file", warning);
+    }
     local_checks(&settings, &mut r);
     let endpoints_ok = endpoint_checks(&settings, &mut r).await;
     if !args.offline && endpoints_ok {

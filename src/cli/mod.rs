@@ -1,7 +1,9 @@
 //! The command line: argument definitions, logging set-up, and dispatch to
 //! each subcommand. Flags are parsed into raw values here and merged into the
-//! configuration once ([`AwsFlags::apply`]); the subcommands receive checked
-//! settings. This module never talks to S3 itself.
+//! configuration once ([`AwsFlags::apply`], [`ExternalIdFlags::apply`]); the
+//! subcommands receive checked settings. This module never talks to S3
+//! itself, and never shows the external id (a [`Secret`]: `--help` hides
+//! PUTONLY_EXTERNAL_ID's value).
 
 mod check;
 mod policy;
@@ -13,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{ConfigError, RawConfig, RawRole};
+use crate::config::{ConfigError, RawConfig, RawRole, Secret};
 
 /// Exit status: everything asked for was done.
 pub const EXIT_OK: u8 = 0;
@@ -200,6 +202,9 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub agent: AgentConfig,
 
+    #[command(flatten)]
+    pub external_id: ExternalIdFlags,
+
     /// Check the configuration and the folders only; send nothing.
     #[arg(long, conflicts_with = "probe_write")]
     pub offline: bool,
@@ -279,8 +284,22 @@ impl AgentConfig {
     /// Loads and resolves the file; a problem is reported on standard error
     /// and becomes the usage exit status.
     pub fn settings(&self) -> Result<crate::config::Settings, ExitCode> {
+        self.settings_with(None)
+    }
+
+    /// As [`AgentConfig::settings`], with the external id flags laid over
+    /// the file.
+    pub fn settings_with(
+        &self,
+        external_id: Option<&ExternalIdFlags>,
+    ) -> Result<crate::config::Settings, ExitCode> {
         RawConfig::load(&self.config)
-            .and_then(|raw| crate::config::Settings::resolve(&raw))
+            .and_then(|mut raw| {
+                if let Some(flags) = external_id {
+                    flags.apply(&mut raw)?;
+                }
+                crate::config::Settings::resolve(&raw)
+            })
             .map_err(|e| {
                 report_error(&e);
                 ExitCode::from(EXIT_USAGE)
@@ -292,6 +311,68 @@ impl AgentConfig {
 pub struct RunArgs {
     #[command(flatten)]
     pub agent: AgentConfig,
+
+    #[command(flatten)]
+    pub external_id: ExternalIdFlags,
+}
+
+/// The environment variable that can hold the external id.
+pub const EXTERNAL_ID_ENV: &str = "PUTONLY_EXTERNAL_ID";
+
+/// The external id given on the command line or in the environment
+/// (overrides [role] external_id and external_id_file).
+#[derive(Debug, Args)]
+pub struct ExternalIdFlags {
+    /// External id the role's trust policy requires (overrides [role]
+    /// external_id). A value given here is visible to every user of the
+    /// machine in `ps` and stays in shell history: prefer --external-id-file,
+    /// [role] external_id_file, or the PUTONLY_EXTERNAL_ID environment
+    /// variable.
+    #[arg(
+        long,
+        value_name = "ID",
+        env = EXTERNAL_ID_ENV,
+        hide_env_values = true
+    )]
+    pub external_id: Option<Secret>,
+
+    /// File holding the external id on one line, readable by this user only
+    /// (overrides [role] external_id and external_id_file, and
+    /// PUTONLY_EXTERNAL_ID).
+    #[arg(long, value_name = "FILE")]
+    pub external_id_file: Option<PathBuf>,
+}
+
+impl ExternalIdFlags {
+    /// Lays the external id over the configuration. One from the
+    /// environment only fills in a role that exists (a role given by the
+    /// file or --role-arn); --external-id-file wins over it. The id itself
+    /// is never printed.
+    pub fn apply(&self, raw: &mut RawConfig) -> Result<(), ConfigError> {
+        let from_env = self
+            .external_id
+            .as_ref()
+            .is_some_and(|id| std::env::var_os(EXTERNAL_ID_ENV).is_some_and(|v| v == id.expose()));
+        let id = match (&self.external_id, &self.external_id_file) {
+            (Some(_), Some(_)) if !from_env => {
+                return Err(ConfigError::Invalid {
+                    setting: "--external-id".into(),
+                    problem: "is given together with --external-id-file".into(),
+                    fix: "pass one of them (--external-id-file keeps the id out of ps)".into(),
+                });
+            }
+            (_, Some(_)) => None,
+            (Some(_), None) if from_env && raw.role.is_none() => None,
+            (id, None) => id.clone(),
+        };
+        if id.is_none() && self.external_id_file.is_none() {
+            return Ok(());
+        }
+        let role = raw.role.get_or_insert_with(RawRole::default);
+        role.external_id = id;
+        role.external_id_file = self.external_id_file.clone();
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -325,9 +406,8 @@ pub struct AwsFlags {
     #[arg(long, value_name = "ARN")]
     pub role_arn: Option<String>,
 
-    /// External id the role's trust policy requires (overrides [role] external_id).
-    #[arg(long, value_name = "ID")]
-    pub external_id: Option<String>,
+    #[command(flatten)]
+    pub external_id: ExternalIdFlags,
 
     /// Profile holding the base credentials (overrides [aws] profile).
     #[arg(long, value_name = "NAME")]
@@ -363,15 +443,10 @@ impl AwsFlags {
         if !self.allowed_prefixes.is_empty() {
             raw.bucket.allowed_prefixes = Some(self.allowed_prefixes.clone());
         }
-        if self.role_arn.is_some() || self.external_id.is_some() {
-            let role = raw.role.get_or_insert_with(RawRole::default);
-            if let Some(arn) = &self.role_arn {
-                role.arn = Some(arn.clone());
-            }
-            if let Some(id) = &self.external_id {
-                role.external_id = Some(id.clone());
-            }
+        if let Some(arn) = &self.role_arn {
+            raw.role.get_or_insert_with(RawRole::default).arn = Some(arn.clone());
         }
+        self.external_id.apply(&mut raw)?;
         if let Some(p) = &self.profile {
             raw.aws.profile = Some(p.clone());
         }
@@ -493,7 +568,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn run_agent(args: RunArgs) -> ExitCode {
-    let settings = match args.agent.settings() {
+    let settings = match args.agent.settings_with(Some(&args.external_id)) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -561,6 +636,71 @@ mod tests {
             Command::Push(p) => *p,
             _ => unreachable!(),
         }
+    }
+
+    fn role_of(args: &PushArgs) -> Option<crate::config::RoleSettings> {
+        let mut raw = args.aws.apply().unwrap();
+        raw.bucket.allowed_prefixes = Some(vec!["foo/".into()]);
+        crate::config::Settings::resolve(&raw).unwrap().role
+    }
+
+    const ARN: &str = "arn:aws:iam::123456789012:role/r";
+
+    #[test]
+    fn the_external_id_comes_from_the_flag_the_environment_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("id");
+        std::fs::write(&file, "from-file-7\n").unwrap();
+        let file_arg = file.to_str().unwrap();
+        let id = |args: &[&str]| {
+            role_of(&push(args)).and_then(|r| r.external_id.map(|s| s.expose().to_string()))
+        };
+        assert_eq!(
+            id(&["--role-arn", ARN, "--external-id", "flag-5"]).as_deref(),
+            Some("flag-5")
+        );
+        assert_eq!(
+            id(&["--role-arn", ARN, "--external-id-file", file_arg]).as_deref(),
+            Some("from-file-7")
+        );
+        // Both on the command line: refused, naming both.
+        let both = push(&[
+            "--role-arn",
+            ARN,
+            "--external-id",
+            "x-1",
+            "--external-id-file",
+            file_arg,
+        ]);
+        let err = both.aws.apply().unwrap_err().to_string();
+        assert!(
+            err.starts_with("--external-id: is given together with --external-id-file"),
+            "{err}"
+        );
+
+        // SAFETY: the only test that sets this variable; the assertions that
+        // need it unset come before.
+        unsafe { std::env::set_var(EXTERNAL_ID_ENV, "env-6") };
+        assert_eq!(id(&["--role-arn", ARN]).as_deref(), Some("env-6"));
+        // The file flag wins over the environment; the environment alone
+        // makes no role.
+        assert_eq!(
+            id(&["--role-arn", ARN, "--external-id-file", file_arg]).as_deref(),
+            Some("from-file-7")
+        );
+        assert!(role_of(&push(&[])).is_none());
+        // Neither the parsed flags nor --help show the value.
+        let parsed = push(&["--role-arn", ARN]);
+        assert!(!format!("{parsed:?}").contains("env-6"), "{parsed:?}");
+        use clap::CommandFactory;
+        let help = Cli::command()
+            .find_subcommand_mut("push")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("PUTONLY_EXTERNAL_ID"), "{help}");
+        assert!(!help.contains("env-6"), "{help}");
+        unsafe { std::env::remove_var(EXTERNAL_ID_ENV) };
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! What the configuration must not let through, with the real binary: plain
 //! http to another host (from the file, a flag, the AWS environment or
 //! profile) is refused unless `allow_insecure_http` says so; a duration
-//! beyond ten years is refused by `check --offline` and `run` alike, with
-//! no panic; a task that panics makes `putonly run` fail (never exit 0).
+//! beyond ten years is refused by `check --offline` and `run` alike, with no
+//! panic; a task that panics makes `putonly run` fail (never exit 0); the
+//! external id from a file or PUTONLY_EXTERNAL_ID reaches AssumeRole (read
+//! by the recording proxy) and neither the agent's argv nor its log.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::agent::{Agent, setup_custom};
+use crate::agent::{Agent, setup_custom, wait_done};
 use crate::support::moto::Moto;
 use crate::support::{putonly, run};
 
@@ -248,4 +250,133 @@ async fn a_panicked_task_makes_run_exit_non_zero() {
         assert!(log.contains(stopped), "{log}");
         assert!(log.contains("This is a bug in putonly"), "{log}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_external_id_reaches_assume_role_and_not_argv_or_the_log() {
+    use std::os::unix::fs::PermissionsExt;
+    const ID: &str = "e2e-ext:7Hq2/id=ok";
+    let secrets = tempfile::tempdir().unwrap();
+    let id_file = secrets.path().join("external-id");
+    std::fs::write(&id_file, format!("{ID}\n")).unwrap();
+    std::fs::set_permissions(&id_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = setup_custom(
+        &format!("external_id_file = \"{}\"\n", id_file.display()),
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"200ms\"\n",
+        "[\"foo/\", \"fighters/\"]",
+        "",
+        "",
+    )
+    .await;
+
+    // check warns about files every user can read, and stops once they
+    // are not.
+    std::fs::set_permissions(&s.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let creds = s.moto.dir.path();
+    let (code, out, _) = text(
+        &run(putonly(Some(creds))
+            .args(["check", "--offline", "--config"])
+            .arg(&s.config))
+        .await,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "[warn] configuration file: {} (mode 0644) can be read by every user of this machine; fix: chmod o-r",
+            s.config.display()
+        )),
+        "{out}"
+    );
+    std::fs::set_permissions(&s.config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(&id_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, out, _) = text(
+        &run(putonly(Some(creds))
+            .args(["check", "--offline", "--config"])
+            .arg(&s.config))
+        .await,
+    );
+    assert!(
+        !out.contains(
+            &s.config
+                .display()
+                .to_string()
+                .replace(".toml", ".toml (mode")
+        )
+    );
+    assert!(
+        out.contains(&format!(
+            "[warn] configuration file: {} (mode 0644)",
+            id_file.display()
+        )),
+        "{out}"
+    );
+    std::fs::set_permissions(&id_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The agent, with the id from the file, at debug level.
+    let mut cmd = putonly(Some(creds));
+    cmd.env("PUTONLY_LOG", "debug");
+    let agent = Agent::spawn(cmd, &s.config, &s.log);
+    std::fs::write(s.outbox.join("a.csv"), b"1,2\n").unwrap();
+    wait_done(&s, 1, Duration::from_secs(60)).await;
+    let argv = std::fs::read(format!("/proc/{}/cmdline", agent.pid())).unwrap();
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(argv.contains(" run --config "), "{argv}");
+    assert!(!argv.contains(ID), "{argv}");
+    assert_eq!(agent.stop().await, Some(0));
+    let assumed: Vec<Option<String>> = s
+        .proxy
+        .records()
+        .into_iter()
+        .filter(|r| r.op == "AssumeRole")
+        .map(|r| r.external_id)
+        .collect();
+    assert!(!assumed.is_empty());
+    assert!(
+        assumed.iter().all(|id| id.as_deref() == Some(ID)),
+        "{assumed:?}"
+    );
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.contains("assumed role"), "{log}");
+    assert!(!log.contains(ID), "the log shows the external id:\n{log}");
+    assert!(!log.contains("e2e-ext"), "{log}");
+
+    // push: from PUTONLY_EXTERNAL_ID (the role from the file, its
+    // external_id_file replaced), and from --external-id-file.
+    let file = s.work.path().join("report.csv");
+    std::fs::write(&file, b"a,b\n").unwrap();
+    let other_file = secrets.path().join("other-id");
+    std::fs::write(&other_file, "from-flag-file-9\n").unwrap();
+    for (env, args, expected) in [
+        (Some("from-env-8"), vec![], "from-env-8"),
+        (
+            Some("from-env-8"),
+            vec!["--external-id-file", other_file.to_str().unwrap()],
+            "from-flag-file-9",
+        ),
+    ] {
+        let before = s.proxy.count("AssumeRole");
+        let mut cmd = putonly(Some(creds));
+        if let Some(v) = env {
+            cmd.env("PUTONLY_EXTERNAL_ID", v);
+        }
+        let (code, out, err) = text(
+            &run(cmd
+                .args(["push", "-vv", "--prefix", "foo/", "--config"])
+                .arg(&s.config)
+                .args(&args)
+                .arg(&file))
+            .await,
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(!err.contains(expected) && !out.contains(expected), "{err}");
+        let records = s.proxy.records();
+        let sent: Vec<Option<&str>> = records
+            .iter()
+            .filter(|r| r.op == "AssumeRole")
+            .skip(before)
+            .map(|r| r.external_id.as_deref())
+            .collect();
+        assert_eq!(sent, vec![Some(expected)]);
+    }
+    s.proxy.assert_only_writes();
 }

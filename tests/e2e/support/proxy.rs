@@ -57,6 +57,8 @@ pub struct Record {
     /// moto's 500 for an upload already finished, answered as S3's 404
     /// NoSuchUpload (see the module doc).
     pub corrected: bool,
+    /// The ExternalId parameter of an STS AssumeRole, decoded.
+    pub external_id: Option<String>,
 }
 
 /// The object sizes announced by the successful writes (PutObject or
@@ -375,6 +377,7 @@ async fn handle(
         .map(str::to_string);
     let session_token = parts.headers.contains_key("x-amz-security-token");
     let is_sts = path == "/" && parts.method == Method::POST;
+    let mut external_id = None;
     let (body, action): (Body, Option<String>) = if is_sts {
         let bytes = body
             .collect()
@@ -386,6 +389,10 @@ async fn handle(
             .split('&')
             .find_map(|kv| kv.strip_prefix("Action="))
             .map(str::to_string);
+        external_id = text
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("ExternalId="))
+            .map(|v| percent_decode(&v.replace('+', " ")));
         (full(bytes), action)
     } else {
         let pacer = state.link.lock().unwrap().clone();
@@ -433,6 +440,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut record = Record {
+        external_id,
         acl,
         size,
         upload_id,
