@@ -672,7 +672,10 @@ async fn an_unreadable_folder_leaves_its_siblings_watched() {
         .filter(|l| l.contains("cannot watch or read this folder") && l.contains("locked"))
         .count();
     assert_eq!(warnings, 1, "one warning for the unreadable folder:\n{log}");
-    assert!(!log.contains("cannot watch folder; will try again"), "{log}");
+    assert!(
+        !log.contains("cannot watch folder; will try again"),
+        "{log}"
+    );
     assert_eq!(agent.stop().await, Some(0));
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(
