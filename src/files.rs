@@ -112,6 +112,16 @@ pub fn folder_beneath(dir: OwnedFd, folders: &Path) -> Result<OwnedFd, OpenError
     beneath(dir.as_fd(), folders, OFlags::PATH | OFlags::DIRECTORY)
 }
 
+/// Opens the folder `rel` beneath the folder handle `root` (`root` itself
+/// when empty) for listing, following no link.
+pub fn open_folder_beneath(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, OpenError> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    if rel.as_os_str().is_empty() {
+        return rustix::fs::openat(root, ".", flags, Mode::empty()).map_err(resolve_error);
+    }
+    beneath(root, rel, flags)
+}
+
 /// Opens `rel` (relative to the folder `root`) for reading, following no
 /// symbolic link below `root` and opening nothing but a regular file. The
 /// root itself is the configuration's choice and is taken as it is.

@@ -7,7 +7,9 @@
 //! [`upload`] (how a file becomes an object, through [`throttle`] and
 //! [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
 //! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
-//! server verifies. The agent adds [`watch`] (which files are finished),
+//! server verifies. The agent adds [`events`] (the kernel's news, one
+//! inotify watch a folder) and [`walk`] (every file below a folder, no
+//! link followed) feeding [`watch`] (which files are finished),
 //! [`writers`] (which rule tells that, per watch) with [`lease`] (the
 //! kernel's answer), [`files`] (opening beneath a watch, never through a
 //! link), [`journal`] (its only memory), [`agent`] (the loop),
@@ -22,6 +24,7 @@ pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod events;
 pub mod files;
 pub mod journal;
 pub mod keys;
@@ -33,5 +36,6 @@ pub mod retry;
 pub mod s3;
 pub mod throttle;
 pub mod upload;
+pub mod walk;
 pub mod watch;
 pub mod writers;
