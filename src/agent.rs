@@ -691,7 +691,7 @@ impl Ctx {
                 self.forget_gone(path);
                 return None;
             }
-            Err(OpenError::Io(e)) if is_resource_shortage(&e) => {
+            Err(OpenError::Io(e)) if files::is_resource_shortage(&e) => {
                 // Out of descriptors or memory: the file is fine, try later.
                 tracing::warn!(path = ?path, error = %e, "cannot open the file now; will try again");
                 self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
@@ -1114,23 +1114,6 @@ fn recover_claims(journal: &Journal, watches: &[WatchSettings], running: &HashSe
             tracing::warn!(path = ?path, error = %e, "journal: cannot record a recovered claim");
         }
     }
-}
-
-/// Errors that say nothing about the file: the process or the system ran
-/// short (descriptors, memory) or a network filesystem hiccuped.
-fn is_resource_shortage(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOMEM
-                | libc::ENOBUFS
-                | libc::EINTR
-                | libc::EAGAIN
-                | libc::ESTALE
-        )
-    )
 }
 
 /// Counts a failed attempt under its reason.

@@ -36,6 +36,24 @@ pub enum OpenError {
     Io(std::io::Error),
 }
 
+/// Errors that say nothing about the file: the process or the system ran
+/// short (descriptors, memory) or a network filesystem hiccuped. The same
+/// file is tried again later; it is never marked failed for these.
+pub fn is_resource_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::ESTALE
+        )
+    )
+}
+
 /// A regular file opened for reading, and its status as opened.
 #[derive(Debug)]
 pub struct Opened {
@@ -237,6 +255,75 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn out_of_descriptors_is_a_shortage_not_a_fault_of_the_file() {
+        let err = std::io::Error::from_raw_os_error;
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ESTALE] {
+            assert!(is_resource_shortage(&err(errno)), "{}", err(errno));
+        }
+        for errno in [libc::EACCES, libc::EIO, libc::EISDIR] {
+            assert!(!is_resource_shortage(&err(errno)), "{}", err(errno));
+        }
+        assert!(!is_resource_shortage(&std::io::Error::other("x")));
+    }
+
+    /// Under a descriptor limit already reached, opening a file answers
+    /// EMFILE, which the agent takes as a shortage. Run in a child process:
+    /// the limit must not reach the other tests.
+    #[test]
+    fn opening_without_a_free_descriptor_is_a_shortage() {
+        let (_dir, root) = tree();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "files::tests::open_beneath_at_the_descriptor_limit",
+            "--nocapture",
+            "--ignored",
+        ])
+        .env("PUTONLY_TEST_ROOT", &root);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// Run by `opening_without_a_free_descriptor_is_a_shortage` alone in
+    /// its own process.
+    #[test]
+    #[ignore = "lowers the descriptor limit of its process; run by another test"]
+    fn open_beneath_at_the_descriptor_limit() {
+        let Some(root) = std::env::var_os("PUTONLY_TEST_ROOT") else {
+            return;
+        };
+        // A low limit, every descriptor under it taken: nothing more opens.
+        let used = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+        let limit = rustix::process::Rlimit {
+            current: Some(used + 8),
+            maximum: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum,
+        };
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
+        let mut held = Vec::new();
+        let full = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => held.push(f),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full.raw_os_error(), Some(libc::EMFILE), "{full}");
+        match open_beneath(Path::new(&root), Path::new("real/f")) {
+            Err(OpenError::Io(e)) => assert!(is_resource_shortage(&e), "{e}"),
+            other => panic!("expected EMFILE, got {other:?}"),
+        }
+    }
 
     fn tree() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();

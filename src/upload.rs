@@ -80,6 +80,8 @@ impl UploadError {
         match self {
             UploadError::S3 { source, .. } => source.is_transient(),
             UploadError::Changed { .. } | UploadError::Checkpoint { .. } => true,
+            // Out of descriptors or memory: nothing wrong with the file.
+            UploadError::Read { source, .. } => crate::files::is_resource_shortage(source),
             _ => false,
         }
     }
@@ -676,6 +678,18 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn a_read_that_ran_out_of_descriptors_is_transient_a_refused_one_is_not() {
+        let read = |errno| UploadError::Read {
+            path: PathBuf::from("f"),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(read(libc::EMFILE).is_transient(), "{}", read(libc::EMFILE));
+        assert!(read(libc::ENFILE).is_transient(), "{}", read(libc::ENFILE));
+        assert!(!read(libc::EACCES).is_transient(), "{}", read(libc::EACCES));
+        assert!(!read(libc::EIO).is_transient(), "{}", read(libc::EIO));
+    }
 
     #[test]
     fn part_size_grows_to_fit_ten_thousand_parts() {
