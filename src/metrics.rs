@@ -3,20 +3,33 @@
 //! `metrics-exporter-prometheus`) and the optional listener that serves
 //! `/metrics` and `/healthz`.
 //!
-//! This module owns the metric names and the health rule. It never blocks
-//! the upload path (recording is a few atomic operations; without a
-//! `[metrics]` section nothing is installed and the macros do nothing),
-//! never exposes credentials, and serves nothing but those two paths.
+//! This module owns the metric names, the health rule, and what the
+//! listener may cost. It never blocks the upload path (recording is a few
+//! atomic operations; without a `[metrics]` section nothing is installed and
+//! the macros do nothing), never exposes credentials, serves nothing but
+//! those two paths, and never lets its clients take what uploads need: it
+//! holds at most [`MAX_CONNECTIONS`] connections (fewer under a low
+//! descriptor limit), closing the oldest to make room for a new one; a
+//! request's head must arrive within [`HEADER_TIMEOUT`] (also the longest
+//! a keep-alive connection may sit idle) and fit in [`MAX_HEAD`]; no
+//! connection lives longer than [`CONNECTION_LIFETIME`]; and when accepting
+//! fails (out of descriptors) it pauses, up to a second, instead of
+//! spinning, and says so once.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::JoinSet;
 
 use crate::journal::now;
 
@@ -156,35 +169,264 @@ fn describe() {
     metrics::describe_gauge!(FAILED_FILES, "Files marked failed (see putonly status).");
 }
 
-/// Binds the listener; serving runs until the task is dropped.
+/// Connections served at once, at most; a quarter of the descriptor limit
+/// when that is lower (never under [`MIN_CONNECTIONS`]).
+pub const MAX_CONNECTIONS: usize = 64;
+const MIN_CONNECTIONS: usize = 4;
+/// A request's head must arrive within this; it is also how long a
+/// keep-alive connection may wait for its next request.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection is kept longer (a response in progress gets
+/// [`LIFETIME_GRACE`] more).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+const LIFETIME_GRACE: Duration = Duration::from_secs(1);
+/// The largest request head, and the most a connection buffers.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// A connection is never closed to make room before it is this old, so a
+/// request is answered even during a burst; new connections wait for it in
+/// the backlog. This also bounds how fast a flood of connections can churn.
+const MIN_AGE_TO_CLOSE: Duration = Duration::from_millis(500);
+/// The pause after a failed accept: doubled at each failure in a row.
+const ACCEPT_PAUSE_FIRST: Duration = Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// The warning that the listener is full is repeated at most this often.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(600);
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// What the listener allows its clients (the constants above, except in
+/// tests).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    connections: usize,
+    header_timeout: Duration,
+    lifetime: Duration,
+    min_age_to_close: Duration,
+}
+
+impl Limits {
+    fn under_nofile(nofile: Option<u64>) -> Self {
+        Limits {
+            connections: connection_limit(nofile),
+            header_timeout: HEADER_TIMEOUT,
+            lifetime: CONNECTION_LIFETIME,
+            min_age_to_close: MIN_AGE_TO_CLOSE,
+        }
+    }
+}
+
+/// How many connections to serve under a descriptor limit (`None`: none).
+fn connection_limit(nofile: Option<u64>) -> usize {
+    match nofile {
+        Some(n) => usize::try_from(n / 4)
+            .unwrap_or(MAX_CONNECTIONS)
+            .clamp(MIN_CONNECTIONS, MAX_CONNECTIONS),
+        None => MAX_CONNECTIONS,
+    }
+}
+
+/// The pause before the next accept after `failures` failures in a row.
+fn accept_pause(failures: u32) -> Duration {
+    ACCEPT_PAUSE_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(10))
+        .min(ACCEPT_PAUSE_MAX)
+}
+
+/// Errors of one incoming connection (gone before it was accepted), not of
+/// the listener: the next accept may succeed at once.
+fn only_that_connection(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// Binds the listener; serving runs until the task is dropped (which
+/// closes every connection).
 pub async fn serve(
     listen: SocketAddr,
     handle: PrometheusHandle,
     health: Arc<Health>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "serving /metrics and /healthz");
-    Ok(tokio::spawn(async move {
-        let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    let listener = TcpListener::bind(listen).await?;
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let limits = Limits::under_nofile(nofile);
+    tracing::info!(%listen, max_connections = limits.connections, "serving /metrics and /healthz");
+    let server = Server::new(limits, handle, health);
+    Ok(tokio::spawn(server.run(listener)))
+}
+
+/// A connection being served, as the listener knows it.
+struct Open {
+    since: Instant,
+    /// Dropping it tells the connection's task to close it at once.
+    _close: oneshot::Sender<()>,
+}
+
+/// The open connections, oldest first (ids only grow).
+type Registry = Arc<Mutex<BTreeMap<u64, Open>>>;
+
+fn lock(open: &Registry) -> std::sync::MutexGuard<'_, BTreeMap<u64, Open>> {
+    open.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Held by a connection's task: frees its slot and its entry when the task
+/// ends, however it ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    id: u64,
+    open: Registry,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.open).remove(&self.id);
+    }
+}
+
+struct Server {
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    open: Registry,
+    next_id: u64,
+    http: hyper::server::conn::http1::Builder,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    warned_full: Option<Instant>,
+}
+
+impl Server {
+    fn new(limits: Limits, handle: PrometheusHandle, health: Arc<Health>) -> Self {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // Without a timer hyper ignores header_read_timeout.
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(MAX_HEAD);
+        Server {
+            limits,
+            slots: Arc::new(Semaphore::new(limits.connections)),
+            open: Arc::default(),
+            next_id: 0,
+            http,
+            handle,
+            health,
+            warned_full: None,
+        }
+    }
+
+    async fn run(mut self, listener: TcpListener) {
+        // Every task of the listener: dropped (closed) with it.
+        let mut tasks = JoinSet::new();
+        let handle = self.handle.clone();
+        tasks.spawn(async move {
+            let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
+            loop {
+                upkeep.tick().await;
+                handle.run_upkeep();
+            }
+        });
+        let mut failures: u32 = 0;
         loop {
-            tokio::select! {
-                _ = upkeep.tick() => handle.run_upkeep(),
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let (handle, health) = (handle.clone(), health.clone());
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            let out = answer(&req, &handle, &health);
-                            async move { Ok::<_, std::convert::Infallible>(out) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                            .await;
-                    });
+            while tasks.try_join_next().is_some() {}
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) if only_that_connection(&e) => continue,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(
+                            error = %e,
+                            "the metrics listener cannot accept connections; pausing up to 1 s between attempts (out of descriptors: raise the limit, systemd LimitNOFILE=)"
+                        );
+                    }
+                    tokio::time::sleep(accept_pause(failures)).await;
+                    continue;
                 }
+            };
+            if failures > 0 {
+                tracing::info!(
+                    failed_accepts = failures,
+                    "the metrics listener accepts connections again"
+                );
+                failures = 0;
+            }
+            let Some(permit) = self.admit().await else {
+                return;
+            };
+            self.start(stream, permit, &mut tasks);
+        }
+    }
+
+    /// A slot for a new connection: a free one, or the oldest connection's
+    /// once it is [`MIN_AGE_TO_CLOSE`] old. `None` only if the semaphore
+    /// was closed (never).
+    async fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let oldest = lock(&self.open)
+            .first_key_value()
+            .map(|(id, o)| (*id, o.since));
+        if let Some((id, since)) = oldest {
+            if let Some(wait) = self.limits.min_age_to_close.checked_sub(since.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            // Gone meanwhile or not, its slot is about to be free.
+            lock(&self.open).remove(&id);
+            if self
+                .warned_full
+                .is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY)
+            {
+                self.warned_full = Some(Instant::now());
+                tracing::warn!(
+                    max_connections = self.limits.connections,
+                    "the metrics listener is full; closing its oldest connections to make room (a client opens many, or holds them open)"
+                );
             }
         }
-    }))
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    /// Serves one connection in its own task, within its timeouts.
+    fn start(&mut self, stream: TcpStream, permit: OwnedSemaphorePermit, tasks: &mut JoinSet<()>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (close, closed) = oneshot::channel();
+        lock(&self.open).insert(
+            id,
+            Open {
+                since: Instant::now(),
+                _close: close,
+            },
+        );
+        let slot = Slot {
+            _permit: permit,
+            id,
+            open: self.open.clone(),
+        };
+        let (handle, health) = (self.handle.clone(), self.health.clone());
+        let svc = hyper::service::service_fn(move |req| {
+            let out = answer(&req, &handle, &health);
+            async move { Ok::<_, std::convert::Infallible>(out) }
+        });
+        let conn = self.http.serve_connection(TokioIo::new(stream), svc);
+        let lifetime = self.limits.lifetime;
+        tasks.spawn(async move {
+            let _slot = slot;
+            let mut conn = std::pin::pin!(conn);
+            let expired = tokio::select! {
+                _ = conn.as_mut() => false,
+                // Made room for a newer connection: closed at once.
+                _ = closed => false,
+                () = tokio::time::sleep(lifetime) => true,
+            };
+            if expired {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(LIFETIME_GRACE, conn).await;
+            }
+        });
+    }
 }
 
 fn answer<B>(
@@ -257,5 +499,156 @@ mod tests {
         );
         h.journal_write(Ok(()));
         assert_eq!(h.problems(t + 100).len(), 2);
+    }
+
+    #[test]
+    fn the_connection_limit_follows_the_descriptor_limit() {
+        assert_eq!(connection_limit(None), MAX_CONNECTIONS);
+        assert_eq!(connection_limit(Some(1_048_576)), MAX_CONNECTIONS);
+        assert_eq!(connection_limit(Some(1024)), MAX_CONNECTIONS);
+        assert_eq!(connection_limit(Some(128)), 32);
+        assert_eq!(connection_limit(Some(8)), MIN_CONNECTIONS);
+    }
+
+    #[test]
+    fn accept_pauses_grow_to_a_second() {
+        let pauses: Vec<u128> = (1..=6).map(|n| accept_pause(n).as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(accept_pause(u32::MAX), ACCEPT_PAUSE_MAX);
+    }
+
+    fn limits(connections: usize, header_ms: u64, lifetime_ms: u64) -> Limits {
+        Limits {
+            connections,
+            header_timeout: Duration::from_millis(header_ms),
+            lifetime: Duration::from_millis(lifetime_ms),
+            min_age_to_close: Duration::from_millis(50),
+        }
+    }
+
+    async fn running(limits: Limits) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let health = Arc::new(Health::new(Duration::from_secs(600)));
+        let server = Server::new(limits, handle, health);
+        (addr, tokio::spawn(server.run(listener)))
+    }
+
+    /// Sends `request`, then reads until the server closes: what it
+    /// answered and when it closed, or `None` if it is still open at `limit`.
+    async fn exchange(
+        stream: &mut TcpStream,
+        request: &[u8],
+        limit: Duration,
+    ) -> Option<(String, Duration)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let started = Instant::now();
+        // A server that closes early may refuse the rest of a long request.
+        let _ = stream.write_all(request).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(limit, read).await.ok()?;
+        Some((
+            String::from_utf8_lossy(&got).into_owned(),
+            started.elapsed(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn idle_slow_and_oversized_requests_are_closed_and_others_answered() {
+        let (addr, _server) = running(limits(8, 300, 10_000)).await;
+        let wait = Duration::from_secs(5);
+        // Nothing sent: closed after the header timeout.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let (text, t) = exchange(&mut idle, b"", wait).await.expect("idle closed");
+        assert!(t >= Duration::from_millis(250), "{t:?} {text}");
+        // Half a request line: the same.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let (_, t) = exchange(&mut slow, b"GET /hea", wait)
+            .await
+            .expect("slow closed");
+        assert!(t >= Duration::from_millis(250), "{t:?}");
+        // A keep-alive connection is answered, then closed once idle.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        let (text, t) = exchange(&mut kept, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait)
+            .await
+            .expect("keep-alive closed");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(t >= Duration::from_millis(250), "{t:?}");
+        // A head larger than MAX_HEAD: refused, not buffered.
+        let mut big = TcpStream::connect(addr).await.unwrap();
+        let mut request = b"GET /healthz HTTP/1.1\r\nX-Big: ".to_vec();
+        request.resize(request.len() + 2 * MAX_HEAD, b'a');
+        let (text, _) = exchange(&mut big, &request, wait)
+            .await
+            .expect("big closed");
+        assert!(!text.contains(" 200 "), "{text}");
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_the_oldest_connection_makes_room() {
+        let (addr, _server) = running(limits(2, 10_000, 60_000)).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let wait = Duration::from_secs(5);
+        let (text, _) = exchange(&mut third, b"GET /healthz HTTP/1.0\r\n\r\n", wait)
+            .await
+            .expect("answered");
+        assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+        assert!(
+            exchange(&mut first, b"", wait).await.is_some(),
+            "oldest closed"
+        );
+        // The second one keeps its slot (one was free again after the third).
+        let short = Duration::from_millis(300);
+        assert!(
+            exchange(&mut second, b"", short).await.is_none(),
+            "second kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_lives_no_longer_than_its_lifetime_and_dies_with_the_server() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, server) = running(limits(8, 1_000, 600)).await;
+        // Requests every 100 ms (never idle for the header timeout).
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let mut closed_after = None;
+        for _ in 0..50 {
+            let sent = busy
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            let probe = exchange(&mut busy, b"", Duration::from_millis(100)).await;
+            if sent.is_err() || probe.is_some() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+        }
+        let t = closed_after.expect("closed at the end of its lifetime");
+        assert!(
+            t >= Duration::from_millis(500) && t < Duration::from_secs(3),
+            "{t:?}"
+        );
+        // Stopping the server closes the connections it holds.
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.abort();
+        assert!(
+            exchange(&mut held, b"", Duration::from_secs(2))
+                .await
+                .is_some()
+        );
     }
 }

@@ -14,4 +14,5 @@ mod policy;
 mod push;
 mod resources;
 mod shapes;
+mod siege;
 mod support;
