@@ -96,7 +96,8 @@ fn systemd_analyze_verify_accepts_the_unit() {
 }
 
 /// The configuration inside the DaemonSet example is a valid putonly
-/// configuration, and its per-node prefix expands from NODE_NAME.
+/// configuration, its per-node prefix expands from NODE_NAME, and its
+/// NetworkPolicy lets only selected monitoring pods reach the metrics port.
 #[tokio::test]
 async fn the_daemonset_configuration_is_valid_and_per_node() {
     let python = tool_path("PUTONLY_MOTO_SERVER").with_file_name("python");
@@ -120,7 +121,15 @@ async fn the_daemonset_configuration_is_valid_and_per_node() {
         images = [c['image'] for c in pod['containers'] + pod.get('initContainers', [])]\n\
         assert all('@sha256:' in i for i in images), ('images by digest', images)\n\
         inits = pod.get('initContainers', [])\n\
-        assert all(c.get('securityContext', {}).get('runAsNonRoot') for c in inits), inits\n";
+        assert all(c.get('securityContext', {}).get('runAsNonRoot') for c in inits), inits\n\
+        np = next(d for d in docs if d['kind'] == 'NetworkPolicy')['spec']\n\
+        assert np['podSelector']['matchLabels'] == ds['spec']['selector']['matchLabels'], np\n\
+        assert np['policyTypes'] == ['Ingress'], np\n\
+        [rule] = np['ingress']\n\
+        assert rule['ports'] == [{'protocol': 'TCP', 'port': 9464}], rule\n\
+        [peer] = rule['from']\n\
+        assert set(peer) == {'namespaceSelector', 'podSelector'}, peer\n\
+        assert all(peer[k]['matchLabels'] for k in peer), peer\n";
     let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(repo().join("packaging/kubernetes/daemonset.yaml"))
