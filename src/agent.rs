@@ -131,6 +131,9 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
                         ms.listen
                     ))
                 })?;
+            if let Some(warning) = ms.exposure() {
+                tracing::warn!("{warning}");
+            }
             Some(server)
         }
         None => None,

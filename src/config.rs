@@ -451,6 +451,30 @@ pub struct MetricsSettings {
     pub unhealthy_after: Duration,
 }
 
+impl MetricsSettings {
+    /// Why `listen` deserves a warning: an address other machines (or other
+    /// pods) can reach. `None` on loopback.
+    pub fn exposure(&self) -> Option<String> {
+        let ip = self.listen.ip();
+        if ip.is_loopback() {
+            return None;
+        }
+        let reach = if ip.is_unspecified() {
+            "every interface of this machine"
+        } else {
+            "a network interface"
+        };
+        Some(format!(
+            "metrics.listen = \"{}\" listens on {reach}: anyone who can reach it reads /metrics \
+             (file counts, no credentials) and can hold its connections; use \"127.0.0.1:{}\", \
+             or let only the monitoring system in (a firewall; in Kubernetes the NetworkPolicy \
+             in packaging/kubernetes/daemonset.yaml)",
+            self.listen,
+            self.listen.port()
+        ))
+    }
+}
+
 impl Settings {
     /// Resolves raw values (the file merged with any flags) into settings.
     pub fn resolve(raw: &RawConfig) -> Result<Self, ConfigError> {
@@ -1905,5 +1929,26 @@ mod tests {
         assert!(s.bucket.guard.prefixes().contains(&"foo/".to_string()));
         assert!(s.role.is_some());
         s.require_agent().unwrap();
+    }
+
+    #[test]
+    fn a_metrics_address_off_loopback_is_named_as_exposed() {
+        let exposure = |listen: &str| {
+            let m = resolve_metrics(&RawMetrics {
+                listen: Some(listen.into()),
+                unhealthy_after: None,
+            })
+            .unwrap();
+            m.exposure()
+        };
+        assert_eq!(exposure("127.0.0.1:9464"), None);
+        assert_eq!(exposure("[::1]:9464"), None);
+        let all = exposure("0.0.0.0:9464").unwrap();
+        assert!(all.contains("every interface"), "{all}");
+        assert!(all.contains("\"127.0.0.1:9464\""), "{all}");
+        assert!(exposure("[::]:9464").unwrap().contains("every interface"));
+        let lan = exposure("192.168.1.20:9100").unwrap();
+        assert!(lan.contains("a network interface"), "{lan}");
+        assert!(lan.contains("\"127.0.0.1:9100\""), "{lan}");
     }
 }

@@ -1,6 +1,7 @@
 //! `putonly check`: the set-up checked end to end before the agent runs —
 //! configuration, folders, the finished-file rule each watch runs under
-//! (a warning where no read lease can be had), state folder, base identity,
+//! (a warning where no read lease can be had), the metrics address (a
+//! warning off loopback), state folder, base identity,
 //! the role, and (only when asked with --probe-write) one small write per
 //! allowed prefix. It says which endpoints S3 and STS would use and why
 //! plain http is allowed there (loopback, or `aws.allow_insecure_http`),
@@ -114,6 +115,15 @@ fn local_checks(settings: &Settings, r: &mut Report) {
         match crate::files::hardlinks_verdict() {
             Ok(line) => r.ok("hard links", line),
             Err(warning) => r.warn("hard links", warning),
+        }
+    }
+    if let Some(m) = &settings.metrics {
+        match m.exposure() {
+            None => r.ok(
+                "metrics.listen",
+                format!("{} (loopback: this machine only)", m.listen),
+            ),
+            Some(warning) => r.warn("metrics.listen", warning),
         }
     }
     if let Some(state) = &settings.state {

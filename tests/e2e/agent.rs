@@ -813,6 +813,29 @@ async fn metrics_and_healthz_answer_and_move_during_a_run() {
     assert_eq!(agent.stop().await, Some(0));
 }
 
+/// A metrics address off loopback is served, and named at start-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_metrics_address_off_loopback_is_warned_about_at_start_up() {
+    let port = crate::support::free_port();
+    let s = setup(&format!("[metrics]\nlisten = \"0.0.0.0:{port}\"\n")).await;
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        assert!(Instant::now() < deadline, "no metrics listener");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+    assert_eq!(agent.stop().await, Some(0));
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("metrics.listen"))
+        .unwrap_or_else(|| panic!("no warning about 0.0.0.0:\n{log}"));
+    assert!(warning.contains("every interface"), "{warning}");
+    assert!(warning.contains(&format!("127.0.0.1:{port}")), "{warning}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_speaks_the_systemd_notify_protocol() {
     let s = setup("concurrency = 2\n").await;

@@ -164,6 +164,11 @@ async fn the_daemonset_configuration_is_valid_and_per_node() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("is valid"), "{stdout}");
     assert!(stdout.contains("files go to fleet/node-a/"), "{stdout}");
+    // Listening on the pod's every interface is named, with the way out.
+    assert!(
+        stdout.contains("[warn] metrics.listen") && stdout.contains("NetworkPolicy"),
+        "{stdout}"
+    );
     // Without NODE_NAME the configuration names what is missing.
     let out = run(putonly(None)
         .args(["check", "--offline", "--config"])
