@@ -14,7 +14,7 @@
 //! a keep-alive connection may sit idle) and fit in [`MAX_HEAD`]; no
 //! connection lives longer than [`CONNECTION_LIFETIME`]; and when accepting
 //! fails (out of descriptors) it pauses, up to a second, instead of
-//! spinning, and says so once.
+//! spinning, and says so at most once a minute.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -191,6 +191,9 @@ const ACCEPT_PAUSE_FIRST: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// The warning that the listener is full is repeated at most this often.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(600);
+/// The warning that accepting fails, likewise (descriptors freed now and
+/// then would otherwise end and start a run of failures again and again).
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(60);
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What the listener allows its clients (the constants above, except in
@@ -294,6 +297,7 @@ struct Server {
     handle: PrometheusHandle,
     health: Arc<Health>,
     warned_full: Option<Instant>,
+    warned_accept: Option<Instant>,
 }
 
 impl Server {
@@ -312,6 +316,7 @@ impl Server {
             handle,
             health,
             warned_full: None,
+            warned_accept: None,
         }
     }
 
@@ -327,6 +332,7 @@ impl Server {
             }
         });
         let mut failures: u32 = 0;
+        let mut warned = false;
         loop {
             while tasks.try_join_next().is_some() {}
             let stream = match listener.accept().await {
@@ -335,20 +341,30 @@ impl Server {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     if failures == 1 {
-                        tracing::warn!(
-                            error = %e,
-                            "the metrics listener cannot accept connections; pausing up to 1 s between attempts (out of descriptors: raise the limit, systemd LimitNOFILE=)"
-                        );
+                        warned = self
+                            .warned_accept
+                            .is_none_or(|t| t.elapsed() >= ACCEPT_WARNING_EVERY);
+                        if warned {
+                            self.warned_accept = Some(Instant::now());
+                            tracing::warn!(
+                                error = %e,
+                                "the metrics listener cannot accept connections; pausing up to 1 s between attempts (out of descriptors: raise the limit, systemd LimitNOFILE=)"
+                            );
+                        } else {
+                            tracing::debug!(error = %e, "the metrics listener cannot accept connections");
+                        }
                     }
                     tokio::time::sleep(accept_pause(failures)).await;
                     continue;
                 }
             };
             if failures > 0 {
-                tracing::info!(
-                    failed_accepts = failures,
-                    "the metrics listener accepts connections again"
-                );
+                if warned {
+                    tracing::info!(
+                        failed_accepts = failures,
+                        "the metrics listener accepts connections again"
+                    );
+                }
                 failures = 0;
             }
             let Some(permit) = self.admit().await else {
