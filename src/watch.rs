@@ -221,6 +221,49 @@ struct State {
     /// Folders that could not be watched (or read), each warned about once;
     /// tried again at every rescan.
     unwatchable: HashSet<PathBuf>,
+    /// The log lines about links, limited.
+    links: LinkLog,
+}
+
+/// Links skipped are logged, but a producer making links by the thousand
+/// must not drown the log: at most [`LINK_LINES`] lines a minute, then one
+/// line with how many more there were (each one at debug level).
+#[derive(Default)]
+struct LinkLog {
+    since: Option<Instant>,
+    shown: u32,
+    hidden: u64,
+}
+
+const LINK_LINES: u32 = 20;
+
+impl LinkLog {
+    fn skipped(&mut self, path: &Path, what: &'static str) {
+        let now = Instant::now();
+        if self
+            .since
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            if self.hidden > 0 {
+                tracing::info!(
+                    more = self.hidden,
+                    "more symbolic links skipped in the last minute (shown at debug level)"
+                );
+            }
+            *self = LinkLog {
+                since: Some(now),
+                shown: 0,
+                hidden: 0,
+            };
+        }
+        if self.shown < LINK_LINES {
+            self.shown += 1;
+            tracing::info!(path = ?path, "{what}");
+        } else {
+            self.hidden += 1;
+            tracing::debug!(path = ?path, "{what}");
+        }
+    }
 }
 
 impl State {
@@ -638,7 +681,8 @@ impl Watch {
                 Ok(m) if m.is_file() => m,
                 Ok(m) => {
                     if m.file_type().is_symlink() {
-                        tracing::info!(path = ?path, "symbolic link; not followed, skipped");
+                        st.links
+                            .skipped(path, "symbolic link; not followed, skipped");
                     }
                     // A folder, FIFO, socket or device now.
                     ready.extend(self.gone(path, p));
@@ -646,7 +690,10 @@ impl Watch {
                     continue;
                 }
                 Err(OpenError::Link) => {
-                    tracing::info!(path = ?path, "a symbolic link is in its path; not followed, skipped");
+                    st.links.skipped(
+                        path,
+                        "a symbolic link is in its path; not followed, skipped",
+                    );
                     ready.extend(self.gone(path, p));
                     done.push(path.clone());
                     continue;
@@ -656,6 +703,9 @@ impl Watch {
                     done.push(path.clone());
                     continue;
                 }
+                // Out of descriptors or memory: the file is fine, look
+                // again at a later tick.
+                Err(OpenError::Io(e)) if files::is_resource_shortage(&e) => continue,
                 Err(e) => {
                     tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
                     done.push(path.clone());
@@ -721,7 +771,15 @@ const UNWATCHABLE_MAX: usize = 10_000;
 
 /// Records a folder that cannot be watched or read; warns the first time.
 fn unwatchable(st: &mut State, path: &Path, why: &str) {
-    if st.unwatchable.contains(path) || st.unwatchable.len() >= UNWATCHABLE_MAX {
+    if st.unwatchable.contains(path) || st.unwatchable.len() > UNWATCHABLE_MAX {
+        return;
+    }
+    if st.unwatchable.len() == UNWATCHABLE_MAX {
+        st.unwatchable.insert(PathBuf::new());
+        tracing::warn!(
+            folders = UNWATCHABLE_MAX,
+            "so many folders cannot be watched or read that no more are reported; their files are found by rescans"
+        );
         return;
     }
     st.unwatchable.insert(path.to_path_buf());
