@@ -425,3 +425,80 @@ async fn swapped_folders_and_planted_links_gain_nothing_as_root_moving_on_one_fi
 async fn swapped_folders_and_planted_links_gain_nothing_as_a_user_moving_across_filesystems() {
     swap_attack(Shape::User { lease: true }, After::MoveAcross, 1000).await;
 }
+
+/// Swaps of new folders for links to the watched folder itself and to one
+/// of its subfolders (a watch added through such a link, then dropped,
+/// would have dropped the watched folder's own), folders made in the middle
+/// of a burst that fills the event queue while the agent is frozen: with
+/// rescans an hour apart, files made afterwards at the top and in the
+/// subfolder, and every file of the burst, must still arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_cannot_blind_the_watch() {
+    if let Some(why) = shape::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(Shape::Root, After::Delete, 0).await;
+    let text = std::fs::read_to_string(&lab.config).unwrap();
+    std::fs::write(
+        &lab.config,
+        text.replace("rescan_interval = \"3s\"", "rescan_interval = \"1h\""),
+    )
+    .unwrap();
+    let sub = lab.out.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    shape::chown(&sub, shape::user(WRITER_USER));
+    let mut agent = lab.start_agent().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // While the agent is frozen (busy, for all it matters), new folders
+    // become links: when it hears of each folder, the link is there.
+    let swaps = r#"
+mkdir d; rmdir d; ln -s "$PWD" d
+mkdir e; rmdir e; ln -s "$PWD/sub" e
+for i in $(seq 1 100); do mkdir "f$i"; rmdir "f$i"; ln -s . "f$i"; done
+"#;
+    agent.freeze(true);
+    let out = lab.attacker(swaps, &[]).output().await.unwrap();
+    agent.freeze(false);
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = lab
+        .attacker("rm d e f*; echo gone", &[])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    // A burst, folders made in its middle, the agent frozen meanwhile.
+    let burst = r#"
+mkdir burst
+for i in $(seq 0 2999); do
+  printf 'b%05d' "$i" > "burst/b$i.txt"
+  if [ $((i % 100)) -eq 0 ]; then mkdir "burst/d$i"; printf 'in' > "burst/d$i/x.txt"; fi
+done
+"#;
+    agent.freeze(true);
+    let out = lab.attacker(burst, &[]).output().await.unwrap();
+    agent.freeze(false);
+    assert!(out.status.success());
+    std::fs::write(lab.out.join("top.txt"), b"top").unwrap();
+    std::fs::write(sub.join("s.txt"), b"sub").unwrap();
+    let want = 3000 + 30 + 2;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let st = lab.status().await;
+        if st["done"].as_u64() == Some(want) && st["pending"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all arrived through events (rescans are an hour apart): {st}\n{}",
+            lab.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(agent.alive());
+    assert_eq!(agent.stop().await, Some(0));
+    let log = std::fs::read_to_string(&lab.log).unwrap_or_default();
+    let overflowed = log.contains("queue overflow");
+    eprintln!("{want} files arrived; event queue overflowed: {overflowed}");
+}
