@@ -298,6 +298,17 @@ fn log_rules(support: &Support, watches: &[WatchSettings]) {
     if let Err(warning) = files::hardlinks_verdict() {
         tracing::warn!("{warning}");
     }
+    for w in watches {
+        let to = match &w.after_upload {
+            crate::config::AfterUpload::Move { to } => Some(to.as_path()),
+            _ => None,
+        };
+        for path in std::iter::once(w.path.as_path()).chain(to) {
+            if let Some(warning) = files::swappable_by_others(path) {
+                tracing::warn!("{warning}");
+            }
+        }
+    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::Signal> {

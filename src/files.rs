@@ -109,6 +109,40 @@ pub fn hardlinks_verdict() -> Result<&'static str, String> {
     }
 }
 
+/// Who besides root and this process's user could swap `path` for a link:
+/// a folder above it (not `path` itself) that others may write to without
+/// the sticky bit, or that another user owns. A watched folder or
+/// `move_to` is taken as the configuration names it, links included, so
+/// such a folder would let its writers point the agent anywhere. `None`
+/// when every folder above is safe, or cannot be read.
+pub fn swappable_by_others(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    for folder in path.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(folder) else {
+            continue;
+        };
+        let (mode, uid) = (m.mode(), m.uid());
+        let sticky = mode & 0o1000 != 0;
+        if uid != 0 && uid != me {
+            return Some(format!(
+                "{} (above {}) belongs to uid {uid}, who could replace what is below it by a link; give it to root",
+                folder.display(),
+                path.display()
+            ));
+        }
+        if mode & 0o022 != 0 && !sticky {
+            return Some(format!(
+                "{} (above {}) can be written by others (mode {:o}), who could replace what is below it by a link; chmod go-w, or the sticky bit",
+                folder.display(),
+                path.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    None
+}
+
 /// A handle (`O_PATH`) on a configured folder: a watch root or `move_to`.
 /// The path is the configuration's choice and is taken as it is, links
 /// included.
@@ -382,6 +416,24 @@ mod tests {
             lstat_beneath(&root, Path::new("nothing")).unwrap_err(),
             OpenError::Gone
         ));
+    }
+
+    #[test]
+    fn folders_others_can_write_above_a_path_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir_all(open.join("outbox")).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let why = swappable_by_others(&open.join("outbox")).unwrap();
+        assert!(why.contains("can be written by others"), "{why}");
+        // The sticky bit (as /tmp has) stops others from renaming it away.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let safe = dir.path().join("safe");
+        std::fs::create_dir_all(safe.join("outbox")).unwrap();
+        std::fs::set_permissions(&safe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(swappable_by_others(&open.join("outbox")), None);
+        assert_eq!(swappable_by_others(&safe.join("outbox")), None);
     }
 
     #[test]

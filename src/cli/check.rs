@@ -111,6 +111,20 @@ fn local_checks(settings: &Settings, r: &mut Report) {
             r.warn(&what, rule);
         }
     }
+    // Folders taken as the configuration names them: whoever can write
+    // above them can point them elsewhere.
+    let mut configured: Vec<(String, &std::path::Path)> = Vec::new();
+    for (i, w) in settings.watches.iter().enumerate() {
+        configured.push((format!("watch[{i}].path"), &w.path));
+        if let crate::config::AfterUpload::Move { to } = &w.after_upload {
+            configured.push((format!("watch[{i}].move_to"), to));
+        }
+    }
+    for (what, path) in configured {
+        if let Some(warning) = crate::files::swappable_by_others(path) {
+            r.warn(&what, warning);
+        }
+    }
     if !settings.watches.is_empty() {
         match crate::files::hardlinks_verdict() {
             Ok(line) => r.ok("hard links", line),
