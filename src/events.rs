@@ -17,7 +17,7 @@
 //! rescan). This module never opens a file, never follows a link and
 //! decides nothing about files: it only reports.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -80,10 +80,11 @@ pub(crate) enum WatchError {
 }
 
 /// Which watch is which folder.
+/// (Paths in order, so that a folder's subfolders are one range.)
 #[derive(Default)]
 struct Table {
     by_wd: HashMap<WatchDescriptor, PathBuf>,
-    by_path: HashMap<PathBuf, WatchDescriptor>,
+    by_path: BTreeMap<PathBuf, WatchDescriptor>,
 }
 
 impl Table {
@@ -119,28 +120,43 @@ impl Table {
         }
     }
 
+    /// The folder and its subfolders that are watched (a range: paths
+    /// order component by component).
     fn under(&self, folder: &Path) -> Vec<PathBuf> {
         self.by_path
-            .keys()
-            .filter(|p| p.starts_with(folder))
+            .range(folder.to_path_buf()..)
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(folder))
             .cloned()
             .collect()
     }
 
     /// A folder renamed within the tree: its watches, and its subfolders',
-    /// follow it.
-    fn rename(&mut self, from: &Path, to: &Path) {
-        for old in self.under(from) {
-            let Some(wd) = self.by_path.remove(&old) else {
-                continue;
-            };
+    /// follow it. A watch that held a name they take (a folder since moved
+    /// where its events say nothing) is dropped.
+    fn rename(&mut self, watches: &mut Watches, from: &Path, to: &Path) {
+        let moved: Vec<(PathBuf, WatchDescriptor)> = self
+            .under(from)
+            .into_iter()
+            .filter_map(|old| self.by_path.remove(&old).map(|wd| (old, wd)))
+            .collect();
+        for (old, wd) in moved {
             let new = match old.strip_prefix(from) {
                 Ok(rest) if !rest.as_os_str().is_empty() => to.join(rest),
                 _ => to.to_path_buf(),
             };
             self.by_wd.insert(wd.clone(), new.clone());
-            self.by_path.insert(new, wd);
+            if let Some(other) = self.by_path.insert(new, wd.clone())
+                && other != wd
+            {
+                self.by_wd.remove(&other);
+                let _ = watches.remove(other);
+            }
         }
+    }
+
+    fn has(&self, path: &Path) -> bool {
+        self.by_path.contains_key(path)
     }
 
     /// A folder moved out of the tree: its watches, and its subfolders',
@@ -214,7 +230,9 @@ impl Events {
                                 ev.name,
                                 &mut moved,
                                 &mut |change| match change {
-                                    TableChange::Rename(from, to) => t.rename(&from, &to),
+                                    TableChange::Rename(from, to) => {
+                                        t.rename(&mut watches, &from, &to)
+                                    }
                                     TableChange::Remove(folder) => t.remove(&mut watches, &folder),
                                 },
                                 &mut out,
@@ -241,6 +259,9 @@ impl Events {
     /// caller), known as `path`.
     pub(crate) fn watch(&self, dir: BorrowedFd<'_>, path: &Path) -> Result<(), WatchError> {
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        // Held from adding the watch to recording it, so that the reader
+        // never meets its events before it knows the folder.
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let by_fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
         let wd = match watches.add(&by_fd, mask()) {
             Ok(wd) => wd,
@@ -257,23 +278,26 @@ impl Events {
                     .ok()
                     .zip(rustix::fs::lstat(path).ok())
                     .is_some_and(|(a, b)| (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino));
-                let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
                 if !same {
                     if table.path(&wd).is_none() {
                         let _ = watches.remove(wd);
                     }
                     return Err(WatchError::Vanished);
                 }
-                drop(table);
                 wd
             }
             Err(e) => return Err(watch_error(e)),
         };
+        table.insert(&mut watches, wd, path);
+        Ok(())
+    }
+
+    /// Whether the folder at `path` has a watch.
+    pub(crate) fn is_watched(&self, path: &Path) -> bool {
         self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(&mut watches, wd, path);
-        Ok(())
+            .has(path)
     }
 
     /// How many folders are watched.
@@ -516,6 +540,20 @@ mod tests {
                 change: Change::Created
             }
         );
+        // A folder renamed onto a name another watch held takes the name,
+        // and the other watch (a folder now elsewhere) is dropped.
+        let b = dir.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        let fb = std::fs::File::open(&b).unwrap();
+        events.watch(fb.as_fd(), &b).unwrap();
+        assert_eq!(events.watched(), 2);
+        assert!(events.is_watched(&a) && events.is_watched(&b));
+        {
+            let mut watches = events.watches.lock().unwrap();
+            events.table.lock().unwrap().rename(&mut watches, &a, &b);
+        }
+        assert_eq!(events.watched(), 1);
+        assert!(!events.is_watched(&a) && events.is_watched(&b));
         // A file is refused: watches are for folders.
         let file = std::fs::File::open(a.join("f")).unwrap();
         assert!(events.watch(file.as_fd(), &a.join("f")).is_err());

@@ -96,7 +96,7 @@ fn walk(
         } else {
             tree.root.join(&rel)
         };
-        let dir = match files::open_folder_beneath(root.as_fd(), &rel) {
+        let dir = match open_folder(root.as_fd(), &rel) {
             Ok(fd) => fd,
             Err(OpenError::Gone | OpenError::NotAFile) => continue,
             Err(OpenError::Link) => {
@@ -118,6 +118,22 @@ fn walk(
         list(tree, &rel, &path, dir, &mut stack, tx)?;
     }
     Ok(())
+}
+
+/// Opens a folder for listing; out of descriptors or memory, tries again
+/// for a few seconds before the folder is reported unreadable (and left to
+/// the next rescan).
+fn open_folder(root: std::os::fd::BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, OpenError> {
+    let mut tries = 0;
+    loop {
+        match files::open_folder_beneath(root, rel) {
+            Err(OpenError::Io(e)) if files::is_resource_shortage(&e) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Lists one folder: its regular files are reported, its folders (those

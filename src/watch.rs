@@ -166,6 +166,8 @@ struct Scans {
     /// notifications cannot be had).
     events: Option<Arc<Events>>,
     current: Option<mpsc::Receiver<Found>>,
+    /// What the walk in progress started from.
+    running: Vec<PathBuf>,
     next: Vec<PathBuf>,
 }
 
@@ -179,12 +181,19 @@ impl Scans {
             }
         }
         if self.current.is_none() && !self.next.is_empty() {
+            self.running = std::mem::take(&mut self.next);
             self.current = Some(walk::spawn(
-                std::mem::take(&mut self.next),
+                self.running.clone(),
                 self.trees.clone(),
                 self.events.clone(),
             ));
         }
+    }
+
+    /// Whether `folder` is being walked, or waits for a walk.
+    fn walking(&self, folder: &Path) -> bool {
+        self.current.is_some() && self.running.iter().any(|r| folder.starts_with(r))
+            || self.next.iter().any(|n| folder.starts_with(n))
     }
 
     /// The next find of the walk in progress; `None` once it ended.
@@ -433,6 +442,7 @@ impl Watch {
         let roots = self.roots();
         check_roots(&roots, &mut present);
         let mut roots_checked = Instant::now();
+        let mut rewalked: HashMap<PathBuf, Instant> = HashMap::new();
         // The first walk watches every folder, each before it is listed.
         st.scans.request(roots.clone());
 
@@ -473,7 +483,18 @@ impl Watch {
                     // A watched folder removed and made again is watched anew.
                     if roots_checked.elapsed() >= ROOT_CHECK_INTERVAL {
                         roots_checked = Instant::now();
-                        let again = check_roots(&roots, &mut present);
+                        let mut again = check_roots(&roots, &mut present);
+                        // A watched folder made again with the same inode
+                        // number (ext4 reuses them) lost its watch unseen.
+                        if let Some(events) = &st.scans.events {
+                            for root in &roots {
+                                let due = rewalked.get(root).is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                                if due && present.get(root).is_some_and(Option::is_some) && !events.is_watched(root) && !st.scans.walking(root) {
+                                    rewalked.insert(root.clone(), Instant::now());
+                                    again.push(root.clone());
+                                }
+                            }
+                        }
                         st.scans.request(again);
                     }
                 }
@@ -611,9 +632,13 @@ impl Watch {
                 if let Some((i, rel)) = self.locate(&path)
                     && !self.filters[i].skips_dir(&rel)
                 {
-                    // The walk watches it, then lists it: a file made
-                    // before the watch is listed, one made after has an
-                    // event. Its subfolders likewise, one by one.
+                    // Watched now (walks wait their turn), then walked:
+                    // a file made before the watch is listed, one made
+                    // after has an event. Its subfolders likewise, each
+                    // watched by the walk before it is listed.
+                    if let Some(events) = &st.scans.events {
+                        watch_now(events, &self.watches[i].path, &rel, &path);
+                    }
                     st.scans.request([path]);
                 }
             }
@@ -797,6 +822,17 @@ fn untouched(v: &FileVersion) -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     Duration::from_nanos(u64::try_from(now.saturating_sub(v.changed_ns())).unwrap_or(0))
+}
+
+/// Opens the folder `rel` beneath `root` and watches it (a folder that is
+/// gone or a link meanwhile is not).
+fn watch_now(events: &Events, root: &Path, rel: &Path, path: &Path) {
+    let Ok(root_fd) = files::open_root(root) else {
+        return;
+    };
+    if let Ok(dir) = files::open_folder_beneath(std::os::fd::AsFd::as_fd(&root_fd), rel) {
+        let _ = events.watch(std::os::fd::AsFd::as_fd(&dir), path);
+    }
 }
 
 /// Checks that each watched folder is there, and the same folder it was
