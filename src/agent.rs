@@ -492,16 +492,50 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
 ///
 /// And a share not mounted (yet) is not "no such file": the folder that
 /// does exist nearest to the path must be on the file's own device.
-fn is_gone(path: &Path, dev: u64) -> bool {
+///
+/// Below a watched folder every folder is looked at beneath it, following
+/// no link (a link there answers "not gone": the record is closed for the
+/// link, by its caller); the watched folder and what is above it are the
+/// configuration's and are looked at as named.
+fn is_gone(path: &Path, dev: u64, watches: &[WatchSettings]) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path
-            .ancestors()
-            .skip(1)
-            .find_map(|a| std::fs::symlink_metadata(a).ok())
-            .is_some_and(|m| m.dev() == dev),
-        _ => false,
+    let beneath = watches.iter().find_map(|w| {
+        path.strip_prefix(&w.path)
+            .ok()
+            .filter(|rel| !rel.as_os_str().is_empty())
+            .map(|rel| (w.path.as_path(), rel))
+    });
+    let Some((root, rel)) = beneath else {
+        return match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => path
+                .ancestors()
+                .skip(1)
+                .find_map(|a| std::fs::symlink_metadata(a).ok())
+                .is_some_and(|m| m.is_dir() && m.dev() == dev),
+            _ => false,
+        };
+    };
+    if !matches!(files::lstat_beneath(root, rel), Err(OpenError::Gone)) {
+        return false;
     }
+    // The nearest folder that is there must be a folder on the file's own
+    // filesystem (a share not mounted is not "no such file").
+    for folder in rel.ancestors().skip(1) {
+        let found = if folder.as_os_str().is_empty() {
+            std::fs::metadata(root).map_err(|_| OpenError::Gone)
+        } else {
+            files::lstat_beneath(root, folder)
+        };
+        match found {
+            Ok(m) => return m.is_dir() && m.dev() == dev,
+            Err(OpenError::Gone) => continue,
+            Err(_) => return false,
+        }
+    }
+    root.ancestors()
+        .skip(1)
+        .find_map(|a| std::fs::symlink_metadata(a).ok())
+        .is_some_and(|m| m.is_dir() && m.dev() == dev)
 }
 
 /// The status (`lstat`) of `path` reached beneath the watched folder it is
@@ -534,7 +568,7 @@ fn no_longer_work(path: &Path, dev: u64, watches: &[WatchSettings]) -> Option<&'
         Ok(m) if !m.is_file() => Some("it is no longer a regular file"),
         Ok(_) => None,
         Err(OpenError::Link) => Some("a symbolic link is in its path now"),
-        Err(_) if is_gone(path, dev) => Some("its file is gone"),
+        Err(_) if is_gone(path, dev, watches) => Some("its file is gone"),
         Err(_) => None,
     }
 }
@@ -547,7 +581,7 @@ fn still_there(path: &Path, v: FileVersion, watches: &[WatchSettings]) -> bool {
     match lstat_in_watch(path, watches) {
         Ok(m) => m.is_file() && FileVersion::of(&m).is(&v),
         Err(OpenError::Link) => false,
-        Err(_) => !is_gone(path, v.dev),
+        Err(_) => !is_gone(path, v.dev, watches),
     }
 }
 
@@ -1159,27 +1193,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = std::fs::metadata(dir.path()).unwrap().dev();
         let file = dir.path().join("f");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(!is_gone(&file, dev), "there");
-        std::fs::remove_file(&file).unwrap();
-        assert!(is_gone(&file, dev), "deleted");
-        assert!(
-            is_gone(&dir.path().join("sub/deeper/f"), dev),
-            "its folder too"
-        );
-        // A share not mounted: the folder that exists is another filesystem.
-        assert!(!is_gone(&file, dev.wrapping_add(1)), "not mounted");
-        // Not "no such file": a file where a folder should be.
-        std::fs::write(dir.path().join("plain"), b"x").unwrap();
-        assert!(!is_gone(&dir.path().join("plain/f"), dev));
-        // still_there keeps a record when it cannot tell.
-        let v = FileVersion {
-            dev: dev.wrapping_add(1),
-            ino: 1,
-            size: 1,
-            mtime_ns: 1,
-            ctime_ns: 1,
-        };
         let watches = [crate::config::WatchSettings {
             path: dir.path().to_path_buf(),
             prefix: "foo/".into(),
@@ -1188,6 +1201,32 @@ mod tests {
             settle: Duration::from_millis(100),
             after_upload: crate::config::AfterUpload::Keep,
         }];
+        // The same answers beneath a watch (no link followed) and, for a
+        // path in no watch, by path.
+        for w in [&watches[..], &[]] {
+            let gone = |p: &Path, d: u64| is_gone(p, d, w);
+            std::fs::write(&file, b"x").unwrap();
+            assert!(!gone(&file, dev), "there");
+            std::fs::remove_file(&file).unwrap();
+            assert!(gone(&file, dev), "deleted");
+            assert!(
+                gone(&dir.path().join("sub/deeper/f"), dev),
+                "its folder too"
+            );
+            // A share not mounted: the folder that exists is another filesystem.
+            assert!(!gone(&file, dev.wrapping_add(1)), "not mounted");
+            // Not "no such file": a file where a folder should be.
+            std::fs::write(dir.path().join("plain"), b"x").unwrap();
+            assert!(!gone(&dir.path().join("plain/f"), dev));
+        }
+        // still_there keeps a record when it cannot tell.
+        let v = FileVersion {
+            dev: dev.wrapping_add(1),
+            ino: 1,
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+        };
         assert!(still_there(&file, v, &watches), "cannot tell: kept");
         // A path through a folder that is now a link names no file of the
         // tree, whatever the link points to.
