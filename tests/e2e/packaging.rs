@@ -65,6 +65,10 @@ fn the_unit_grants_cap_lease_only_and_its_filter_allows_leases() {
         "unlinkat",
         "newfstatat",
         "statfs",
+        "inotify_init1",     // the kernel's file events
+        "inotify_add_watch", // a watch per folder, by descriptor
+        "inotify_rm_watch",
+        "getdents64", // walks list folders from their descriptors
     ] {
         assert!(
             allowed.contains(needed) && !removed.contains(needed),
