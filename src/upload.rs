@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -294,17 +294,25 @@ impl Source {
         })
     }
 
-    /// Reads `len` bytes at `offset` and checksums them; fails if the file
-    /// is not the version it was opened as.
+    /// Reads `len` bytes at `offset` into `buf` (a part buffer used before,
+    /// or a new one) and checksums them; fails if the file is not the
+    /// version it was opened as.
     fn read(
         &self,
+        mut buf: BytesMut,
         offset: u64,
         len: usize,
         kind: ChecksumKind,
     ) -> Result<(Bytes, Crc), UploadError> {
-        let mut buf = vec![0u8; len];
+        // A used buffer keeps its (initialized) bytes: the read overwrites
+        // them, and only a longer part zeroes its new tail.
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         self.file
-            .read_exact_at(&mut buf, offset)
+            .read_exact_at(&mut buf[..], offset)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => UploadError::Changed {
                     path: self.path.clone(),
@@ -317,7 +325,7 @@ impl Source {
             })?;
         self.check_handle()?;
         let crc = Crc::of(kind, &buf);
-        Ok((Bytes::from(buf), crc))
+        Ok((buf.freeze(), crc))
     }
 
     fn changed(&self, what: String) -> UploadError {
@@ -439,7 +447,9 @@ impl<W: ObjectWriter> Engine<W> {
         };
         let _slot = inner.slots.acquire().await.map_err(|_| closed(&job.path))?;
         let size = source.version.size;
-        let (body, crc) = inner.read_part(&source, 0, size).await?;
+        let (body, crc) = inner
+            .read_part(&source, 0, size, &PartBuffers::default())
+            .await?;
         {
             let source = source.clone();
             tokio::task::spawn_blocking(move || source.check_path())
@@ -508,6 +518,9 @@ impl<W: ObjectWriter> Engine<W> {
         progress(parts.iter().map(|p| p.crc.len).sum());
         tracing::debug!(key = ?job.key, %upload_id, parts = count, part_size, "multipart upload started");
 
+        // Part buffers are used again for this file's next parts (no new
+        // mapping and page faults for each part), and freed with it.
+        let buffers = PartBuffers::default();
         let mut tasks: JoinSet<Result<PartDone, UploadError>> = JoinSet::new();
         let mut next: u64 = 0;
         let mut failure: Option<UploadError> = None;
@@ -528,17 +541,18 @@ impl<W: ObjectWriter> Engine<W> {
                     let len = part_size.min(size - offset);
                     let number = (next + 1) as i32;
                     next += 1;
-                    let (engine, source, key, id, progress, checkpoint) = (
-                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(), checkpoint.clone(),
+                    let (engine, source, key, id, progress, checkpoint, buffers) = (
+                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(), checkpoint.clone(), buffers.clone(),
                     );
                     tasks.spawn(async move {
                         let _permit = permit;
                         let inner = &engine.inner;
-                        let (body, crc) = inner.read_part(&source, offset, len).await?;
+                        let (body, crc) = inner.read_part(&source, offset, len, &buffers).await?;
                         let done = inner
                             .retry(|| inner.writer.upload_part(&key, &id, number, body.clone(), crc))
                             .await
                             .map_err(|e| UploadError::S3 { path: source.path.clone(), source: Box::new(e) })?;
+                        buffers.give_back(body);
                         checkpoint.part_done(&done).map_err(|reason| UploadError::Checkpoint { path: source.path.clone(), reason })?;
                         progress(len);
                         Ok(done)
@@ -611,6 +625,31 @@ impl<W: ObjectWriter> Engine<W> {
     }
 }
 
+/// The part buffers of one multipart upload, for its next parts. A buffer
+/// comes back only when nothing else holds it (the request and its
+/// retries are over: `Bytes::try_into_mut`), so a buffer is never written
+/// while a request may still send it. At most as many are kept as parts
+/// can be in flight, so memory stays within part size x concurrency.
+#[derive(Clone, Default)]
+struct PartBuffers(Arc<std::sync::Mutex<Vec<BytesMut>>>);
+
+impl PartBuffers {
+    /// A buffer used before, or a new empty one.
+    fn take(&self) -> BytesMut {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give_back(&self, body: Bytes) {
+        if let Ok(buf) = body.try_into_mut() {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+        }
+    }
+}
+
 /// Whether a CompleteMultipartUpload answer says this upload's parts will
 /// never make an object (so the upload is abandoned). An access denied or
 /// a KMS problem may be fixed meanwhile: the upload is kept for then.
@@ -628,19 +667,22 @@ fn closed(path: &Path) -> UploadError {
 }
 
 impl<W: ObjectWriter> Inner<W> {
-    /// Paces, then reads and checksums one part off the async runtime.
+    /// Paces, then reads and checksums one part off the async runtime, into
+    /// a buffer from `buffers` when one is free.
     async fn read_part(
         &self,
         source: &Arc<Source>,
         offset: u64,
         len: u64,
+        buffers: &PartBuffers,
     ) -> Result<(Bytes, Crc), UploadError> {
         if let Some(t) = &self.throttle {
             t.take(len).await;
         }
         let kind = self.settings.checksum;
         let s = source.clone();
-        tokio::task::spawn_blocking(move || s.read(offset, len as usize, kind))
+        let buf = buffers.take();
+        tokio::task::spawn_blocking(move || s.read(buf, offset, len as usize, kind))
             .await
             .map_err(|e| join_error(&source.path, e))?
     }
@@ -689,6 +731,40 @@ mod tests {
         assert!(read(libc::ENFILE).is_transient(), "{}", read(libc::ENFILE));
         assert!(!read(libc::EACCES).is_transient(), "{}", read(libc::EACCES));
         assert!(!read(libc::EIO).is_transient(), "{}", read(libc::EIO));
+    }
+
+    #[test]
+    fn a_part_buffer_comes_back_only_when_nothing_else_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let source = Source::open(&path, None, None).unwrap();
+        let buffers = PartBuffers::default();
+        let (a, crc_a) = source
+            .read(buffers.take(), 0, 2000, ChecksumKind::Crc32C)
+            .unwrap();
+        assert_eq!(&a[..], &data[..2000]);
+        assert_eq!(crc_a, Crc::of(ChecksumKind::Crc32C, &data[..2000]));
+        // Still held by a request: not taken back.
+        let held = a.clone();
+        buffers.give_back(a);
+        assert_eq!(buffers.0.lock().unwrap().len(), 0);
+        buffers.give_back(held);
+        assert_eq!(buffers.0.lock().unwrap().len(), 1);
+        // The used buffer (2000 bytes of part one) holds the shorter last
+        // part exactly, its checksum that of those bytes alone.
+        let (b, crc_b) = source
+            .read(buffers.take(), 2000, 1000, ChecksumKind::Crc32C)
+            .unwrap();
+        assert_eq!(&b[..], &data[2000..]);
+        assert_eq!(crc_b, Crc::of(ChecksumKind::Crc32C, &data[2000..]));
+        buffers.give_back(b);
+        // And a longer part than the buffer held.
+        let (c, _) = source
+            .read(buffers.take(), 0, 3000, ChecksumKind::Crc32C)
+            .unwrap();
+        assert_eq!(&c[..], &data[..]);
     }
 
     #[test]
