@@ -201,8 +201,13 @@ pub fn open_beneath(root: &Path, rel: &Path) -> Result<Opened, OpenError> {
 /// any link below `root`: a folder swapped for a link answers
 /// [`OpenError::Link`], never the status of what it points to.
 pub fn lstat_beneath(root: &Path, rel: &Path) -> Result<std::fs::Metadata, OpenError> {
-    let root_fd = open_root(root)?;
-    let handle = beneath(root_fd.as_fd(), rel, OFlags::PATH)?;
+    lstat_at(open_root(root)?.as_fd(), rel)
+}
+
+/// [`lstat_beneath`] with the folder already open (a handle from
+/// [`open_root`]), for many looks in a row.
+pub fn lstat_at(root: BorrowedFd<'_>, rel: &Path) -> Result<std::fs::Metadata, OpenError> {
+    let handle = beneath(root, rel, OFlags::PATH)?;
     File::from(handle).metadata().map_err(OpenError::Io)
 }
 

@@ -230,6 +230,8 @@ struct State {
     /// Folders that could not be watched (or read), each warned about once;
     /// tried again at every rescan.
     unwatchable: HashSet<PathBuf>,
+    /// [`UNWATCHABLE_MAX`] reached: no more are recorded or warned about.
+    unwatchable_full: bool,
     /// The log lines about links, limited.
     links: LinkLog,
 }
@@ -394,9 +396,9 @@ impl Watch {
     /// The status of `path` (`lstat`), reached beneath its watched folder
     /// without following any link: a folder swapped for a link gives
     /// [`OpenError::Link`], never the status of what it points to.
-    fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OpenError> {
+    fn lstat(&self, path: &Path, roots: &mut RootHandles) -> Result<std::fs::Metadata, OpenError> {
         let (watch, rel) = self.locate(path).ok_or(OpenError::Link)?;
-        files::lstat_beneath(&self.watches[watch].path, &rel)
+        roots.lstat(watch, &rel)
     }
 
     /// Which watch a path belongs to, and the path relative to it.
@@ -538,13 +540,14 @@ impl Watch {
     /// (under the weak rule unless `/proc` shows a writer).
     fn take_scanned(&self, first: Found, st: &mut State) {
         let mut settled = Vec::new();
-        self.found(first, st, &mut settled);
+        let mut roots = RootHandles::new(&self.watches);
+        self.found(first, st, &mut settled, &mut roots);
         while st.ready.len() + settled.len() < SCAN_READY_HIGH {
             let Some(rx) = st.scans.current.as_mut() else {
                 break;
             };
             match rx.try_recv() {
-                Ok(found) => self.found(found, st, &mut settled),
+                Ok(found) => self.found(found, st, &mut settled, &mut roots),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     st.scans.finished();
@@ -581,7 +584,13 @@ impl Watch {
 
     /// What a scan found: a folder to watch, one it cannot read, or a file
     /// (of unknown history).
-    fn found(&self, found: Found, st: &mut State, settled: &mut Vec<Scanned>) {
+    fn found(
+        &self,
+        found: Found,
+        st: &mut State,
+        settled: &mut Vec<Scanned>,
+        roots: &mut RootHandles,
+    ) {
         let path = match found {
             Found::File(path) => path,
             Found::Unreadable(path, e) => return unwatchable(st, &path, &e),
@@ -595,7 +604,7 @@ impl Watch {
         if !self.filters[watch].accepts(&rel) {
             return;
         }
-        if let Ok(meta) = files::lstat_beneath(&self.watches[watch].path, &rel)
+        if let Ok(meta) = roots.lstat(watch, &rel)
             && meta.is_file()
         {
             let v = FileVersion::of(&meta);
@@ -693,6 +702,7 @@ impl Watch {
         let mut done: Vec<PathBuf> = Vec::new();
         let mut ready: Vec<Candidate> = Vec::new();
         let room = READY_MAX.saturating_sub(st.ready.len());
+        let mut roots = RootHandles::new(&self.watches);
         for (path, p) in st.waiting.iter_mut() {
             if ready.len() >= room {
                 break; // the rest stay tracked and are judged at a later tick
@@ -702,7 +712,7 @@ impl Watch {
             }
             // lstat beneath the watched folder: no symbolic link followed,
             // in the file's name or in its folders'.
-            let meta = match self.lstat(path) {
+            let meta = match self.lstat(path, &mut roots) {
                 Ok(m) if m.is_file() => m,
                 Ok(m) => {
                     if m.file_type().is_symlink() {
@@ -790,17 +800,48 @@ impl Watch {
     }
 }
 
+/// Handles on the watched folders for one pass over many files (a settle
+/// tick, a batch of a walk): each opened once, when first needed, and
+/// closed with the pass, so a watched folder made again is met anew at the
+/// next pass.
+struct RootHandles<'a> {
+    watches: &'a [WatchSettings],
+    fds: Vec<Option<std::os::fd::OwnedFd>>,
+}
+
+impl<'a> RootHandles<'a> {
+    fn new(watches: &'a [WatchSettings]) -> Self {
+        RootHandles {
+            watches,
+            fds: watches.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// [`files::lstat_at`] beneath watch `watch`.
+    fn lstat(&mut self, watch: usize, rel: &Path) -> Result<std::fs::Metadata, OpenError> {
+        let root = &self.watches[watch].path;
+        if self.fds[watch].is_none() {
+            // Not kept when it fails: the look then says why.
+            self.fds[watch] = files::open_root(root).ok();
+        }
+        match &self.fds[watch] {
+            Some(fd) => files::lstat_at(std::os::fd::AsFd::as_fd(fd), rel),
+            None => files::lstat_beneath(root, rel),
+        }
+    }
+}
+
 /// At most this many unwatchable folders are remembered (and each warned
 /// about once); beyond that they are tried at rescans without a warning.
 const UNWATCHABLE_MAX: usize = 10_000;
 
 /// Records a folder that cannot be watched or read; warns the first time.
 fn unwatchable(st: &mut State, path: &Path, why: &str) {
-    if st.unwatchable.contains(path) || st.unwatchable.len() > UNWATCHABLE_MAX {
+    if st.unwatchable.contains(path) || st.unwatchable_full {
         return;
     }
-    if st.unwatchable.len() == UNWATCHABLE_MAX {
-        st.unwatchable.insert(PathBuf::new());
+    if st.unwatchable.len() >= UNWATCHABLE_MAX {
+        st.unwatchable_full = true;
         tracing::warn!(
             folders = UNWATCHABLE_MAX,
             "so many folders cannot be watched or read that no more are reported; their files are found by rescans"
