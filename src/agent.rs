@@ -499,32 +499,33 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
 /// configuration's and are looked at as named.
 fn is_gone(path: &Path, dev: u64, watches: &[WatchSettings]) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let beneath = watches.iter().find_map(|w| {
-        path.strip_prefix(&w.path)
-            .ok()
-            .filter(|rel| !rel.as_os_str().is_empty())
-            .map(|rel| (w.path.as_path(), rel))
-    });
-    let Some((root, rel)) = beneath else {
-        return match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => path
-                .ancestors()
-                .skip(1)
-                .find_map(|a| std::fs::symlink_metadata(a).ok())
-                .is_some_and(|m| m.is_dir() && m.dev() == dev),
-            _ => false,
-        };
-    };
-    if !matches!(files::lstat_beneath(root, rel), Err(OpenError::Gone)) {
-        return false;
-    }
     // The nearest folder that is there must be a folder on the file's own
     // filesystem (a share not mounted is not "no such file").
+    let nearest_by_path_is_ours = |p: &Path| {
+        p.ancestors()
+            .skip(1)
+            .find_map(|a| std::fs::symlink_metadata(a).ok())
+            .is_some_and(|m| m.is_dir() && m.dev() == dev)
+    };
+    let Some((root, rel)) = in_watch(path, watches) else {
+        return matches!(std::fs::symlink_metadata(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && nearest_by_path_is_ours(path);
+    };
+    let root_fd = match files::open_root(root) {
+        Ok(fd) => fd,
+        Err(OpenError::Gone) => return nearest_by_path_is_ours(root),
+        Err(_) => return false,
+    };
+    use std::os::fd::AsFd;
+    if !matches!(files::lstat_at(root_fd.as_fd(), rel), Err(OpenError::Gone)) {
+        return false;
+    }
     for folder in rel.ancestors().skip(1) {
         let found = if folder.as_os_str().is_empty() {
-            std::fs::metadata(root).map_err(|_| OpenError::Gone)
+            std::fs::metadata(root).map_err(OpenError::Io)
         } else {
-            files::lstat_beneath(root, folder)
+            files::lstat_at(root_fd.as_fd(), folder)
         };
         match found {
             Ok(m) => return m.is_dir() && m.dev() == dev,
@@ -532,25 +533,25 @@ fn is_gone(path: &Path, dev: u64, watches: &[WatchSettings]) -> bool {
             Err(_) => return false,
         }
     }
-    root.ancestors()
-        .skip(1)
-        .find_map(|a| std::fs::symlink_metadata(a).ok())
-        .is_some_and(|m| m.is_dir() && m.dev() == dev)
+    false
 }
 
 /// The status (`lstat`) of `path` reached beneath the watched folder it is
 /// in, following no link; [`OpenError::Link`] when a link is in its path
 /// or no watch holds it.
 fn lstat_in_watch(path: &Path, watches: &[WatchSettings]) -> Result<std::fs::Metadata, OpenError> {
-    watches
-        .iter()
-        .find_map(|w| {
-            path.strip_prefix(&w.path)
-                .ok()
-                .filter(|rel| !rel.as_os_str().is_empty())
-                .map(|rel| files::lstat_beneath(&w.path, rel))
-        })
-        .unwrap_or(Err(OpenError::Link))
+    let (root, rel) = in_watch(path, watches).ok_or(OpenError::Link)?;
+    files::lstat_beneath(root, rel)
+}
+
+/// The watched folder holding `path` (below it), and the path relative to it.
+fn in_watch<'a>(path: &'a Path, watches: &'a [WatchSettings]) -> Option<(&'a Path, &'a Path)> {
+    watches.iter().find_map(|w| {
+        path.strip_prefix(&w.path)
+            .ok()
+            .filter(|rel| !rel.as_os_str().is_empty())
+            .map(|rel| (w.path.as_path(), rel))
+    })
 }
 
 /// Why a pending record names no work any more, if it does not: its file
