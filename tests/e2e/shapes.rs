@@ -23,7 +23,7 @@ use tokio::io::AsyncBufReadExt;
 use crate::agent::{Agent, BUCKET};
 use crate::support::moto::Moto;
 use crate::support::proxy::Proxy;
-use crate::support::shape::{self, AGENT_USER, Shape, WRITER_USER};
+use crate::support::shape::{self, Shape, WRITER_USER};
 use crate::support::{bytes, putonly};
 
 const MIB: usize = 1024 * 1024;
@@ -61,10 +61,11 @@ impl World {
         shape::chmod(&out, 0o755);
         let src = work.path().join("src");
         std::fs::create_dir_all(&src).unwrap();
-        let agent_dir = work.path().join("agent");
-        std::fs::create_dir_all(&agent_dir).unwrap();
-        let text = std::fs::read_to_string(moto.config(
+        let state = work.path().join("agent").join("state");
+        let (agent_dir, config) = shape::agent_folder(
+            &moto,
             &proxy.url,
+            work.path(),
             &format!(
                 "[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n\
                  [state]\ndir = \"{state}\"\n\
@@ -72,24 +73,12 @@ impl World {
                  [[watch]]\npath = \"{del}\"\nprefix = \"fighters/del/\"\nsettle = \"1s\"\nafter_upload = \"delete\"\n\
                  [agent]\nrescan_interval = \"1h\"\nshutdown_timeout = \"10s\"\n\
                  [upload]\nconcurrency = 2\npart_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nbandwidth_limit = \"6MiB/s\"\n",
-                state = agent_dir.join("state").display(),
+                state = state.display(),
                 keep = keep.display(),
                 del = del.display(),
             ),
-        ))
-        .unwrap();
-        let config = agent_dir.join("agent.toml");
-        std::fs::write(&config, text).unwrap();
-        for f in ["credentials", "config"] {
-            std::fs::copy(moto.dir.path().join(f), agent_dir.join(f)).unwrap();
-        }
-        if let Shape::User { .. } = shape {
-            let agent = shape::user(AGENT_USER);
-            for p in ["", "agent.toml", "credentials", "config"] {
-                shape::chown(&agent_dir.join(p), agent);
-            }
-        }
-        shape::chmod(&agent_dir, 0o700);
+            shape,
+        );
         let log = work.path().join("agent.log");
         World {
             shape,

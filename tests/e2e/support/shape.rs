@@ -288,3 +288,32 @@ for op in ops:
     .kill_on_drop(true);
     cmd
 }
+
+/// The agent's own folder under `work`: its configuration (`body`, made
+/// into a full one for `moto` through `endpoint`), a copy of the moto
+/// credentials, all owned by the agent's user in the unprivileged shapes,
+/// mode 0700. Returns the folder and the configuration file.
+pub fn agent_folder(
+    moto: &super::moto::Moto,
+    endpoint: &str,
+    work: &Path,
+    body: &str,
+    shape: Shape,
+) -> (PathBuf, PathBuf) {
+    let dir = work.join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(moto.config(endpoint, body)).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    for f in ["credentials", "config"] {
+        std::fs::copy(moto.dir.path().join(f), dir.join(f)).unwrap();
+    }
+    if let Shape::User { .. } = shape {
+        let agent = user(AGENT_USER);
+        for p in ["", "agent.toml", "credentials", "config"] {
+            chown(&dir.join(p), agent);
+        }
+    }
+    chmod(&dir, 0o700);
+    (dir, config)
+}
