@@ -1,8 +1,9 @@
 //! Local attackers (docs/SEMANTICS.md, "Local attackers"): a producer who
 //! may write into a watched folder, running as another unprivileged user,
 //! tries to make the agent read files outside the tree, or write outside
-//! `move_to`, with symbolic links and hard links. The agent runs as root
-//! and as an unprivileged user (the systemd unit's shape).
+//! `move_to`, with symbolic links and hard links. The agent runs as root,
+//! as an unprivileged user (the systemd unit's shape) and in its own PID
+//! namespace (a container's).
 //!
 //! The attacker swaps a folder for a link to a folder of secrets (the
 //! names inside match the files it wrote), swaps files for links to
@@ -138,30 +139,22 @@ impl Lab {
                 sent.display()
             ),
         };
-        let agent_dir = work.path().join("agent");
-        std::fs::create_dir_all(&agent_dir).unwrap();
-        let text = std::fs::read_to_string(moto.config(
+        let state = work.path().join("agent").join("state");
+        let (agent_dir, config) = shape::agent_folder(
+            &moto,
             &proxy.url,
+            work.path(),
             &format!(
                 "[bucket]\nname = \"{BUCKET}\"\nallowed_prefixes = [\"foo/\", \"fighters/\"]\n\
                  [state]\ndir = \"{state}\"\n\
                  [[watch]]\npath = \"{out}\"\nprefix = \"fighters/in/\"\nsettle = \"200ms\"\n{action}\
                  [agent]\nrescan_interval = \"3s\"\nshutdown_timeout = \"10s\"\n\
                  [upload]\nconcurrency = 4\n",
-                state = agent_dir.join("state").display(),
+                state = state.display(),
                 out = out.display(),
             ),
-        ))
-        .unwrap();
-        let config = agent_dir.join("agent.toml");
-        std::fs::write(&config, text).unwrap();
-        for f in ["credentials", "config"] {
-            std::fs::copy(moto.dir.path().join(f), agent_dir.join(f)).unwrap();
-        }
-        for p in ["", "agent.toml", "credentials", "config"] {
-            shape::chown(&agent_dir.join(p), agent_id);
-        }
-        shape::chmod(&agent_dir, 0o700);
+            shape,
+        );
         let log = work.path().join("agent.log");
         Lab {
             shape,
@@ -417,8 +410,9 @@ async fn swapped_folders_and_planted_links_gain_nothing_as_root_with_delete() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn swapped_folders_and_planted_links_gain_nothing_as_root_moving_on_one_filesystem() {
-    swap_attack(Shape::Root, After::MoveSameFs, 300).await;
+async fn swapped_folders_and_planted_links_gain_nothing_in_a_pid_namespace_moving_on_one_filesystem()
+ {
+    swap_attack(Shape::PidNamespace, After::MoveSameFs, 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
