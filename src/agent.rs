@@ -158,7 +158,9 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     ));
     settings.upload.max_attempts = settings.upload.max_attempts.or(Some(10));
     let engine = Engine::new(bucket.clone(), settings.upload.clone());
-    let concurrency = settings.upload.concurrency;
+    // Files in flight: as many as requests may be. The engine's budget
+    // bounds their memory (bytes in flight), so small files go many at once.
+    let files_at_once = settings.upload.requests_in_flight;
 
     // Which rule tells a finished file, per watch, and why; the SIGIO
     // handler is in place before the first lease is taken.
@@ -168,7 +170,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     log_rules(&support, &settings.watches);
     let leases = Leases::start().map_err(AgentError::Leases)?;
 
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Candidate>(concurrency * 2);
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Candidate>(files_at_once * 2);
     let (requeue_tx, requeue_rx) = mpsc::unbounded_channel();
     let watch = Watch::new(
         settings.watches.clone(),
@@ -202,8 +204,12 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     // Set when a task panicked: the agent stops as on SIGTERM, then fails.
     let mut failure: Option<AgentError> = None;
 
-    let slots = Arc::new(Semaphore::new(concurrency));
+    let slots = Arc::new(Semaphore::new(files_at_once));
     let mut slot = None;
+    // Part buffers kept for reuse are freed when no part used them for a
+    // while: a quiet agent holds no part memory.
+    let mut buffer_trim = tokio::time::interval(Duration::from_secs(30));
+    buffer_trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks: JoinSet<()> = JoinSet::new();
     tracing::info!("watching; ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -223,6 +229,12 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
             joined = &mut watcher => { failure = Some(task_ended("the watcher", joined)); break; }
             joined = &mut housekeeping => { failure = Some(task_ended("housekeeping", joined)); break; }
             joined = &mut maintenance => { failure = Some(task_ended("journal maintenance", joined)); break; }
+            _ = buffer_trim.tick() => {
+                let freed = ctx.engine.release_idle_buffers(Duration::from_secs(30));
+                if freed > 0 {
+                    tracing::debug!(freed, "idle part buffers freed");
+                }
+            }
             // A slot first, then a candidate for it; waiting for either
             // leaves every other branch (signals, a task that ended) live.
             permit = slots.clone().acquire_owned(), if slot.is_none() => {

@@ -188,6 +188,7 @@ pub struct RawUpload {
     pub part_size: Option<String>,
     pub multipart_threshold: Option<String>,
     pub concurrency: Option<usize>,
+    pub requests_in_flight: Option<usize>,
     pub bandwidth_limit: Option<String>,
     pub checksum: Option<String>,
     pub max_attempts: Option<u32>,
@@ -320,7 +321,12 @@ impl fmt::Display for ChecksumKind {
 pub struct UploadSettings {
     pub part_size: u64,
     pub multipart_threshold: u64,
+    /// Parts of `part_size` in memory at once: the memory bound is
+    /// `part_size × concurrency` bytes of request bodies.
     pub concurrency: usize,
+    /// Requests in flight at once, whatever their size (small files go
+    /// many at a time within the memory bound).
+    pub requests_in_flight: usize,
     /// Bytes per second; `None` is unlimited.
     pub bandwidth_limit: Option<u64>,
     pub checksum: ChecksumKind,
@@ -338,6 +344,7 @@ impl Default for UploadSettings {
             part_size: default_part_size(),
             multipart_threshold: default_part_size(),
             concurrency: default_concurrency(),
+            requests_in_flight: default_requests_in_flight(),
             bandwidth_limit: None,
             checksum: ChecksumKind::Crc64Nvme,
             max_attempts: Some(default_max_attempts()),
@@ -355,6 +362,11 @@ pub fn default_part_size() -> u64 {
 }
 pub fn default_concurrency() -> usize {
     8
+}
+/// Chosen from measurements (docs/performance.md): small files stop
+/// getting faster beyond it on a local object store.
+pub fn default_requests_in_flight() -> usize {
+    64
 }
 pub fn default_max_attempts() -> u32 {
     10
@@ -1035,7 +1047,17 @@ fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
         return Err(ConfigError::invalid(
             "upload.concurrency",
             format!("{concurrency} is out of range"),
-            "choose from 1 to 256 requests in flight",
+            "choose from 1 to 256 parts in flight",
+        ));
+    }
+    let requests_in_flight = u
+        .requests_in_flight
+        .unwrap_or_else(|| default_requests_in_flight().max(concurrency));
+    if !(1..=1024).contains(&requests_in_flight) {
+        return Err(ConfigError::invalid(
+            "upload.requests_in_flight",
+            format!("{requests_in_flight} is out of range"),
+            "choose from 1 to 1024 requests in flight",
         ));
     }
     let bandwidth_limit = match &u.bandwidth_limit {
@@ -1072,6 +1094,7 @@ fn resolve_upload(u: &RawUpload) -> Result<UploadSettings, ConfigError> {
         part_size,
         multipart_threshold,
         concurrency,
+        requests_in_flight,
         bandwidth_limit,
         checksum,
         max_attempts,
@@ -1468,6 +1491,10 @@ mod tests {
             ("[upload]\npart_size = \"1MiB\"\n", "upload.part_size"),
             ("[upload]\npart_size = \"lots\"\n", "upload.part_size"),
             ("[upload]\nconcurrency = 0\n", "upload.concurrency"),
+            (
+                "[upload]\nrequests_in_flight = 0\n",
+                "upload.requests_in_flight",
+            ),
             (
                 "[upload]\nbandwidth_limit = \"fast\"\n",
                 "upload.bandwidth_limit",

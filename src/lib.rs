@@ -4,8 +4,8 @@
 //! The pipeline, one module a step:
 //! [`config`] (what to do) → [`credentials`] (who is asking, renewed in the
 //! background) → [`keys`] (where each file goes, and whether it may) →
-//! [`upload`] (how a file becomes an object, through [`throttle`] and
-//! [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
+//! [`upload`] (how a file becomes an object, within the [`budget`], through
+//! [`throttle`] and [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
 //! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
 //! server verifies. The agent adds [`events`] (the kernel's news, one
 //! inotify watch a folder) and [`walk`] (every file below a folder, no
@@ -20,6 +20,7 @@
 
 pub mod after_upload;
 pub mod agent;
+pub mod budget;
 pub mod checksum;
 pub mod cli;
 pub mod config;

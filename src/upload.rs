@@ -2,9 +2,11 @@
 //! PutObject or by a multipart upload streamed from disk.
 //!
 //! It owns part sizing, parallelism, pacing, retries and the "file changed
-//! under us" check. Memory is bounded by design: a part's buffer exists only
-//! while its request holds one of `concurrency` slots, so peak memory is
-//! about `part_size × concurrency` whatever the file size. Every part and the
+//! under us" check. Memory is bounded by design: a body's buffer exists only
+//! while its request holds its bytes of the [`Budget`] (`part_size ×
+//! concurrency` bytes, and `requests_in_flight` requests), so peak memory
+//! is about `part_size × concurrency` whatever the file sizes, and many
+//! small files go at once within it. Every part and the
 //! whole object carry a CRC the server verifies. The engine never talks to
 //! S3 except through an [`ObjectWriter`], never decides which files to send
 //! (its callers do), and never completes an upload whose file changed while
@@ -16,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use tokio::sync::Semaphore;
+use bytes::Bytes;
 use tokio::task::JoinSet;
 
+use crate::budget::{Budget, Buffer};
 use crate::checksum::Crc;
 use crate::config::{
     ChecksumKind, MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, UploadSettings,
@@ -213,12 +215,12 @@ impl FileVersion {
 struct Inner<W> {
     writer: Arc<W>,
     settings: UploadSettings,
-    slots: Arc<Semaphore>,
+    budget: Budget,
     throttle: Option<Throttle>,
     backoff: Backoff,
 }
 
-/// Sends files; clone it freely, all clones share slots and the limit.
+/// Sends files; clone it freely, all clones share the budget and the limit.
 pub struct Engine<W> {
     inner: Arc<Inner<W>>,
 }
@@ -299,13 +301,14 @@ impl Source {
     /// version it was opened as.
     fn read(
         &self,
-        mut buf: BytesMut,
+        buf: Buffer,
         offset: u64,
         len: usize,
         kind: ChecksumKind,
     ) -> Result<(Bytes, Crc), UploadError> {
         // A used buffer keeps its (initialized) bytes: the read overwrites
         // them, and only a longer part zeroes its new tail.
+        let mut buf = buf.into_inner();
         if buf.len() >= len {
             buf.truncate(len);
         } else {
@@ -371,12 +374,18 @@ impl<W: ObjectWriter> Engine<W> {
         Engine {
             inner: Arc::new(Inner {
                 writer,
-                slots: Arc::new(Semaphore::new(settings.concurrency)),
+                budget: Budget::new(&settings),
                 throttle: settings.bandwidth_limit.map(Throttle::new),
                 backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(20)),
                 settings,
             }),
         }
+    }
+
+    /// Frees the part buffers kept for reuse that no part has used for
+    /// `idle` (the agent calls it when quiet); returns how many.
+    pub fn release_idle_buffers(&self, idle: Duration) -> usize {
+        self.inner.budget.release_idle(idle)
     }
 
     /// Uploads one file. `progress` is told how many bytes the server
@@ -445,11 +454,13 @@ impl<W: ObjectWriter> Engine<W> {
             path: job.path.clone(),
             source: Box::new(source),
         };
-        let _slot = inner.slots.acquire().await.map_err(|_| closed(&job.path))?;
         let size = source.version.size;
-        let (body, crc) = inner
-            .read_part(&source, 0, size, &PartBuffers::default())
-            .await?;
+        let _admission = inner
+            .budget
+            .admit(inner.budget.charge(size))
+            .await
+            .map_err(|_| closed(&job.path))?;
+        let (body, crc) = inner.read_part(&source, 0, size).await?;
         {
             let source = source.clone();
             tokio::task::spawn_blocking(move || source.check_path())
@@ -460,6 +471,7 @@ impl<W: ObjectWriter> Engine<W> {
             .retry(|| inner.writer.put_object(&job.key, body.clone(), crc))
             .await
             .map_err(s3_err)?;
+        inner.budget.give_back(body);
         progress(size);
         Ok(Uploaded {
             key: job.key.clone(),
@@ -518,9 +530,6 @@ impl<W: ObjectWriter> Engine<W> {
         progress(parts.iter().map(|p| p.crc.len).sum());
         tracing::debug!(key = ?job.key, %upload_id, parts = count, part_size, "multipart upload started");
 
-        // Part buffers are used again for this file's next parts (no new
-        // mapping and page faults for each part), and freed with it.
-        let buffers = PartBuffers::default();
         let mut tasks: JoinSet<Result<PartDone, UploadError>> = JoinSet::new();
         let mut next: u64 = 0;
         let mut failure: Option<UploadError> = None;
@@ -531,28 +540,30 @@ impl<W: ObjectWriter> Engine<W> {
             if next >= count && tasks.is_empty() {
                 break;
             }
+            let offset = next * part_size;
+            let len = part_size.min(size.saturating_sub(offset));
             tokio::select! {
-                permit = inner.slots.clone().acquire_owned(), if next < count => {
-                    let Ok(permit) = permit else {
+                admission = inner.budget.admit(inner.budget.charge(len)), if next < count => {
+                    let Ok(admission) = admission else {
                         failure = Some(closed(&job.path));
                         break;
                     };
-                    let offset = next * part_size;
-                    let len = part_size.min(size - offset);
                     let number = (next + 1) as i32;
                     next += 1;
-                    let (engine, source, key, id, progress, checkpoint, buffers) = (
-                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(), checkpoint.clone(), buffers.clone(),
+                    let (engine, source, key, id, progress, checkpoint) = (
+                        self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(), checkpoint.clone(),
                     );
                     tasks.spawn(async move {
-                        let _permit = permit;
+                        let _admission = admission;
                         let inner = &engine.inner;
-                        let (body, crc) = inner.read_part(&source, offset, len, &buffers).await?;
+                        let (body, crc) = inner.read_part(&source, offset, len).await?;
                         let done = inner
                             .retry(|| inner.writer.upload_part(&key, &id, number, body.clone(), crc))
                             .await
                             .map_err(|e| UploadError::S3 { path: source.path.clone(), source: Box::new(e) })?;
-                        buffers.give_back(body);
+                        // Used again for a next part (of any file): no new
+                        // mapping and page faults for each part.
+                        inner.budget.give_back(body);
                         checkpoint.part_done(&done).map_err(|reason| UploadError::Checkpoint { path: source.path.clone(), reason })?;
                         progress(len);
                         Ok(done)
@@ -625,31 +636,6 @@ impl<W: ObjectWriter> Engine<W> {
     }
 }
 
-/// The part buffers of one multipart upload, for its next parts. A buffer
-/// comes back only when nothing else holds it (the request and its
-/// retries are over: `Bytes::try_into_mut`), so a buffer is never written
-/// while a request may still send it. At most as many are kept as parts
-/// can be in flight, so memory stays within part size x concurrency.
-#[derive(Clone, Default)]
-struct PartBuffers(Arc<std::sync::Mutex<Vec<BytesMut>>>);
-
-impl PartBuffers {
-    /// A buffer used before, or a new empty one.
-    fn take(&self) -> BytesMut {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default()
-    }
-
-    fn give_back(&self, body: Bytes) {
-        if let Ok(buf) = body.try_into_mut() {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
-        }
-    }
-}
-
 /// Whether a CompleteMultipartUpload answer says this upload's parts will
 /// never make an object (so the upload is abandoned). An access denied or
 /// a KMS problem may be fixed meanwhile: the upload is kept for then.
@@ -668,20 +654,19 @@ fn closed(path: &Path) -> UploadError {
 
 impl<W: ObjectWriter> Inner<W> {
     /// Paces, then reads and checksums one part off the async runtime, into
-    /// a buffer from `buffers` when one is free.
+    /// a pooled part buffer when one is free (see [`Budget::buffer`]).
     async fn read_part(
         &self,
         source: &Arc<Source>,
         offset: u64,
         len: u64,
-        buffers: &PartBuffers,
     ) -> Result<(Bytes, Crc), UploadError> {
         if let Some(t) = &self.throttle {
             t.take(len).await;
         }
         let kind = self.settings.checksum;
         let s = source.clone();
-        let buf = buffers.take();
+        let buf = self.budget.buffer(len);
         tokio::task::spawn_blocking(move || s.read(buf, offset, len as usize, kind))
             .await
             .map_err(|e| join_error(&source.path, e))?
@@ -734,35 +719,26 @@ mod tests {
     }
 
     #[test]
-    fn a_part_buffer_comes_back_only_when_nothing_else_holds_it() {
+    fn a_used_part_buffer_holds_shorter_and_longer_parts_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let source = Source::open(&path, None, None).unwrap();
-        let buffers = PartBuffers::default();
-        let (a, crc_a) = source
-            .read(buffers.take(), 0, 2000, ChecksumKind::Crc32C)
-            .unwrap();
+        let used = |n: usize| Buffer::Pooled(bytes::BytesMut::from(&vec![7u8; n][..]));
+        let (a, crc_a) = source.read(used(0), 0, 2000, ChecksumKind::Crc32C).unwrap();
         assert_eq!(&a[..], &data[..2000]);
         assert_eq!(crc_a, Crc::of(ChecksumKind::Crc32C, &data[..2000]));
-        // Still held by a request: not taken back.
-        let held = a.clone();
-        buffers.give_back(a);
-        assert_eq!(buffers.0.lock().unwrap().len(), 0);
-        buffers.give_back(held);
-        assert_eq!(buffers.0.lock().unwrap().len(), 1);
-        // The used buffer (2000 bytes of part one) holds the shorter last
+        // A used buffer (2000 bytes of part one) holds the shorter last
         // part exactly, its checksum that of those bytes alone.
         let (b, crc_b) = source
-            .read(buffers.take(), 2000, 1000, ChecksumKind::Crc32C)
+            .read(used(2000), 2000, 1000, ChecksumKind::Crc32C)
             .unwrap();
         assert_eq!(&b[..], &data[2000..]);
         assert_eq!(crc_b, Crc::of(ChecksumKind::Crc32C, &data[2000..]));
-        buffers.give_back(b);
         // And a longer part than the buffer held.
         let (c, _) = source
-            .read(buffers.take(), 0, 3000, ChecksumKind::Crc32C)
+            .read(used(1000), 0, 3000, ChecksumKind::Crc32C)
             .unwrap();
         assert_eq!(&c[..], &data[..]);
     }

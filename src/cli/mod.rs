@@ -96,7 +96,8 @@ followed; links met inside a named folder are skipped and reported, unless \
 
 Files up to the multipart threshold go in one PutObject; larger ones are \
 streamed from disk as a multipart upload, parts in parallel, never whole in \
-memory (peak memory is about part_size x concurrency). Throttling, server \
+memory (peak memory is about part_size x concurrency). Small files go many \
+at once within that memory, up to requests_in_flight requests. Throttling, server \
 errors and network failures are retried with backoff; access denied and keys \
 outside the allowed prefixes are not.
 
@@ -482,9 +483,15 @@ pub struct PushArgs {
     #[arg(long, value_name = "SIZE")]
     pub part_size: Option<String>,
 
-    /// Requests in flight at once (overrides [upload] concurrency).
+    /// Parts of part_size in memory at once: peak memory is about
+    /// part_size x N (overrides [upload] concurrency).
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+
+    /// Requests in flight at once, whatever their size: small files go many
+    /// at a time within the memory bound (overrides [upload] requests_in_flight).
+    #[arg(long, value_name = "N")]
+    pub requests_in_flight: Option<usize>,
 
     /// Cap on upload bytes per second, e.g. 50MiB/s (overrides [upload] bandwidth_limit).
     #[arg(long, value_name = "RATE")]

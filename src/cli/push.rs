@@ -131,6 +131,9 @@ fn resolve(args: &PushArgs) -> Result<Settings, ConfigError> {
     if let Some(v) = args.concurrency {
         raw.upload.concurrency = Some(v);
     }
+    if let Some(v) = args.requests_in_flight {
+        raw.upload.requests_in_flight = Some(v);
+    }
     if let Some(v) = &args.bandwidth_limit {
         raw.upload.bandwidth_limit = Some(v.clone());
     }
@@ -253,7 +256,9 @@ async fn send(
     ));
     let engine = Engine::new(bucket, settings.upload.clone());
     out.begin(&jobs);
-    let files_at_once = settings.upload.concurrency;
+    // The engine bounds memory by bytes in flight, so many small files go
+    // at once; a file waiting its turn holds only its open descriptor.
+    let files_at_once = settings.upload.requests_in_flight;
     let results: Vec<(Job, Result<Uploaded, UploadError>, Duration)> = futures::stream::iter(jobs)
         .map(|job| {
             let engine = engine.clone();

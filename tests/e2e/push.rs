@@ -677,3 +677,57 @@ async fn a_credentials_file_others_can_read_draws_a_warning() {
         "a warning for mode 644 (naming the file and the fix), none for 600"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_files_go_many_at_once_within_the_memory_of_a_few_parts() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(&proxy.url, "");
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("batch");
+    std::fs::create_dir(&dir).unwrap();
+    let big = write_file(&dir, "big.bin", 40 * MIB, 7);
+    let small: Vec<Vec<u8>> = (0..120)
+        .map(|i| write_file(&dir, &format!("s{i:03}.txt"), 4096, 100 + i))
+        .collect();
+    // A distant server: every request takes 150 ms, so requests overlap
+    // as much as the client lets them.
+    proxy.latency(Some(Duration::from_millis(150)));
+    let out = push(
+        &moto,
+        &config,
+        &[
+            "--prefix",
+            "foo/many/",
+            "--concurrency",
+            "2",
+            "--requests-in-flight",
+            "16",
+            "--no-progress",
+            "batch",
+        ],
+        work.path(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    proxy.latency(None);
+    // Two parts of 8 MiB bound the memory: never more parts at once...
+    let parts = proxy.peak_in_flight("UploadPart");
+    assert!((1..=2).contains(&parts), "{parts} parts at once");
+    // ...but a 4 KiB file takes 4 KiB of it, not a part's slot: many go
+    // at once, up to the request cap.
+    let puts = proxy.peak_in_flight("PutObject");
+    assert!(
+        (8..=16).contains(&puts),
+        "{puts} PutObject at once (2 before bodies were counted in bytes)"
+    );
+    let admin = moto.admin();
+    assert!(get(&admin, BUCKET, "foo/many/big.bin").await == big);
+    for (i, data) in small.iter().enumerate() {
+        assert_eq!(
+            &get(&admin, BUCKET, &format!("foo/many/s{i:03}.txt")).await,
+            data
+        );
+    }
+    proxy.assert_only_writes();
+}

@@ -132,6 +132,38 @@ struct State {
     /// The next this many answers of this operation send their headers and
     /// then a byte every half second, never ending.
     stall_body: Mutex<Option<(String, usize)>>,
+    /// Every request to the bucket waits this long before it is forwarded:
+    /// a distant server's round trip.
+    latency: Mutex<Option<Duration>>,
+    /// Per operation: requests in the proxy now, and the most at once.
+    in_flight: Mutex<HashMap<String, (usize, usize)>>,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlight {
+    state: Arc<State>,
+    op: String,
+}
+
+impl InFlight {
+    fn enter(state: &Arc<State>, op: &str) -> InFlight {
+        let mut all = state.in_flight.lock().unwrap();
+        let e = all.entry(op.to_string()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+        InFlight {
+            state: state.clone(),
+            op: op.to_string(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(e) = self.state.in_flight.lock().unwrap().get_mut(&self.op) {
+            e.0 -= 1;
+        }
+    }
 }
 
 /// Paces bytes at a rate shared by every request.
@@ -288,6 +320,22 @@ impl Proxy {
             rate,
             delay,
         });
+    }
+
+    /// Every request to the bucket waits `d` before being forwarded (a
+    /// distant server), so requests overlap as they would on a real link.
+    pub fn latency(&self, d: Option<Duration>) {
+        *self.state.latency.lock().unwrap() = d;
+    }
+
+    /// The most requests of `op` that were in the proxy at once.
+    pub fn peak_in_flight(&self, op: &str) -> usize {
+        self.state
+            .in_flight
+            .lock()
+            .unwrap()
+            .get(op)
+            .map_or(0, |e| e.1)
     }
 
     /// Holds every request of `op` arriving within `window` for `hold`
@@ -469,6 +517,11 @@ async fn handle(
                 (f.status, f.code.clone())
             })
     };
+    let _in_flight = InFlight::enter(&state, &op);
+    let latency = *state.latency.lock().unwrap();
+    if let Some(d) = latency.filter(|_| record.bucket.is_some()) {
+        tokio::time::sleep(d).await;
+    }
     let hold = state
         .hang
         .lock()
