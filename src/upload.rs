@@ -212,6 +212,10 @@ impl FileVersion {
     }
 }
 
+/// Files up to this size are opened, read and checked in one trip to a
+/// blocking thread.
+const SMALL_FILE: u64 = 64 * 1024;
+
 struct Inner<W> {
     writer: Arc<W>,
     settings: UploadSettings,
@@ -403,13 +407,43 @@ impl<W: ObjectWriter> Engine<W> {
         progress: ProgressFn,
         checkpoint: Arc<dyn Checkpoint>,
     ) -> Result<Uploaded, UploadError> {
-        let (path, expected, opened) = (job.path.clone(), job.expected, job.opened.clone());
-        let source = tokio::task::spawn_blocking(move || Source::open(&path, expected, opened))
+        let inner = &self.inner;
+        // A small file takes one trip off the runtime (open, read, check),
+        // not three: per file, the thread hand-offs cost more than the I/O.
+        // Its share of the budget is taken first; a larger file gives it
+        // back and takes its own.
+        let admission = inner
+            .budget
+            .admit(SMALL_FILE)
             .await
-            .map_err(|e| join_error(&job.path, e))??;
-        let source = Arc::new(source);
+            .map_err(|_| closed(&job.path))?;
+        let (path, expected, opened) = (job.path.clone(), job.expected, job.opened.clone());
+        let kind = inner.settings.checksum;
+        let small_up_to = SMALL_FILE.min(inner.settings.multipart_threshold);
+        let (source, small) = tokio::task::spawn_blocking(move || {
+            let source = Source::open(&path, expected, opened)?;
+            let size = source.version.size;
+            if size > small_up_to {
+                return Ok((source, None));
+            }
+            let body = source.read(Buffer::Exact(Default::default()), 0, size as usize, kind)?;
+            source.check_path()?;
+            Ok::<_, UploadError>((source, Some(body)))
+        })
+        .await
+        .map_err(|e| join_error(&job.path, e))??;
         let size = source.version.size;
-        if size <= self.inner.settings.multipart_threshold {
+        if let Some((body, crc)) = small {
+            if let Some(t) = &inner.throttle {
+                t.take(size).await;
+            }
+            let uploaded = self.send_whole(job, size, body, crc, progress).await;
+            drop(admission);
+            return uploaded;
+        }
+        drop(admission);
+        let source = Arc::new(source);
+        if size <= inner.settings.multipart_threshold {
             self.put_whole(job, source, progress).await
         } else {
             let resume = checkpoint.resume();
@@ -450,10 +484,6 @@ impl<W: ObjectWriter> Engine<W> {
         progress: ProgressFn,
     ) -> Result<Uploaded, UploadError> {
         let inner = &self.inner;
-        let s3_err = |source| UploadError::S3 {
-            path: job.path.clone(),
-            source: Box::new(source),
-        };
         let size = source.version.size;
         let _admission = inner
             .budget
@@ -467,10 +497,26 @@ impl<W: ObjectWriter> Engine<W> {
                 .await
                 .map_err(|e| join_error(&job.path, e))??;
         }
+        self.send_whole(job, size, body, crc, progress).await
+    }
+
+    /// Sends a file read whole in one PutObject.
+    async fn send_whole(
+        &self,
+        job: &Job,
+        size: u64,
+        body: Bytes,
+        crc: Crc,
+        progress: ProgressFn,
+    ) -> Result<Uploaded, UploadError> {
+        let inner = &self.inner;
         let etag = inner
             .retry(|| inner.writer.put_object(&job.key, body.clone(), crc))
             .await
-            .map_err(s3_err)?;
+            .map_err(|source| UploadError::S3 {
+                path: job.path.clone(),
+                source: Box::new(source),
+            })?;
         inner.budget.give_back(body);
         progress(size);
         Ok(Uploaded {
