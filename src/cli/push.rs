@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -69,7 +68,7 @@ pub async fn run(args: PushArgs) -> ExitCode {
         mut failed,
         skipped,
     } = plan(&args, &prefix, &settings);
-    let out = Output::new(&args, &settings.bucket.name);
+    let out = Arc::new(Output::new(&args, &settings.bucket.name));
     for f in &failed {
         out.failed(&f.path, None, &f.reason);
     }
@@ -80,7 +79,7 @@ pub async fn run(args: PushArgs) -> ExitCode {
     let mut done: Vec<Uploaded> = Vec::new();
     if !jobs.is_empty() {
         let sent = tokio::select! {
-            r = send(jobs, &settings, &out) => r,
+            r = send(jobs, &settings, out.clone()) => r,
             _ = tokio::signal::ctrl_c() => {
                 out.finish();
                 eprintln!(
@@ -244,7 +243,7 @@ type SendResult = (Vec<Uploaded>, Vec<Skipped>);
 async fn send(
     jobs: Vec<Job>,
     settings: &Settings,
-    out: &Output,
+    out: Arc<Output>,
 ) -> Result<SendResult, Box<dyn std::error::Error>> {
     let sdk = load_sdk_config(&settings.aws).await?;
     let credentials = CredentialSource::start(&sdk, settings.role.as_ref()).await?;
@@ -259,23 +258,34 @@ async fn send(
     // The engine bounds memory by bytes in flight, so many small files go
     // at once; a file waiting its turn holds only its open descriptor.
     let files_at_once = settings.upload.requests_in_flight;
-    let results: Vec<(Job, Result<Uploaded, UploadError>, Duration)> = futures::stream::iter(jobs)
-        .map(|job| {
-            let engine = engine.clone();
-            let progress = out.progress_for(&job);
-            async move {
+    // Each file is its own task, so uploads run on every worker thread
+    // beside their connections (polled together on one thread, the SDK's
+    // per-request work would use one core). Dropping this future (Ctrl-C)
+    // drops the set, which aborts every upload still running.
+    let mut pending = jobs.into_iter();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut results: Vec<(Job, Result<Uploaded, UploadError>)> = Vec::new();
+    loop {
+        while tasks.len() < files_at_once {
+            let Some(job) = pending.next() else { break };
+            let (engine, out) = (engine.clone(), out.clone());
+            tasks.spawn(async move {
+                let progress = out.progress_for(&job);
                 let t = Instant::now();
                 let r = engine.upload(&job, progress).await;
                 out.file_done(&job, &r, t.elapsed());
-                (job, r, t.elapsed())
-            }
-        })
-        .buffer_unordered(files_at_once)
-        .collect()
-        .await;
+                (job, r)
+            });
+        }
+        match tasks.join_next().await {
+            None => break,
+            Some(Ok(r)) => results.push(r),
+            Some(Err(e)) => return Err(format!("an upload task failed: {e}").into()),
+        }
+    }
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    for (job, r, _) in results {
+    for (job, r) in results {
         match r {
             Ok(u) => ok.push(u),
             Err(e) => bad.push(Skipped {
