@@ -1,6 +1,7 @@
 //! What the upload engine may hold at once: bytes of request bodies in
 //! memory (`part_size × concurrency`), requests in flight
-//! (`requests_in_flight`), and the part buffers kept for the next parts.
+//! (`requests_in_flight`), and the buffers kept for the next bodies (128 KiB
+//! and up, by size class, never more idle than the budget leaves free).
 //!
 //! Memory is bounded by bytes, not by a count of files: a 4 KiB file takes
 //! 4 KiB of the budget, so hundreds of small files go at once within the
@@ -10,6 +11,7 @@
 //! of small files. This module never reads files or talks to S3; it only
 //! says when a request may start and which buffer it reads into.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,19 +24,28 @@ use crate::config::UploadSettings;
 /// semaphore's `u32` acquire.
 const UNIT: u64 = 1024;
 
+/// Bodies smaller than this are allocated exactly (from the heap); larger
+/// ones come from the pool, since the allocator maps (and the kernel faults
+/// in, page by page) every buffer above it (see `main.rs`).
+const MIN_POOLED: u64 = 128 * 1024;
+
 /// The limits shared by every upload of one engine.
 pub struct Budget {
     memory: Arc<Semaphore>,
     memory_units: u32,
     requests: Arc<Semaphore>,
-    /// Part buffers for reuse: reading a part into a buffer used before
-    /// costs no new mapping and no page faults.
-    pool: Mutex<Vec<(BytesMut, Instant)>>,
-    /// Buffers kept at most: as many as parts of `part_size` fit the budget.
-    pool_max: usize,
-    /// Only buffers of at most this capacity are kept (a part grown for a
-    /// file over 10,000 parts is freed, not kept beyond the budget).
-    pool_capacity: usize,
+    /// Buffers for reuse, by size class: reading a body into a buffer used
+    /// before costs no new mapping and no page faults.
+    pool: Mutex<Pool>,
+    part_size: u64,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Size class → idle buffers of exactly that capacity, and since when.
+    idle: BTreeMap<u64, Vec<(BytesMut, Instant)>>,
+    /// Bytes held by idle buffers.
+    bytes: u64,
 }
 
 /// One request's share: its bytes of memory and its place among the
@@ -44,8 +55,8 @@ pub struct Admission {
     _request: OwnedSemaphorePermit,
 }
 
-/// A buffer for a request body: taken from the pool (and charged a whole
-/// part), or exactly the size asked for.
+/// A buffer for a request body: from the pool (charged its size class), or
+/// exactly the size asked for.
 pub enum Buffer {
     Pooled(BytesMut),
     Exact(BytesMut),
@@ -69,19 +80,19 @@ impl Budget {
             memory: Arc::new(Semaphore::new(units as usize)),
             memory_units: units,
             requests: Arc::new(Semaphore::new(settings.requests_in_flight.max(1))),
-            pool: Mutex::new(Vec::new()),
-            pool_max: settings.concurrency.max(1),
-            pool_capacity: usize::try_from(settings.part_size).unwrap_or(usize::MAX),
+            pool: Mutex::new(Pool::default()),
+            part_size: settings.part_size,
         }
     }
 
     /// Waits until a request with a body of `bytes` may start. A body
     /// larger than the whole budget takes all of it.
     pub async fn admit(&self, bytes: u64) -> Result<Admission, AcquireError> {
-        let units = bytes
-            .div_ceil(UNIT)
-            .clamp(1, self.memory_units.max(1) as u64) as u32;
-        let memory = self.memory.clone().acquire_many_owned(units).await?;
+        let memory = self
+            .memory
+            .clone()
+            .acquire_many_owned(self.units(bytes))
+            .await?;
         let request = self.requests.clone().acquire_owned().await?;
         Ok(Admission {
             _memory: memory,
@@ -89,32 +100,54 @@ impl Budget {
         })
     }
 
+    fn units(&self, bytes: u64) -> u32 {
+        bytes
+            .div_ceil(UNIT)
+            .clamp(1, self.memory_units.max(1) as u64) as u32
+    }
+
+    /// The size class a body of `len` bytes is read into: the next power
+    /// of two (at most twice the body), or the part size for a part; none
+    /// for small bodies and for parts grown past the part size.
+    fn class(&self, len: u64) -> Option<u64> {
+        if len < MIN_POOLED || len > self.part_size {
+            return None;
+        }
+        Some(len.next_power_of_two().min(self.part_size))
+    }
+
     /// How many bytes `admit` must be asked for a body of `len` bytes read
-    /// into the buffer [`Budget::buffer`] gives: a pooled buffer counts as
-    /// a whole part, whatever part of it is used.
+    /// into the buffer [`Budget::buffer`] gives: a pooled buffer counts
+    /// whole, whatever part of it is used.
     pub fn charge(&self, len: u64) -> u64 {
-        if self.pools(len) {
-            self.pool_capacity as u64
-        } else {
-            len
-        }
+        self.class(len).unwrap_or(len)
     }
 
-    /// Whether a body of `len` bytes is read into a pooled buffer: parts
-    /// near the part size are; small files get a buffer of their own size
-    /// (a pooled part buffer would hold megabytes for a few bytes).
-    fn pools(&self, len: u64) -> bool {
-        let cap = self.pool_capacity as u64;
-        len <= cap && len >= cap / 2
-    }
-
-    /// A buffer for a body of `len` bytes (see [`Budget::charge`]).
+    /// A buffer for a body of `len` bytes, once admitted for
+    /// [`Budget::charge`]`(len)`. Idle buffers of other sizes are freed
+    /// first if keeping them would take the memory past the budget.
     pub fn buffer(&self, len: u64) -> Buffer {
-        if !self.pools(len) {
+        let Some(class) = self.class(len) else {
             return Buffer::Exact(BytesMut::new());
+        };
+        let mut pool = self.lock();
+        if let Some((buf, _)) = pool.idle.get_mut(&class).and_then(Vec::pop) {
+            pool.bytes -= class;
+            return Buffer::Pooled(buf);
         }
-        let used = self.lock().pop().map(|(b, _)| b).unwrap_or_default();
-        Buffer::Pooled(used)
+        // Idle buffers and the bodies in flight stay within the budget:
+        // what is not admitted now is all the idle buffers may hold.
+        let free = self.memory.available_permits() as u64 * UNIT;
+        while pool.bytes > free {
+            let Some(largest) = pool.idle.iter_mut().rev().find(|(_, v)| !v.is_empty()) else {
+                break;
+            };
+            let (size, list) = (*largest.0, largest.1);
+            list.pop();
+            pool.bytes -= size;
+        }
+        drop(pool);
+        Buffer::Pooled(BytesMut::with_capacity(class as usize))
     }
 
     /// Takes a pooled buffer back once its request (and every retry) is
@@ -123,31 +156,44 @@ impl Budget {
         let Ok(buf) = body.try_into_mut() else {
             return;
         };
-        if buf.capacity() > self.pool_capacity || buf.capacity() < self.pool_capacity / 2 {
+        let cap = buf.capacity() as u64;
+        if self.class(cap) != Some(cap) {
             return;
         }
+        let budget = self.memory_units as u64 * UNIT;
         let mut pool = self.lock();
-        if pool.len() < self.pool_max {
-            pool.push((buf, Instant::now()));
+        if pool.bytes + cap <= budget {
+            pool.bytes += cap;
+            pool.idle
+                .entry(cap)
+                .or_default()
+                .push((buf, Instant::now()));
         }
     }
 
-    /// Frees the buffers no part has used for `idle`, so an agent that is
+    /// Frees the buffers no body has used for `idle`, so an agent that is
     /// quiet holds no part memory.
     pub fn release_idle(&self, idle: Duration) -> usize {
         let mut pool = self.lock();
-        let before = pool.len();
-        pool.retain(|(_, at)| at.elapsed() < idle);
-        before - pool.len()
+        let mut freed = 0;
+        let mut bytes = 0;
+        for (size, list) in pool.idle.iter_mut() {
+            let before = list.len();
+            list.retain(|(_, at)| at.elapsed() < idle);
+            freed += before - list.len();
+            bytes += *size * list.len() as u64;
+        }
+        pool.bytes = bytes;
+        freed
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(BytesMut, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     #[cfg(test)]
     pub fn pooled(&self) -> usize {
-        self.lock().len()
+        self.lock().idle.values().map(Vec::len).sum()
     }
 }
 
@@ -212,35 +258,62 @@ mod tests {
     }
 
     #[test]
-    fn only_part_sized_buffers_are_pooled_and_no_more_than_fit_the_budget() {
+    fn bodies_are_pooled_by_size_class_within_the_budget() {
         let budget = Budget::new(&settings(2, 64));
+        // Small bodies: exact, charged their size.
         assert_eq!(budget.charge(4096), 4096);
-        assert_eq!(budget.charge(6 * MIB), 8 * MIB);
         assert!(matches!(budget.buffer(4096), Buffer::Exact(_)));
-        for _ in 0..3 {
-            budget.give_back(Bytes::from(vec![0u8; 8 * MIB as usize]));
+        // Larger ones: the next power of two, at most the part size.
+        assert_eq!(budget.charge(1_000_000), MIB);
+        assert_eq!(budget.charge(6 * MIB), 8 * MIB);
+        assert_eq!(budget.charge(8 * MIB), 8 * MIB);
+        // A part grown past the part size is exact.
+        assert_eq!(budget.charge(9 * MIB), 9 * MIB);
+        assert!(matches!(budget.buffer(9 * MIB), Buffer::Exact(_)));
+        match budget.buffer(MIB - 5) {
+            Buffer::Pooled(b) => assert_eq!(b.capacity() as u64, MIB),
+            Buffer::Exact(_) => panic!("a 1 MiB body is pooled"),
         }
-        assert_eq!(budget.pooled(), 2, "at most concurrency buffers kept");
+        // Idle buffers never hold more than the budget (16 MiB here).
+        for _ in 0..3 {
+            budget.give_back(Bytes::from(BytesMut::with_capacity(8 * MIB as usize)));
+        }
+        assert_eq!(budget.pooled(), 2);
         // Held elsewhere (a retry still has it): not taken back.
+        let budget = Budget::new(&settings(2, 64));
         let body = Bytes::from(vec![0u8; 8 * MIB as usize]);
         let other = body.clone();
         budget.give_back(body);
+        assert_eq!(budget.pooled(), 0);
         drop(other);
-        // Grown parts and small bodies are freed, not kept.
-        let budget = Budget::new(&settings(2, 64));
+        // Sizes that are no class are freed, not kept.
         budget.give_back(Bytes::from(vec![0u8; 16 * MIB as usize]));
+        budget.give_back(Bytes::from(vec![0u8; 3 * MIB as usize]));
         budget.give_back(Bytes::from(vec![0u8; 4096]));
         assert_eq!(budget.pooled(), 0);
-        match budget.buffer(8 * MIB) {
-            Buffer::Pooled(b) => assert_eq!(b.capacity(), 0, "a new buffer when none is kept"),
-            Buffer::Exact(_) => panic!("a part-sized body is pooled"),
+    }
+
+    #[tokio::test]
+    async fn idle_buffers_of_another_size_make_room_for_a_new_one() {
+        let budget = Budget::new(&settings(2, 64));
+        for _ in 0..16 {
+            budget.give_back(Bytes::from(BytesMut::with_capacity(MIB as usize)));
         }
+        assert_eq!(budget.pooled(), 16, "16 MiB of idle 1 MiB buffers");
+        // An 8 MiB part admitted: idle buffers may keep only what is not
+        // admitted (8 MiB), so half of them are freed.
+        let _a = budget.admit(budget.charge(8 * MIB)).await.unwrap();
+        match budget.buffer(8 * MIB) {
+            Buffer::Pooled(b) => assert_eq!(b.capacity() as u64, 8 * MIB),
+            Buffer::Exact(_) => panic!("a part is pooled"),
+        }
+        assert_eq!(budget.pooled(), 8);
     }
 
     #[test]
     fn idle_buffers_are_released() {
         let budget = Budget::new(&settings(4, 64));
-        budget.give_back(Bytes::from(vec![0u8; 8 * MIB as usize]));
+        budget.give_back(Bytes::from(BytesMut::with_capacity(8 * MIB as usize)));
         assert_eq!(budget.release_idle(Duration::from_secs(60)), 0);
         assert_eq!(budget.release_idle(Duration::ZERO), 1);
         assert_eq!(budget.pooled(), 0);
