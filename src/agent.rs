@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::after_upload::{self, Outcome};
+use crate::batches::{self, Gate, Markers};
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::files::{self, OpenError};
@@ -87,6 +88,9 @@ fn task_ended(task: &'static str, joined: Result<(), tokio::task::JoinError>) ->
 /// The longest pause between two attempts at a file after transient failures.
 const MAX_FILE_BACKOFF: Duration = Duration::from_secs(300);
 
+/// How soon a batch marker whose batch is not done yet is looked at again.
+const MARKER_RECHECK: Duration = Duration::from_secs(1);
+
 struct Ctx {
     settings: Settings,
     journal: Arc<Journal>,
@@ -102,6 +106,8 @@ struct Ctx {
     after_failures: Mutex<std::collections::HashMap<PathBuf, (Instant, u32)>>,
     /// Journal records whose after-upload action runs now.
     claims_running: Mutex<HashSet<i64>>,
+    /// Which files are batch markers, per watch.
+    markers: Arc<Markers>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -185,6 +191,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     });
     let shutdown_timeout = settings.agent.shutdown_timeout;
     let retention = state.retention;
+    let settings_watches = settings.watches.clone();
     let ctx = Arc::new(Ctx {
         settings,
         journal: journal.clone(),
@@ -198,6 +205,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         support,
         after_failures: Mutex::new(std::collections::HashMap::new()),
         claims_running: Mutex::new(HashSet::new()),
+        markers: Arc::new(Markers::new(&settings_watches)),
     });
     let mut housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
     let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention));
@@ -693,6 +701,181 @@ impl Ctx {
         false
     }
 
+    /// Keeps the checksum sent for record `id` (for batch manifests),
+    /// before it is recorded done; `false` when the journal cannot.
+    async fn remember_checksum(&self, id: i64, crc: crate::checksum::Crc) -> bool {
+        let j = self.journal.clone();
+        let r = tokio::task::spawn_blocking(move || batches::remember_checksum(&j, id, &crc)).await;
+        match r {
+            Ok(r) => self.noted("the checksum sent", r).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// The gate of a batch marker (record `id`, key `key`): `true` once
+    /// every file of its batch is done or gone and, with `manifest`, the
+    /// manifest is in the bucket. Otherwise it is handed back (to look
+    /// again after [`MARKER_RECHECK`]), or failed for good with the reason.
+    async fn marker_may_go(
+        &self,
+        cand: &Candidate,
+        watch: &WatchSettings,
+        id: i64,
+        key: &str,
+        attempts: u32,
+    ) -> bool {
+        let path = &cand.path;
+        let (j, w, markers, rel) = (
+            self.journal.clone(),
+            watch.clone(),
+            self.markers.clone(),
+            cand.rel.clone(),
+        );
+        let index = cand.watch;
+        let checked =
+            tokio::task::spawn_blocking(move || batches::check(&j, &w, &markers, index, id, &rel))
+                .await;
+        let checked = match checked {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                failure("batch");
+                self.noted(
+                    "an attempt",
+                    self.journal.attempt_failed(id, &e.to_string()),
+                );
+                let delay = self.backoff.delay(attempts + 1);
+                tracing::warn!(path = ?path, error = %e, retry_in = ?delay, "marker held: its batch cannot be told");
+                self.requeue(path.clone(), delay, cand.writers);
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(path = ?path, error = %e, "marker: checking its batch failed; will try again");
+                self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
+                return false;
+            }
+        };
+        for gone in &checked.gone {
+            tracing::info!(marker = ?path, file = ?gone, "a file of the batch is gone before it was sent; the marker no longer waits for it");
+        }
+        match checked.gate {
+            Gate::Wait { waiting, first } => {
+                if let Some(files) = checked.listed {
+                    tracing::info!(marker = ?path, files, waiting, "marker: batch listed; it is sent once every file of it is done");
+                } else {
+                    tracing::debug!(marker = ?path, waiting, first = ?first, "marker waits for its batch");
+                }
+                self.requeue(path.clone(), MARKER_RECHECK, cand.writers);
+                return false;
+            }
+            Gate::Go => {
+                tracing::info!(marker = ?path, "every file of the marker's batch is done; sending the marker");
+            }
+        }
+        !watch.manifest || self.send_manifest(cand, id, key, attempts).await
+    }
+
+    /// Writes and sends the manifest of a marker's complete batch, once.
+    async fn send_manifest(&self, cand: &Candidate, id: i64, key: &str, attempts: u32) -> bool {
+        let path = &cand.path;
+        let j = self.journal.clone();
+        match tokio::task::spawn_blocking(move || batches::manifest_sent(&j, id)).await {
+            Ok(Ok(true)) => return true,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                self.noted("reading a batch", Err::<(), _>(e));
+                self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
+                return false;
+            }
+            Err(_) => return false,
+        }
+        let manifest_key = batches::manifest_key(key);
+        if let Err(e) = self.settings.bucket.guard.check(&manifest_key) {
+            self.fail(id, "refused", &format!("{path:?}: its manifest: {e}"));
+            return false;
+        }
+        match batches::batch_has_key(&self.journal, id, &manifest_key) {
+            Ok(false) => {}
+            Ok(true) => {
+                let reason = format!(
+                    "{path:?}: a file of its batch is sent as {manifest_key:?}, the key of the manifest; rename that file, or set manifest = false"
+                );
+                self.fail(id, "refused", &reason);
+                return false;
+            }
+            Err(e) => {
+                self.noted("reading a batch", Err::<(), _>(e));
+                self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
+                return false;
+            }
+        }
+        let Some(state) = self.settings.state.as_ref().map(|s| s.dir.clone()) else {
+            return false;
+        };
+        let (j, marker_key, marker) = (self.journal.clone(), key.to_string(), path.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            batches::write_manifest(&j, id, &marker_key, &marker, &state)
+        })
+        .await;
+        let file = match written {
+            Ok(Ok(file)) => file,
+            Ok(Err(e)) => {
+                failure("manifest");
+                self.noted(
+                    "an attempt",
+                    self.journal.attempt_failed(id, &e.to_string()),
+                );
+                tracing::warn!(path = ?path, error = %e, "marker held: its manifest cannot be written");
+                self.requeue(path.clone(), self.backoff.delay(attempts + 1), cand.writers);
+                return false;
+            }
+            Err(_) => return false,
+        };
+        let job = Job {
+            path: file.clone(),
+            key: manifest_key.clone(),
+            expected: None,
+            opened: None,
+        };
+        let sent = self.engine.upload(&job, Arc::new(|_| {})).await;
+        if let Err(e) = std::fs::remove_file(&file) {
+            tracing::warn!(file = ?file, error = %e, "cannot remove a manifest written for upload");
+        }
+        match sent {
+            Ok(up) => {
+                tracing::info!(marker = ?path, key = ?up.key, size = up.size, "manifest sent");
+                if self
+                    .noted(
+                        "a manifest sent",
+                        batches::record_manifest_sent(&self.journal, id),
+                    )
+                    .is_none()
+                {
+                    // Sent again next time (the same bytes): at least once.
+                    self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
+                    return false;
+                }
+                true
+            }
+            Err(e) if e.is_transient() => {
+                failure("transient");
+                let reason = format!("its manifest: {e}");
+                self.noted("an attempt", self.journal.attempt_failed(id, &reason));
+                let delay = self.backoff.delay(attempts + 1);
+                tracing::warn!(path = ?path, error = %e, retry_in = ?delay, "manifest not sent; will retry");
+                self.requeue(path.clone(), delay, cand.writers);
+                false
+            }
+            Err(e) => {
+                self.fail(
+                    id,
+                    permanent_reason(&e),
+                    &format!("{path:?}: its manifest: {e}"),
+                );
+                false
+            }
+        }
+    }
+
     async fn process(&self, cand: Candidate) {
         let path = cand.path.clone();
         let watch = &self.settings.watches[cand.watch];
@@ -897,6 +1080,13 @@ impl Ctx {
                 return;
             }
         };
+        // A batch's marker goes after the rest of its batch, and after its
+        // manifest; until then it is handed back.
+        if self.markers.is_marker(cand.watch, &cand.rel)
+            && !self.marker_may_go(cand, watch, id, &key, attempts).await
+        {
+            return;
+        }
         let job = Job {
             path: path.clone(),
             key: key.clone(),
@@ -930,7 +1120,9 @@ impl Ctx {
         };
         match result {
             Ok(up) => {
-                if !self.record_done(id, &up.etag).await {
+                if (watch.manifest && !self.remember_checksum(id, up.crc).await)
+                    || !self.record_done(id, &up.etag).await
+                {
                     // Uploaded but not on record: it stays, and is sent
                     // again once the journal can be written (at least once).
                     tracing::error!(path = ?path, "uploaded, but the journal could not record it; it will be sent again");
@@ -1213,6 +1405,8 @@ mod tests {
             exclude: vec![],
             settle: Duration::from_millis(100),
             after_upload: crate::config::AfterUpload::Keep,
+            marker: vec![],
+            manifest: false,
         }];
         // The same answers beneath a watch (no link followed) and, for a
         // path in no watch, by path.

@@ -137,6 +137,25 @@ pub struct RawWatch {
     pub settle: Option<String>,
     pub after_upload: Option<String>,
     pub move_to: Option<PathBuf>,
+    pub marker: Option<OneOrMany>,
+    pub manifest: Option<bool>,
+}
+
+/// A setting given as one string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -422,6 +441,11 @@ pub struct WatchSettings {
     pub exclude: Vec<String>,
     pub settle: Duration,
     pub after_upload: AfterUpload,
+    /// Globs on a file's name: such a file is a batch's completion marker,
+    /// sent only after the rest of its folder ([`crate::batches`]).
+    pub marker: Vec<String>,
+    /// With markers: a manifest of the batch is written before each one.
+    pub manifest: bool,
 }
 
 /// How the agent runs.
@@ -679,6 +703,29 @@ fn resolve_watch(
             ));
         }
     };
+    let marker = w
+        .marker
+        .clone()
+        .map(OneOrMany::into_vec)
+        .unwrap_or_default();
+    check_globs("marker", &marker)?;
+    for m in &marker {
+        if m.contains('/') || m.is_empty() {
+            return Err(ConfigError::invalid(
+                &name("marker"),
+                format!("{m:?} is not a file name pattern"),
+                "give the marker's file name or a glob on it, without '/', e.g. \"_SUCCESS\" or \"*.done\"",
+            ));
+        }
+    }
+    let manifest = w.manifest.unwrap_or(false);
+    if manifest && marker.is_empty() {
+        return Err(ConfigError::invalid(
+            &name("manifest"),
+            "is true but no marker is set",
+            "set marker = \"_SUCCESS\" (the manifest is written before each marker), or remove manifest",
+        ));
+    }
     Ok(WatchSettings {
         path,
         prefix,
@@ -686,6 +733,8 @@ fn resolve_watch(
         exclude,
         settle,
         after_upload,
+        marker,
+        manifest,
     })
 }
 
@@ -1562,7 +1611,23 @@ mod tests {
         assert_eq!(w.settle, Duration::from_secs(2));
         assert_eq!(w.after_upload, AfterUpload::Keep);
         assert!(w.exclude.contains(&"*.tmp".to_string()));
+        assert!(w.marker.is_empty() && !w.manifest);
         s.require_agent().unwrap();
+        // A marker is one glob or a list of them.
+        for (form, expected) in [
+            ("marker = \"_SUCCESS\"\n", vec!["_SUCCESS"]),
+            (
+                "marker = [\"_SUCCESS\", \"*.done\"]\nmanifest = true\n",
+                vec!["_SUCCESS", "*.done"],
+            ),
+        ] {
+            let s = resolve(&format!(
+                "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/x\"\n{form}"
+            ))
+            .unwrap();
+            assert_eq!(s.watches[0].marker, expected);
+            assert_eq!(s.watches[0].manifest, form.contains("manifest"));
+        }
     }
 
     #[test]
@@ -1589,6 +1654,18 @@ mod tests {
             (
                 "path = \"/srv/out\"\nprefix = \"foo/\"\ninclude = [\"a[\"]\n",
                 "watch[0].include",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nmarker = \"d/_SUCCESS\"\n",
+                "watch[0].marker: \"d/_SUCCESS\" is not a file name pattern",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nmarker = [\"ok\", \"a[\"]\n",
+                "watch[0].marker",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nmanifest = true\n",
+                "watch[0].manifest: is true but no marker is set",
             ),
             ("path = \"/var/lib\"\nprefix = \"foo/\"\n", "state.dir"),
             (

@@ -126,6 +126,9 @@ pub struct Status {
     pub last_errors: Vec<LastError>,
     pub credentials_expire_at: Option<i64>,
     pub agent_heartbeat_at: Option<i64>,
+    /// Markers held back by files of their batch ([`crate::batches`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_markers: Vec<crate::batches::HeldMarker>,
 }
 
 /// See [`Journal::backlog`].
@@ -488,11 +491,12 @@ impl Journal {
                 .map_err(err)?;
             conn.execute_batch(&files_table("files")).map_err(err)?;
             conn.execute_batch(SCHEMA).map_err(err)?;
+            conn.execute_batch(crate::batches::SCHEMA).map_err(err)?;
         }
         Ok(conn)
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
@@ -654,6 +658,7 @@ impl Journal {
                         upload_id = NULL, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
                 params![id, etag, t],
             )?;
+            crate::batches::on_done(&tx, id)?;
             tx.commit()
         })
     }
@@ -939,6 +944,7 @@ impl Journal {
             };
             s.credentials_expire_at = meta("credentials_expire_at")?;
             s.agent_heartbeat_at = meta("agent_heartbeat_at")?;
+            s.held_markers = crate::batches::held(conn)?;
             Ok(s)
         })
     }

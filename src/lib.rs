@@ -13,6 +13,7 @@
 //! [`writers`] (which rule tells that, per watch) with [`lease`] (the
 //! kernel's answer), [`files`] (opening beneath a watch, never through a
 //! link), [`journal`] (its only memory), [`agent`] (the loop),
+//! [`batches`] (a folder's marker sent after the rest of its batch),
 //! [`after_upload`] (delete or move, only what was sent) and [`metrics`];
 //! [`printable`] escapes producers' names wherever people read them;
 //! [`policy`] generates and lints the IAM documents. `docs/ARCHITECTURE.md`
@@ -20,6 +21,7 @@
 
 pub mod after_upload;
 pub mod agent;
+pub mod batches;
 pub mod budget;
 pub mod checksum;
 pub mod cli;

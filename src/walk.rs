@@ -195,6 +195,8 @@ mod tests {
             exclude: vec![".*".into()],
             settle: std::time::Duration::from_millis(100),
             after_upload: crate::config::AfterUpload::Keep,
+            marker: vec![],
+            manifest: false,
         };
         Arc::new(vec![Tree {
             root: root.to_path_buf(),

@@ -919,6 +919,8 @@ mod tests {
             exclude: ex,
             settle: Duration::from_millis(100),
             after_upload: AfterUpload::Keep,
+            marker: vec![],
+            manifest: false,
         }
     }
 

@@ -132,6 +132,13 @@ journal in [state] dir is the agent's only memory of what was sent (the \
 bucket is never read): a done file is not sent again after a restart, and an \
 interrupted multipart upload continues where it stopped.
 
+Ordered batches: with [[watch]] marker = \"_SUCCESS\" (any globs on a file's \
+name) a folder's marker is sent only after every other file of its folder and \
+subfolders that was there when the agent took it up is sent (or deleted), \
+across restarts and crashes too; `putonly status` shows a marker held back \
+and the files it waits for. With manifest = true, <marker key>.manifest.json \
+lists the batch's keys, sizes and checksums and is written before the marker.
+
 SIGTERM or SIGINT: stop taking files, let in-flight uploads finish within \
 [agent] shutdown_timeout, exit 0. SIGHUP does not reload the configuration: \
 restart the agent instead (safe at any time).",

@@ -79,6 +79,36 @@ fn render(s: &Status) -> String {
     if let Some(t) = s.agent_heartbeat_at {
         out.push_str(&format!("agent heartbeat: {}\n", ago(t)));
     }
+    for m in &s.held_markers {
+        if m.listing && m.waiting == 0 {
+            out.push_str(&format!(
+                "marker {} -> {}: its batch is being listed (or cannot be: see its last error)\n",
+                printable(&m.path),
+                printable(&m.key)
+            ));
+            continue;
+        }
+        out.push_str(&format!(
+            "marker {} -> {} waits for {} file{}:\n",
+            printable(&m.path),
+            printable(&m.key),
+            m.waiting,
+            if m.waiting == 1 { "" } else { "s" }
+        ));
+        for f in &m.files {
+            out.push_str(&format!(
+                "  {} [{}]\n",
+                printable(&f.path),
+                printable(&f.state)
+            ));
+        }
+        if m.waiting > m.files.len() as u64 {
+            out.push_str(&format!(
+                "  ... and {} more\n",
+                m.waiting - m.files.len() as u64
+            ));
+        }
+    }
     if !s.last_errors.is_empty() {
         out.push_str("last errors:\n");
         for e in &s.last_errors {

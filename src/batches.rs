@@ -1,0 +1,899 @@
+//! Ordered batches: a completion marker (`[[watch]] marker`, `_SUCCESS`,
+//! `manifest.json`, `*.done`) is sent only after every other file of its
+//! folder and subfolders that was there when the agent took the marker up
+//! is done (sent and recorded) or gone.
+//!
+//! It owns which files are markers, each marker's batch (listed from the
+//! disk, beneath the watch and through no link, the first time the agent
+//! takes the marker up, and kept in the journal's database: tables
+//! `batches`, `batch_members` and `sent_checksums`, so the order survives
+//! restarts and kill -9), the gate the agent asks before sending a marker,
+//! the batch's manifest, and what `putonly status` shows of held markers.
+//! A member is done when a version of its path that was on disk at the
+//! listing, or one recorded after it, is recorded done (marked in the very
+//! transaction of [`crate::journal::Journal::done`]); it no longer holds
+//! the marker once its path is gone. It must never let a marker through
+//! while a member is neither; never hold a batch's list in memory (the
+//! listing, the gate and the manifest go through it in pages); never
+//! follow a link; and never talk to the network: the agent sends the
+//! manifest and the marker through the engine.
+
+use std::io::Write as _;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::checksum::Crc;
+use crate::config::WatchSettings;
+use crate::files::{self, OpenError};
+use crate::journal::{FileVersion, Journal, JournalError, now};
+use crate::walk::{self, Found, Tree};
+use crate::watch::Filter;
+
+/// The batch tables, created with the journal's own.
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    marker_id     INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
+    state         TEXT    NOT NULL CHECK (state IN ('listing', 'waiting')),
+    listed_at     INTEGER NOT NULL,
+    manifest_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS batch_members (
+    marker_id INTEGER NOT NULL REFERENCES batches (marker_id) ON DELETE CASCADE,
+    path      BLOB    NOT NULL,
+    dev       INTEGER NOT NULL,
+    ino       INTEGER NOT NULL,
+    size      INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    ctime_ns  INTEGER NOT NULL,
+    after_id  INTEGER NOT NULL,
+    state     TEXT    NOT NULL CHECK (state IN ('waiting', 'done', 'gone')),
+    sent_id   INTEGER,
+    key       TEXT,
+    sent_size INTEGER,
+    crc_kind  TEXT,
+    crc       TEXT,
+    PRIMARY KEY (marker_id, path)
+);
+CREATE INDEX IF NOT EXISTS batch_members_waiting ON batch_members (path) WHERE state = 'waiting';
+CREATE TABLE IF NOT EXISTS sent_checksums (
+    file_id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
+    kind    TEXT NOT NULL,
+    value   TEXT NOT NULL
+);
+";
+
+/// Files listed, looked at and recorded per journal transaction.
+const PAGE: usize = 512;
+
+/// Which files are markers, per watch.
+#[derive(Debug, Default)]
+pub struct Markers {
+    sets: Vec<Option<GlobSet>>,
+}
+
+impl Markers {
+    pub fn new(watches: &[WatchSettings]) -> Self {
+        let sets = watches
+            .iter()
+            .map(|w| {
+                if w.marker.is_empty() {
+                    return None;
+                }
+                let mut b = GlobSetBuilder::new();
+                for m in &w.marker {
+                    // Patterns were checked when the configuration was resolved.
+                    if let Ok(g) = Glob::new(m) {
+                        b.add(g);
+                    }
+                }
+                b.build().ok()
+            })
+            .collect();
+        Markers { sets }
+    }
+
+    /// Whether the file at `rel` (relative to watch `watch`) is a marker:
+    /// its name matches one of the watch's marker patterns.
+    pub fn is_marker(&self, watch: usize, rel: &Path) -> bool {
+        let Some(Some(set)) = self.sets.get(watch) else {
+            return false;
+        };
+        rel.file_name().is_some_and(|n| set.is_match(Path::new(n)))
+    }
+}
+
+/// Why a marker's batch cannot be told.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(
+        "marker {marker:?}: cannot list its batch: folder {folder:?}: {why}; the marker is held until the folder can be read (give the agent's user read and search permission on it)"
+    )]
+    Unlistable {
+        marker: PathBuf,
+        folder: PathBuf,
+        why: String,
+    },
+    #[error(
+        "marker {marker:?}: cannot write its manifest {path:?}: {source}; check the state folder"
+    )]
+    Manifest {
+        marker: PathBuf,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the gate says of a marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Every member is done or gone: the marker may be sent.
+    Go,
+    /// `waiting` members are neither; `first` is one of them.
+    Wait { waiting: u64, first: PathBuf },
+}
+
+/// What the gate found, and whether it listed the batch just now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub gate: Gate,
+    /// Members listed now (`None`: the batch was listed before).
+    pub listed: Option<u64>,
+    /// Members found gone now, at most a page of them.
+    pub gone: Vec<PathBuf>,
+}
+
+/// The gate, for the marker recorded as `marker_id` at `rel` in `watch`:
+/// lists its batch if that was not done to its end yet (a first time, or a
+/// crash in the middle), drops members whose file is gone, and says
+/// whether the marker may go. Blocking: call it off the runtime.
+pub fn check(
+    journal: &Journal,
+    watch: &WatchSettings,
+    markers: &Markers,
+    watch_index: usize,
+    marker_id: i64,
+    rel: &Path,
+) -> Result<Checked, BatchError> {
+    let listed_state: Option<String> = journal.with(|c| {
+        c.query_row(
+            "SELECT state FROM batches WHERE marker_id = ?1",
+            [marker_id],
+            |r| r.get(0),
+        )
+        .optional()
+    })?;
+    let listed = if listed_state.as_deref() == Some("waiting") {
+        None
+    } else {
+        Some(list(journal, watch, markers, watch_index, marker_id, rel)?)
+    };
+    let filter = Filter::new(watch);
+    let root = files::open_root(&watch.path).ok();
+    let mut gone = Vec::new();
+    loop {
+        let waiting: Vec<Vec<u8>> = journal.with(|c| {
+            let mut q = c.prepare_cached(
+                "SELECT path FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'
+                 ORDER BY path LIMIT ?2",
+            )?;
+            let rows = q.query_map(params![marker_id, PAGE as i64], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        if waiting.is_empty() {
+            return Ok(Checked {
+                gate: Gate::Go,
+                listed,
+                gone,
+            });
+        }
+        for p in waiting {
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&p));
+            let there = match (&root, path.strip_prefix(&watch.path)) {
+                (Some(root), Ok(member)) => is_there(root.as_fd(), member, &filter),
+                // The watched folder cannot be opened: cannot tell.
+                (None, _) => true,
+                (_, Err(_)) => false,
+            };
+            if there {
+                let count: i64 = journal.with(|c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'",
+                        [marker_id],
+                        |r| r.get(0),
+                    )
+                })?;
+                return Ok(Checked {
+                    gate: Gate::Wait {
+                        waiting: u64::try_from(count).unwrap_or(0),
+                        first: path,
+                    },
+                    listed,
+                    gone,
+                });
+            }
+            journal.with(|c| {
+                c.execute(
+                    "UPDATE batch_members SET state = 'gone' WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
+                    params![marker_id, p],
+                )
+            })?;
+            if gone.len() < PAGE {
+                gone.push(path);
+            }
+        }
+    }
+}
+
+/// Whether a member still names a file that will be sent: a regular file,
+/// reached beneath the watch through no link, that the watch takes. Any
+/// answer but "not there" (a permission problem, say) keeps it.
+fn is_there(root: std::os::fd::BorrowedFd<'_>, rel: &Path, filter: &Filter) -> bool {
+    if !filter.accepts(rel) {
+        return false;
+    }
+    match files::lstat_at(root, rel) {
+        Ok(m) => m.is_file(),
+        Err(OpenError::Gone | OpenError::Link | OpenError::NotAFile) => false,
+        Err(OpenError::Io(_)) => true,
+    }
+}
+
+/// Lists the batch of a marker: every file the watch takes below the
+/// marker's folder, the markers of that very folder excepted (they do not
+/// wait for one another; those of subfolders are members). Recorded page
+/// by page, the batch marked complete at the end: a listing cut short is
+/// done again from the start. Returns how many members it has.
+fn list(
+    journal: &Journal,
+    watch: &WatchSettings,
+    markers: &Markers,
+    watch_index: usize,
+    marker_id: i64,
+    rel: &Path,
+) -> Result<u64, BatchError> {
+    let marker = watch.path.join(rel);
+    let folder_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+    let folder = watch.path.join(&folder_rel);
+    journal.with(|c| {
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO batches (marker_id, state, listed_at) VALUES (?1, 'listing', ?2)
+             ON CONFLICT (marker_id) DO UPDATE SET state = 'listing', listed_at = ?2",
+            params![marker_id, now()],
+        )?;
+        tx.execute(
+            "DELETE FROM batch_members WHERE marker_id = ?1",
+            [marker_id],
+        )?;
+        tx.commit()
+    })?;
+    let unlistable = |folder: PathBuf, why: String| BatchError::Unlistable {
+        marker: marker.clone(),
+        folder,
+        why,
+    };
+    let root =
+        files::open_root(&watch.path).map_err(|e| unlistable(watch.path.clone(), e.to_string()))?;
+    let filter = Filter::new(watch);
+    let trees = Arc::new(vec![Tree {
+        root: watch.path.clone(),
+        filter: Filter::new(watch),
+    }]);
+    let mut rx = walk::spawn(vec![folder.clone()], trees, None);
+    let mut page: Vec<PathBuf> = Vec::with_capacity(PAGE);
+    let mut members = 0u64;
+    loop {
+        let found = rx.blocking_recv();
+        let last = found.is_none();
+        match found {
+            Some(Found::File(path)) => {
+                let Ok(member) = path.strip_prefix(&watch.path) else {
+                    continue;
+                };
+                let same_folder = member.parent() == Some(folder_rel.as_path());
+                if member == rel
+                    || !filter.accepts(member)
+                    || (same_folder && markers.is_marker(watch_index, member))
+                {
+                    continue;
+                }
+                page.push(path);
+            }
+            // Dropping the receiver stops the walk.
+            Some(Found::Unreadable(f, why)) => return Err(unlistable(f, why)),
+            None => {}
+        }
+        if page.len() >= PAGE || (last && !page.is_empty()) {
+            members += record_page(journal, root.as_fd(), &watch.path, marker_id, &page)?;
+            page.clear();
+        }
+        if last {
+            break;
+        }
+    }
+    journal.with(|c| {
+        c.execute(
+            "UPDATE batches SET state = 'waiting' WHERE marker_id = ?1",
+            [marker_id],
+        )
+    })?;
+    Ok(members)
+}
+
+/// Records one page of members, each with the version on disk now. The
+/// journal's newest record id is read before the files are looked at: a
+/// version recorded after that was on disk after the look, and counts.
+fn record_page(
+    journal: &Journal,
+    root: std::os::fd::BorrowedFd<'_>,
+    root_path: &Path,
+    marker_id: i64,
+    page: &[PathBuf],
+) -> Result<u64, JournalError> {
+    let after: i64 = journal
+        .with(|c| c.query_row("SELECT COALESCE(MAX(id), 0) FROM files", [], |r| r.get(0)))?;
+    let looked: Vec<(&PathBuf, FileVersion)> = page
+        .iter()
+        .filter_map(|p| {
+            let rel = p.strip_prefix(root_path).ok()?;
+            let m = files::lstat_at(root, rel).ok().filter(|m| m.is_file())?;
+            Some((p, FileVersion::of(&m)))
+        })
+        .collect();
+    journal.with(|c| {
+        let tx = c.transaction()?;
+        let mut n = 0u64;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO batch_members
+                   (marker_id, path, dev, ino, size, mtime_ns, ctime_ns, after_id, state,
+                    sent_id, key, sent_size, crc_kind, crc)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,
+                        CASE WHEN f.id IS NULL THEN 'waiting' ELSE 'done' END,
+                        f.id, f.key, f.size, s.kind, s.value
+                 FROM (SELECT 1) LEFT JOIN (
+                     SELECT id, key, size FROM files
+                     WHERE path = ?2 AND state = 'done'
+                       AND (id > ?8 OR (dev = ?3 AND ino = ?4 AND size = ?5 AND mtime_ns = ?6
+                                        AND (ctime_ns = ?7 OR ctime_ns IS NULL)))
+                     ORDER BY id DESC LIMIT 1
+                 ) f LEFT JOIN sent_checksums s ON s.file_id = f.id",
+            )?;
+            for (p, v) in &looked {
+                n += insert.execute(params![
+                    marker_id,
+                    p.as_os_str().as_bytes(),
+                    v.dev as i64,
+                    v.ino as i64,
+                    v.size as i64,
+                    v.mtime_ns,
+                    v.ctime_ns,
+                    after
+                ])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    })
+}
+
+/// The journal's hook, inside the transaction that records `id` done:
+/// members of other markers' batches that this version settles are done
+/// (with its key, size and checksum for the manifest); a marker's own
+/// batch is over.
+pub(crate) fn on_done(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE batch_members SET state = 'done', sent_id = f.id, key = f.key, sent_size = f.size,
+                crc_kind = (SELECT kind FROM sent_checksums WHERE file_id = f.id),
+                crc = (SELECT value FROM sent_checksums WHERE file_id = f.id)
+         FROM (SELECT id, path, key, size, dev, ino, mtime_ns, ctime_ns FROM files WHERE id = ?1) f
+         WHERE batch_members.state = 'waiting' AND batch_members.path = f.path
+           AND (batch_members.after_id < f.id
+                OR (batch_members.dev = f.dev AND batch_members.ino = f.ino
+                    AND batch_members.size = f.size AND batch_members.mtime_ns = f.mtime_ns
+                    AND (f.ctime_ns IS NULL OR batch_members.ctime_ns = f.ctime_ns)))",
+        [id],
+    )?;
+    tx.execute("DELETE FROM batches WHERE marker_id = ?1", [id])?;
+    Ok(())
+}
+
+/// Keeps the checksum of what was sent for record `id`, for manifests;
+/// committed before the record is marked done.
+pub fn remember_checksum(journal: &Journal, id: i64, crc: &Crc) -> Result<(), JournalError> {
+    journal.with(|c| {
+        c.execute(
+            "INSERT OR REPLACE INTO sent_checksums (file_id, kind, value) VALUES (?1, ?2, ?3)",
+            params![id, crc.kind.to_string(), crc.to_base64()],
+        )
+        .map(|_| ())
+    })
+}
+
+/// The key of a marker's manifest: beside it, `<marker key>.manifest.json`.
+pub fn manifest_key(marker_key: &str) -> String {
+    format!("{marker_key}.manifest.json")
+}
+
+/// Whether the manifest of this marker's batch was sent already.
+pub fn manifest_sent(journal: &Journal, marker_id: i64) -> Result<bool, JournalError> {
+    journal.with(|c| {
+        c.query_row(
+            "SELECT manifest_sent FROM batches WHERE marker_id = ?1",
+            [marker_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|v| v.is_some_and(|v| v != 0))
+    })
+}
+
+/// The manifest of this marker's batch was sent: not again for it.
+pub fn record_manifest_sent(journal: &Journal, marker_id: i64) -> Result<(), JournalError> {
+    journal.with(|c| {
+        c.execute(
+            "UPDATE batches SET manifest_sent = 1 WHERE marker_id = ?1",
+            [marker_id],
+        )
+        .map(|_| ())
+    })
+}
+
+/// Whether a member of the batch was sent under `key` (a producer's file
+/// named like the manifest).
+pub fn batch_has_key(journal: &Journal, marker_id: i64, key: &str) -> Result<bool, JournalError> {
+    journal.with(|c| {
+        c.query_row(
+            "SELECT COUNT(*) > 0 FROM batch_members WHERE marker_id = ?1 AND key = ?2",
+            params![marker_id, key],
+            |r| r.get(0),
+        )
+    })
+}
+
+/// Writes the manifest of a complete batch into `dir` (the state folder),
+/// page by page, and returns its path. One JSON object, the same bytes
+/// whenever it is written again (no time in it):
+/// `{"marker": KEY, "files": [{"key", "size", "checksum_algorithm",
+/// "checksum"}...], "count": N}`, files in path order. Blocking.
+pub fn write_manifest(
+    journal: &Journal,
+    marker_id: i64,
+    marker_key: &str,
+    marker: &Path,
+    dir: &Path,
+) -> Result<PathBuf, BatchError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let folder = dir.join("manifests");
+    let path = folder.join(format!("{marker_id}.json"));
+    let err = |source| BatchError::Manifest {
+        marker: marker.to_path_buf(),
+        path: path.clone(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&folder)
+        .map_err(err)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(err)?;
+    let mut out = std::io::BufWriter::new(file);
+    let json = |v: &str| serde_json::Value::from(v).to_string();
+    write!(out, "{{\"marker\":{},\"files\":[", json(marker_key)).map_err(err)?;
+    let mut after: Vec<u8> = Vec::new();
+    let mut count = 0u64;
+    loop {
+        type Row = (
+            Vec<u8>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = journal.with(|c| {
+            let mut q = c.prepare_cached(
+                "SELECT path, key, sent_size, crc_kind, crc FROM batch_members
+                 WHERE marker_id = ?1 AND state = 'done' AND path > ?2 ORDER BY path LIMIT ?3",
+            )?;
+            let rows = q.query_map(params![marker_id, after, PAGE as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            rows.collect()
+        })?;
+        let Some(last) = rows.last() else { break };
+        after = last.0.clone();
+        for (_, key, size, kind, crc) in rows {
+            let entry = serde_json::json!({
+                "key": key,
+                "size": size,
+                "checksum_algorithm": kind.map(|k| k.to_uppercase()),
+                "checksum": crc,
+            });
+            if count > 0 {
+                out.write_all(b",").map_err(err)?;
+            }
+            write!(out, "{entry}").map_err(err)?;
+            count += 1;
+        }
+    }
+    writeln!(out, "],\"count\":{count}}}").map_err(err)?;
+    let file = out.into_inner().map_err(|e| err(e.into_error()))?;
+    file.sync_all().map_err(err)?;
+    Ok(path)
+}
+
+/// A marker held back, for `putonly status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldMarker {
+    pub path: String,
+    pub key: String,
+    /// Members neither done nor gone.
+    pub waiting: u64,
+    /// Some of them, with what the journal knows of each.
+    pub files: Vec<HeldFile>,
+    /// The batch is still being listed (or the listing failed: see the
+    /// marker's last error).
+    pub listing: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldFile {
+    pub path: String,
+    /// "failed: ...", "pending", "pending: <last error>", or "not taken yet".
+    pub state: String,
+}
+
+/// At most this many held markers, and files of each, are shown.
+const SHOWN: i64 = 20;
+const SHOWN_FILES: i64 = 5;
+
+/// The markers held back by their batch (status; read-only).
+pub(crate) fn held(conn: &Connection) -> rusqlite::Result<Vec<HeldMarker>> {
+    let present: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'batch_members'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !present {
+        return Ok(Vec::new());
+    }
+    let mut q = conn.prepare(
+        "SELECT b.marker_id, f.path, f.key, b.state,
+                (SELECT COUNT(*) FROM batch_members m WHERE m.marker_id = b.marker_id AND m.state = 'waiting')
+         FROM batches b JOIN files f ON f.id = b.marker_id
+         WHERE f.state IN ('pending', 'failed')
+         ORDER BY f.created_at LIMIT ?1",
+    )?;
+    let markers: Vec<(i64, Vec<u8>, String, String, i64)> = q
+        .query_map([SHOWN], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::new();
+    let mut files = conn.prepare(
+        "SELECT m.path,
+                (SELECT state || COALESCE(': ' || last_error, '') FROM files g
+                 WHERE g.path = m.path AND g.state IN ('pending', 'failed') ORDER BY g.id DESC LIMIT 1)
+         FROM batch_members m WHERE m.marker_id = ?1 AND m.state = 'waiting' ORDER BY m.path LIMIT ?2",
+    )?;
+    for (id, path, key, state, waiting) in markers {
+        let listing = state == "listing";
+        if waiting == 0 && !listing {
+            continue;
+        }
+        let shown = files
+            .query_map(params![id, SHOWN_FILES], |r| {
+                Ok(HeldFile {
+                    path: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(0)?).into_owned(),
+                    state: r
+                        .get::<_, Option<String>>(1)?
+                        .unwrap_or_else(|| "not taken yet".into()),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        out.push(HeldMarker {
+            path: String::from_utf8_lossy(&path).into_owned(),
+            key,
+            waiting: u64::try_from(waiting).unwrap_or(0),
+            files: shown,
+            listing,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AfterUpload, ChecksumKind, DEFAULT_EXCLUDES};
+    use crate::journal::Seen;
+    use std::time::Duration;
+
+    fn watch(root: &Path) -> WatchSettings {
+        WatchSettings {
+            path: root.to_path_buf(),
+            prefix: "foo/".into(),
+            include: vec![],
+            exclude: DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect(),
+            settle: Duration::from_millis(100),
+            after_upload: AfterUpload::Keep,
+            marker: vec!["_SUCCESS".into(), "*.done".into()],
+            manifest: true,
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        j: Journal,
+        w: WatchSettings,
+        m: Markers,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("w");
+        std::fs::create_dir_all(&root).unwrap();
+        let j = Journal::open(&dir.path().join("state")).unwrap();
+        let w = watch(&root);
+        let m = Markers::new(std::slice::from_ref(&w));
+        Fixture {
+            _dir: dir,
+            root,
+            j,
+            w,
+            m,
+        }
+    }
+
+    impl Fixture {
+        fn write(&self, rel: &str, data: &[u8]) {
+            let p = self.root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, data).unwrap();
+        }
+        /// Records the file at `rel` as the agent does; returns its id.
+        fn observe(&self, rel: &str) -> i64 {
+            let p = self.root.join(rel);
+            let v = FileVersion::of(&std::fs::metadata(&p).unwrap());
+            match self.j.observe("w", &p, v, &format!("foo/{rel}")).unwrap().0 {
+                Seen::Upload { id, .. } => id,
+                other => panic!("{rel}: {other:?}"),
+            }
+        }
+        fn send(&self, rel: &str) -> i64 {
+            let id = self.observe(rel);
+            let data = std::fs::read(self.root.join(rel)).unwrap();
+            remember_checksum(&self.j, id, &Crc::of(ChecksumKind::Crc64Nvme, &data)).unwrap();
+            self.j.done(id, "etag").unwrap();
+            id
+        }
+        fn check(&self, marker_id: i64, rel: &str) -> Checked {
+            blocking(|| check(&self.j, &self.w, &self.m, 0, marker_id, Path::new(rel))).unwrap()
+        }
+    }
+
+    /// Runs `f` as the agent does: off a runtime's async threads, with one
+    /// at hand (the listing walks on its blocking pool).
+    fn blocking<T>(f: impl FnOnce() -> T) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        f()
+    }
+
+    fn waiting(c: &Checked) -> u64 {
+        match c.gate {
+            Gate::Go => 0,
+            Gate::Wait { waiting, .. } => waiting,
+        }
+    }
+
+    #[test]
+    fn markers_match_the_file_name() {
+        let f = fixture();
+        assert!(f.m.is_marker(0, Path::new("a/b/_SUCCESS")));
+        assert!(f.m.is_marker(0, Path::new("x.done")));
+        assert!(!f.m.is_marker(0, Path::new("_SUCCESS/x")));
+        assert!(!f.m.is_marker(1, Path::new("_SUCCESS")), "no such watch");
+        let none = Markers::new(&[WatchSettings {
+            marker: vec![],
+            ..watch(Path::new("/w"))
+        }]);
+        assert!(!none.is_marker(0, Path::new("_SUCCESS")));
+    }
+
+    #[test]
+    fn a_marker_waits_for_its_folder_and_subfolders_and_nothing_else() {
+        let f = fixture();
+        f.write("b/one", b"1");
+        f.write("b/sub/two", b"22");
+        f.write("b/sub/_SUCCESS", b"");
+        f.write("b/other.done", b"");
+        f.write("b/.hidden", b"x");
+        f.write("b/x.tmp", b"x");
+        f.write("elsewhere", b"x");
+        f.write("b/_SUCCESS", b"");
+        let sent_before = f.send("b/one");
+        let m = f.observe("b/_SUCCESS");
+        let c = f.check(m, "b/_SUCCESS");
+        // one (done before), sub/two and sub/_SUCCESS; not the other
+        // marker beside it, hidden or temporary files, or files elsewhere.
+        assert_eq!(c.listed, Some(3));
+        assert_eq!(waiting(&c), 2);
+        // A subfolder's marker is its own batch.
+        let sm = f.observe("b/sub/_SUCCESS");
+        assert_eq!(waiting(&f.check(sm, "b/sub/_SUCCESS")), 1);
+        f.send("b/sub/two");
+        let c = f.check(sm, "b/sub/_SUCCESS");
+        assert_eq!((c.gate.clone(), c.listed), (Gate::Go, None));
+        assert_eq!(waiting(&f.check(m, "b/_SUCCESS")), 1, "the sub marker");
+        f.j.done(sm, "e").unwrap();
+        assert_eq!(f.check(m, "b/_SUCCESS").gate, Gate::Go);
+        // A file made after the listing is not part of the batch.
+        f.write("b/late", b"late");
+        assert_eq!(f.check(m, "b/_SUCCESS").gate, Gate::Go);
+
+        // The manifest lists every member sent, with size and checksum.
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_manifest(
+            &f.j,
+            m,
+            "foo/b/_SUCCESS",
+            Path::new("b/_SUCCESS"),
+            dir.path(),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["marker"], "foo/b/_SUCCESS");
+        assert_eq!(v["count"], 3);
+        let keys: Vec<&str> = v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["foo/b/one", "foo/b/sub/_SUCCESS", "foo/b/sub/two"]);
+        let one = &v["files"][0];
+        assert_eq!(one["size"], 1);
+        assert_eq!(one["checksum_algorithm"], "CRC64NVME");
+        assert_eq!(
+            one["checksum"],
+            Crc::of(ChecksumKind::Crc64Nvme, b"1").to_base64()
+        );
+        assert!(batch_has_key(&f.j, m, "foo/b/one").unwrap());
+        assert!(!manifest_sent(&f.j, m).unwrap());
+        record_manifest_sent(&f.j, m).unwrap();
+        assert!(manifest_sent(&f.j, m).unwrap());
+        // The marker sent: its batch is over.
+        f.j.done(m, "e").unwrap();
+        let left: i64 =
+            f.j.with(|c| c.query_row("SELECT COUNT(*) FROM batch_members", [], |r| r.get(0)))
+                .unwrap();
+        assert_eq!(left, 0);
+        let _ = sent_before;
+    }
+
+    #[test]
+    fn only_the_version_on_disk_at_the_listing_or_a_later_one_counts() {
+        let f = fixture();
+        // An older version's upload is under way while the file is
+        // rewritten; the marker appears.
+        f.write("d/f", b"old");
+        let old = f.observe("d/f");
+        std::thread::sleep(Duration::from_millis(10));
+        f.write("d/f", b"new content");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+        // The old version completes: it does not settle the member.
+        f.j.done(old, "e").unwrap();
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+        // The version on disk does.
+        f.send("d/f");
+        assert_eq!(f.check(m, "d/_SUCCESS").gate, Gate::Go);
+    }
+
+    #[test]
+    fn a_version_done_between_the_look_and_the_record_counts() {
+        let f = fixture();
+        f.write("d/f", b"partial");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        // The listing saw "partial"; the final version is recorded and
+        // done after it: a record newer than the listing.
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+        f.write("d/f", b"partial and the rest");
+        f.send("d/f");
+        assert_eq!(f.check(m, "d/_SUCCESS").gate, Gate::Go);
+    }
+
+    #[test]
+    fn a_member_deleted_before_it_was_sent_no_longer_holds_the_marker() {
+        let f = fixture();
+        f.write("d/keep", b"k");
+        f.write("d/drop", b"d");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 2);
+        std::fs::remove_file(f.root.join("d/drop")).unwrap();
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!(waiting(&c), 1);
+        assert_eq!(c.gone, vec![f.root.join("d/drop")]);
+        // A failed member holds it, and status says so.
+        let id = f.observe("d/keep");
+        f.j.failed(id, "Permission denied", i64::MAX).unwrap();
+        let held = f.j.with(|c| held(c)).unwrap();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(held[0].waiting, 1);
+        assert_eq!(
+            held[0].files[0].path,
+            f.root.join("d/keep").display().to_string()
+        );
+        assert_eq!(held[0].files[0].state, "failed: Permission denied");
+        assert!(!held[0].listing);
+    }
+
+    #[test]
+    fn a_listing_cut_short_is_done_again_and_the_order_survives_a_restart() {
+        let f = fixture();
+        for i in 0..(PAGE + 7) {
+            f.write(&format!("big/f{i:04}"), b"x");
+        }
+        f.write("big/_SUCCESS", b"");
+        let m = f.observe("big/_SUCCESS");
+        // A crash in the middle of a listing: marked listing, half there.
+        f.j.with(|c| {
+            c.execute(
+                "INSERT INTO batches (marker_id, state, listed_at) VALUES (?1, 'listing', 0)",
+                [m],
+            )
+        })
+        .unwrap();
+        let held = f.j.with(|c| held(c)).unwrap();
+        assert!(held[0].listing);
+        let c = f.check(m, "big/_SUCCESS");
+        assert_eq!(c.listed, Some(PAGE as u64 + 7));
+        assert_eq!(waiting(&c), PAGE as u64 + 7);
+        // Reopened (a restart): still waiting, not listed again.
+        let state = f._dir.path().join("state");
+        let j = Journal::open(&state).unwrap();
+        let c = blocking(|| check(&j, &f.w, &f.m, 0, m, Path::new("big/_SUCCESS"))).unwrap();
+        assert_eq!((waiting(&c), c.listed), (PAGE as u64 + 7, None));
+    }
+
+    #[test]
+    fn an_unreadable_folder_in_the_batch_holds_the_marker() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = fixture();
+        f.write("d/locked/f", b"x");
+        f.write("d/_SUCCESS", b"");
+        let locked = f.root.join("d/locked");
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+        if std::fs::read_dir(&locked).is_ok() {
+            // Running with CAP_DAC_OVERRIDE (root): nothing to show.
+            std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+            return;
+        }
+        let m = f.observe("d/_SUCCESS");
+        let err = blocking(|| check(&f.j, &f.w, &f.m, 0, m, Path::new("d/_SUCCESS"))).unwrap_err();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(err.to_string().contains("cannot list its batch"), "{err}");
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+    }
+}
