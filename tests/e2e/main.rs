@@ -3,6 +3,7 @@
 
 mod agent;
 mod attackers;
+mod batches;
 mod check;
 mod faults;
 mod garage;

@@ -59,6 +59,10 @@ pub struct Record {
     pub corrected: bool,
     /// The ExternalId parameter of an STS AssumeRole, decoded.
     pub external_id: Option<String>,
+    /// When the answer was known to the proxy (the record's place in the
+    /// log is that order too): a request whose `at` is later was sent
+    /// after this one was answered.
+    pub answered: Option<SystemTime>,
 }
 
 /// The object sizes announced by the successful writes (PutObject or
@@ -488,6 +492,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut record = Record {
+        answered: None,
         external_id,
         acl,
         size,
@@ -532,7 +537,7 @@ async fn handle(
     if let Some(hold) = hold {
         record.injected = true;
         record.status = 0;
-        state.log.lock().unwrap().push(record.clone());
+        push(&state, record.clone());
         tokio::time::sleep(hold).await;
         return Err("held past the client's deadline by the test proxy".into());
     }
@@ -556,7 +561,7 @@ async fn handle(
             let _ = body.frame().await;
             record.chaos = Some("reset");
             record.injected = true;
-            state.log.lock().unwrap().push(record);
+            push(&state, record);
             return Err("connection reset by the test proxy".into());
         }
         Some((_, d)) => (injected, Some(d)),
@@ -571,7 +576,7 @@ async fn handle(
         let _ = body.collect().await;
         record.status = status;
         record.injected = true;
-        state.log.lock().unwrap().push(record);
+        push(&state, record);
         return Ok(error_response(status, &code, "injected by the test proxy"));
     }
 
@@ -585,7 +590,7 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             record.status = 502;
-            state.log.lock().unwrap().push(record);
+            push(&state, record);
             return Ok(Response::builder()
                 .status(502)
                 .body(full(Bytes::from(format!("proxy: {e}"))))
@@ -607,7 +612,7 @@ async fn handle(
         {
             record.status = 404;
             record.corrected = true;
-            state.log.lock().unwrap().push(record);
+            push(&state, record);
             return Ok(error_response(
                 404,
                 "NoSuchUpload",
@@ -653,7 +658,7 @@ async fn handle(
     };
     if stall {
         record.injected = true;
-        state.log.lock().unwrap().push(record);
+        push(&state, record);
         // The headers go out; the body trickles and never ends.
         let mut rparts = rparts;
         rparts.headers.remove(hyper::header::CONTENT_LENGTH);
@@ -669,7 +674,7 @@ async fn handle(
             http_body_util::StreamBody::new(trickle).boxed(),
         ));
     }
-    state.log.lock().unwrap().push(record);
+    push(&state, record);
     if let Some(d) = delay {
         // The server has answered; the client hears it too late, if at all.
         let bytes = rbody
@@ -681,6 +686,12 @@ async fn handle(
         return Ok(Response::from_parts(rparts, full(bytes)));
     }
     Ok(Response::from_parts(rparts, rbody))
+}
+
+/// Logs a request, stamped with the time its answer is known.
+fn push(state: &State, mut record: Record) {
+    record.answered = Some(SystemTime::now());
+    state.log.lock().unwrap().push(record);
 }
 
 /// An S3 error answer.
