@@ -171,6 +171,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     // Which rule tells a finished file, per watch, and why; the SIGIO
     // handler is in place before the first lease is taken.
     recover_claims(&journal, &settings.watches, &HashSet::new());
+    batches::clean_manifests(&state.dir);
     let folders: Vec<&Path> = settings.watches.iter().map(|w| w.path.as_path()).collect();
     let support = Arc::new(Support::probe(&folders));
     log_rules(&support, &settings.watches);
@@ -708,7 +709,10 @@ impl Ctx {
         let r = tokio::task::spawn_blocking(move || batches::remember_checksum(&j, id, &crc)).await;
         match r {
             Ok(r) => self.noted("the checksum sent", r).is_some(),
-            Err(_) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "journal: recording a checksum failed");
+                false
+            }
         }
     }
 
@@ -723,6 +727,7 @@ impl Ctx {
         id: i64,
         key: &str,
         attempts: u32,
+        opened: FileVersion,
     ) -> bool {
         let path = &cand.path;
         let (j, w, markers, rel) = (
@@ -732,9 +737,10 @@ impl Ctx {
             cand.rel.clone(),
         );
         let index = cand.watch;
-        let checked =
-            tokio::task::spawn_blocking(move || batches::check(&j, &w, &markers, index, id, &rel))
-                .await;
+        let checked = tokio::task::spawn_blocking(move || {
+            batches::check(&j, &w, &markers, index, id, &rel, opened)
+        })
+        .await;
         let checked = match checked {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -748,11 +754,7 @@ impl Ctx {
                 self.requeue(path.clone(), delay, cand.writers);
                 return false;
             }
-            Err(e) => {
-                tracing::error!(path = ?path, error = %e, "marker: checking its batch failed; will try again");
-                self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
-                return false;
-            }
+            Err(e) => return self.marker_task_failed(cand, &e),
         };
         for gone in &checked.gone {
             tracing::info!(marker = ?path, file = ?gone, "a file of the batch is gone before it was sent; the marker no longer waits for it");
@@ -767,11 +769,26 @@ impl Ctx {
                 self.requeue(path.clone(), MARKER_RECHECK, cand.writers);
                 return false;
             }
+            Gate::Moved => {
+                // Its folder moved or it was replaced: judged again (a
+                // marker gone has its record closed by the watcher's news).
+                tracing::info!(marker = ?path, "the marker moved or changed while its batch was looked at; judged again");
+                self.requeue(path.clone(), watch.settle, Writers::Unknown);
+                return false;
+            }
             Gate::Go => {
                 tracing::info!(marker = ?path, "every file of the marker's batch is done; sending the marker");
             }
         }
         !watch.manifest || self.send_manifest(cand, id, key, attempts).await
+    }
+
+    /// A worker task of a marker's gate or manifest failed: the marker is
+    /// held and looked at again later. Returns `false` (it does not go).
+    fn marker_task_failed(&self, cand: &Candidate, e: &tokio::task::JoinError) -> bool {
+        tracing::error!(path = ?cand.path, error = %e, "marker: a worker task failed; held, will try again");
+        self.requeue(cand.path.clone(), Duration::from_secs(10), cand.writers);
+        false
     }
 
     /// Writes and sends the manifest of a marker's complete batch, once.
@@ -786,7 +803,7 @@ impl Ctx {
                 self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
                 return false;
             }
-            Err(_) => return false,
+            Err(e) => return self.marker_task_failed(cand, &e),
         }
         let manifest_key = batches::manifest_key(key);
         if let Err(e) = self.settings.bucket.guard.check(&manifest_key) {
@@ -809,6 +826,8 @@ impl Ctx {
             }
         }
         let Some(state) = self.settings.state.as_ref().map(|s| s.dir.clone()) else {
+            // `run` refuses a configuration without one.
+            tracing::error!(path = ?path, "state.dir is not set; the marker's manifest has nowhere to be written");
             return false;
         };
         let (j, marker_key, marker) = (self.journal.clone(), key.to_string(), path.clone());
@@ -828,7 +847,7 @@ impl Ctx {
                 self.requeue(path.clone(), self.backoff.delay(attempts + 1), cand.writers);
                 return false;
             }
-            Err(_) => return false,
+            Err(e) => return self.marker_task_failed(cand, &e),
         };
         let job = Job {
             path: file.clone(),
@@ -1083,7 +1102,9 @@ impl Ctx {
         // A batch's marker goes after the rest of its batch, and after its
         // manifest; until then it is handed back.
         if self.markers.is_marker(cand.watch, &cand.rel)
-            && !self.marker_may_go(cand, watch, id, &key, attempts).await
+            && !self
+                .marker_may_go(cand, watch, id, &key, attempts, version)
+                .await
         {
             return;
         }

@@ -137,6 +137,10 @@ pub enum Gate {
     Go,
     /// `waiting` members are neither; `first` is one of them.
     Wait { waiting: u64, first: PathBuf },
+    /// The marker is no longer at its path as the file the agent opened
+    /// (its folder moved or removed, or it was replaced): nothing was
+    /// concluded from what is missing around it.
+    Moved,
 }
 
 /// What the gate found, and whether it listed the batch just now.
@@ -160,6 +164,7 @@ pub fn check(
     watch_index: usize,
     marker_id: i64,
     rel: &Path,
+    opened: FileVersion,
 ) -> Result<Checked, BatchError> {
     let listed_state: Option<String> = journal.with(|c| {
         c.query_row(
@@ -169,10 +174,18 @@ pub fn check(
         )
         .optional()
     })?;
+    let moved = |listed| Checked {
+        gate: Gate::Moved,
+        listed,
+        gone: Vec::new(),
+    };
     let listed = if listed_state.as_deref() == Some("waiting") {
         None
     } else {
-        Some(list(journal, watch, markers, watch_index, marker_id, rel)?)
+        match list(journal, watch, markers, watch_index, marker_id, rel, opened)? {
+            Some(n) => Some(n),
+            None => return Ok(moved(None)),
+        }
     };
     let filter = Filter::new(watch);
     let root = files::open_root(&watch.path).ok();
@@ -193,6 +206,8 @@ pub fn check(
                 gone,
             });
         }
+        let mut missing = Vec::new();
+        let mut still = None;
         for p in waiting {
             let path = PathBuf::from(std::ffi::OsStr::from_bytes(&p));
             let there = match (&root, path.strip_prefix(&watch.path)) {
@@ -202,33 +217,62 @@ pub fn check(
                 (_, Err(_)) => false,
             };
             if there {
-                let count: i64 = journal.with(|c| {
-                    c.query_row(
-                        "SELECT COUNT(*) FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'",
-                        [marker_id],
-                        |r| r.get(0),
-                    )
-                })?;
-                return Ok(Checked {
-                    gate: Gate::Wait {
-                        waiting: u64::try_from(count).unwrap_or(0),
-                        first: path,
-                    },
-                    listed,
-                    gone,
-                });
+                still = Some(path);
+                break;
+            }
+            missing.push(p);
+        }
+        // Members missing say something only if the marker is still where
+        // it was, looked at after them: a folder moved away takes both.
+        if !missing.is_empty() {
+            let in_place = root
+                .as_ref()
+                .is_some_and(|root| marker_in_place(root.as_fd(), rel, opened));
+            if !in_place {
+                return Ok(moved(listed));
             }
             journal.with(|c| {
-                c.execute(
-                    "UPDATE batch_members SET state = 'gone' WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
-                    params![marker_id, p],
-                )
+                let tx = c.transaction()?;
+                for p in &missing {
+                    tx.execute(
+                        "UPDATE batch_members SET state = 'gone' WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
+                        params![marker_id, p],
+                    )?;
+                }
+                tx.commit()
             })?;
-            if gone.len() < PAGE {
-                gone.push(path);
+            for p in missing {
+                if gone.len() < PAGE {
+                    gone.push(PathBuf::from(std::ffi::OsStr::from_bytes(&p)));
+                }
             }
         }
+        if let Some(first) = still {
+            let count: i64 = journal.with(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'",
+                    [marker_id],
+                    |r| r.get(0),
+                )
+            })?;
+            return Ok(Checked {
+                gate: Gate::Wait {
+                    waiting: u64::try_from(count).unwrap_or(0),
+                    first,
+                },
+                listed,
+                gone,
+            });
+        }
     }
+}
+
+/// Whether the marker is still at `rel` beneath the watch, the very file
+/// the agent opened (same device and inode).
+fn marker_in_place(root: std::os::fd::BorrowedFd<'_>, rel: &Path, opened: FileVersion) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    files::lstat_at(root, rel)
+        .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (opened.dev, opened.ino))
 }
 
 /// Whether a member still names a file that will be sent: a regular file,
@@ -249,7 +293,9 @@ fn is_there(root: std::os::fd::BorrowedFd<'_>, rel: &Path, filter: &Filter) -> b
 /// marker's folder, the markers of that very folder excepted (they do not
 /// wait for one another; those of subfolders are members). Recorded page
 /// by page, the batch marked complete at the end: a listing cut short is
-/// done again from the start. Returns how many members it has.
+/// done again from the start. Returns how many members it has; `None`
+/// when the marker was not in place after the walk (its folder moved or
+/// removed meanwhile): the listing is then left unfinished.
 fn list(
     journal: &Journal,
     watch: &WatchSettings,
@@ -257,7 +303,8 @@ fn list(
     watch_index: usize,
     marker_id: i64,
     rel: &Path,
-) -> Result<u64, BatchError> {
+    opened: FileVersion,
+) -> Result<Option<u64>, BatchError> {
     let marker = watch.path.join(rel);
     let folder_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
     let folder = watch.path.join(&folder_rel);
@@ -311,12 +358,23 @@ fn list(
             None => {}
         }
         if page.len() >= PAGE || (last && !page.is_empty()) {
-            members += record_page(journal, root.as_fd(), &watch.path, marker_id, &page)?;
+            members +=
+                record_page(journal, root.as_fd(), &watch.path, marker_id, &page).map_err(|e| {
+                    match e {
+                        Unlisted::Journal(e) => BatchError::Journal(e),
+                        Unlisted::Look(f, why) => unlistable(f, why),
+                    }
+                })?;
             page.clear();
         }
         if last {
             break;
         }
+    }
+    // A walk of a folder that moved away finds nothing: the marker, looked
+    // at after the walk, tells.
+    if !marker_in_place(root.as_fd(), rel, opened) {
+        return Ok(None);
     }
     journal.with(|c| {
         c.execute(
@@ -324,7 +382,14 @@ fn list(
             [marker_id],
         )
     })?;
-    Ok(members)
+    Ok(Some(members))
+}
+
+/// Why a page of members was not recorded.
+enum Unlisted {
+    Journal(JournalError),
+    /// A file listed could not be looked at (not "no such file").
+    Look(PathBuf, String),
 }
 
 /// Records one page of members, each with the version on disk now. The
@@ -336,23 +401,31 @@ fn record_page(
     root_path: &Path,
     marker_id: i64,
     page: &[PathBuf],
-) -> Result<u64, JournalError> {
+) -> Result<u64, Unlisted> {
     let after: i64 = journal
-        .with(|c| c.query_row("SELECT COALESCE(MAX(id), 0) FROM files", [], |r| r.get(0)))?;
-    let looked: Vec<(&PathBuf, FileVersion)> = page
-        .iter()
-        .filter_map(|p| {
-            let rel = p.strip_prefix(root_path).ok()?;
-            let m = files::lstat_at(root, rel).ok().filter(|m| m.is_file())?;
-            Some((p, FileVersion::of(&m)))
-        })
-        .collect();
-    journal.with(|c| {
-        let tx = c.transaction()?;
-        let mut n = 0u64;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR REPLACE INTO batch_members
+        .with(|c| c.query_row("SELECT COALESCE(MAX(id), 0) FROM files", [], |r| r.get(0)))
+        .map_err(Unlisted::Journal)?;
+    let mut looked: Vec<(&PathBuf, FileVersion)> = Vec::with_capacity(page.len());
+    for p in page {
+        let Ok(rel) = p.strip_prefix(root_path) else {
+            continue;
+        };
+        match files::lstat_at(root, rel) {
+            Ok(m) if m.is_file() => looked.push((p, FileVersion::of(&m))),
+            // Gone since it was listed, or no longer a file: not a member.
+            Ok(_) | Err(OpenError::Gone | OpenError::Link | OpenError::NotAFile) => {}
+            // Cannot tell (out of descriptors, a permission changed): the
+            // listing is not complete, and the marker waits.
+            Err(OpenError::Io(e)) => return Err(Unlisted::Look(p.clone(), e.to_string())),
+        }
+    }
+    journal
+        .with(|c| {
+            let tx = c.transaction()?;
+            let mut n = 0u64;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO batch_members
                    (marker_id, path, dev, ino, size, mtime_ns, ctime_ns, after_id, state,
                     sent_id, key, sent_size, crc_kind, crc)
                  SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,
@@ -365,23 +438,38 @@ fn record_page(
                                         AND (ctime_ns = ?7 OR ctime_ns IS NULL)))
                      ORDER BY id DESC LIMIT 1
                  ) f LEFT JOIN sent_checksums s ON s.file_id = f.id",
-            )?;
-            for (p, v) in &looked {
-                n += insert.execute(params![
-                    marker_id,
-                    p.as_os_str().as_bytes(),
-                    v.dev as i64,
-                    v.ino as i64,
-                    v.size as i64,
-                    v.mtime_ns,
-                    v.ctime_ns,
-                    after
-                ])? as u64;
+                )?;
+                for (p, v) in &looked {
+                    n += insert.execute(params![
+                        marker_id,
+                        p.as_os_str().as_bytes(),
+                        v.dev as i64,
+                        v.ino as i64,
+                        v.size as i64,
+                        v.mtime_ns,
+                        v.ctime_ns,
+                        after
+                    ])? as u64;
+                }
             }
+            tx.commit()?;
+            Ok(n)
+        })
+        .map_err(Unlisted::Journal)
+}
+
+/// Removes manifests left in the state folder by an agent that stopped
+/// between writing one and sending it (each is written afresh when needed).
+pub fn clean_manifests(state_dir: &Path) {
+    let folder = state_dir.join("manifests");
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if let Err(err) = std::fs::remove_file(e.path()) {
+            tracing::warn!(file = ?e.path(), error = %err, "cannot remove a manifest left by an earlier run");
         }
-        tx.commit()?;
-        Ok(n)
-    })
+    }
 }
 
 /// The journal's hook, inside the transaction that records `id` done:
@@ -683,7 +771,11 @@ mod tests {
             id
         }
         fn check(&self, marker_id: i64, rel: &str) -> Checked {
-            blocking(|| check(&self.j, &self.w, &self.m, 0, marker_id, Path::new(rel))).unwrap()
+            let v = self.version(rel);
+            blocking(|| check(&self.j, &self.w, &self.m, 0, marker_id, Path::new(rel), v)).unwrap()
+        }
+        fn version(&self, rel: &str) -> FileVersion {
+            FileVersion::of(&std::fs::metadata(self.root.join(rel)).unwrap())
         }
     }
 
@@ -701,6 +793,7 @@ mod tests {
         match c.gate {
             Gate::Go => 0,
             Gate::Wait { waiting, .. } => waiting,
+            Gate::Moved => panic!("the marker moved"),
         }
     }
 
@@ -850,6 +943,33 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_whose_folder_moves_away_is_never_let_through() {
+        let f = fixture();
+        f.write("d/a", b"a");
+        f.write("d/_SUCCESS", b"");
+        let v = f.version("d/_SUCCESS");
+        let m = f.observe("d/_SUCCESS");
+        let run = || blocking(|| check(&f.j, &f.w, &f.m, 0, m, Path::new("d/_SUCCESS"), v));
+        // Moved before the listing: the walk finds nothing, and says so.
+        std::fs::rename(f.root.join("d"), f.root.join("d2")).unwrap();
+        assert_eq!(run().unwrap().gate, Gate::Moved);
+        std::fs::rename(f.root.join("d2"), f.root.join("d")).unwrap();
+        assert_eq!(waiting(&run().unwrap()), 1);
+        // Moved after it (the agent holds the marker open): its files are
+        // missing, but so is it; none is taken for gone.
+        std::fs::rename(f.root.join("d"), f.root.join("d2")).unwrap();
+        let c = run().unwrap();
+        assert_eq!((c.gate, c.gone.len()), (Gate::Moved, 0));
+        std::fs::rename(f.root.join("d2"), f.root.join("d")).unwrap();
+        assert_eq!(waiting(&run().unwrap()), 1);
+        // The marker replaced by another file: not the one opened.
+        std::fs::remove_file(f.root.join("d/a")).unwrap();
+        std::fs::remove_file(f.root.join("d/_SUCCESS")).unwrap();
+        f.write("d/_SUCCESS", b"another");
+        assert_eq!(run().unwrap().gate, Gate::Moved);
+    }
+
+    #[test]
     fn a_listing_cut_short_is_done_again_and_the_order_survives_a_restart() {
         let f = fixture();
         for i in 0..(PAGE + 7) {
@@ -873,7 +993,8 @@ mod tests {
         // Reopened (a restart): still waiting, not listed again.
         let state = f._dir.path().join("state");
         let j = Journal::open(&state).unwrap();
-        let c = blocking(|| check(&j, &f.w, &f.m, 0, m, Path::new("big/_SUCCESS"))).unwrap();
+        let v = f.version("big/_SUCCESS");
+        let c = blocking(|| check(&j, &f.w, &f.m, 0, m, Path::new("big/_SUCCESS"), v)).unwrap();
         assert_eq!((waiting(&c), c.listed), (PAGE as u64 + 7, None));
     }
 
@@ -891,7 +1012,9 @@ mod tests {
             return;
         }
         let m = f.observe("d/_SUCCESS");
-        let err = blocking(|| check(&f.j, &f.w, &f.m, 0, m, Path::new("d/_SUCCESS"))).unwrap_err();
+        let v = f.version("d/_SUCCESS");
+        let err =
+            blocking(|| check(&f.j, &f.w, &f.m, 0, m, Path::new("d/_SUCCESS"), v)).unwrap_err();
         std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(err.to_string().contains("cannot list its batch"), "{err}");
         assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
