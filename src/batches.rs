@@ -28,7 +28,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::checksum::Crc;
-use crate::config::WatchSettings;
+use crate::config::{AfterUpload, WatchSettings};
 use crate::files::{self, OpenError};
 use crate::journal::{FileVersion, Journal, JournalError, now};
 use crate::walk::{self, Found, Tree};
@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS batches (
     marker_id     INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
     state         TEXT    NOT NULL CHECK (state IN ('listing', 'waiting')),
     listed_at     INTEGER NOT NULL,
-    manifest_sent INTEGER NOT NULL DEFAULT 0
+    manifest_sent INTEGER NOT NULL DEFAULT 0,
+    folder        BLOB
 );
 CREATE TABLE IF NOT EXISTS batch_members (
     marker_id INTEGER NOT NULL REFERENCES batches (marker_id) ON DELETE CASCADE,
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS batch_members (
     PRIMARY KEY (marker_id, path)
 );
 CREATE INDEX IF NOT EXISTS batch_members_waiting ON batch_members (path) WHERE state = 'waiting';
+CREATE TABLE IF NOT EXISTS manifested (
+    folder  BLOB    NOT NULL,
+    file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    PRIMARY KEY (folder, file_id)
+);
 CREATE TABLE IF NOT EXISTS sent_checksums (
     file_id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
     kind    TEXT NOT NULL,
@@ -311,9 +317,9 @@ fn list(
     journal.with(|c| {
         let tx = c.transaction()?;
         tx.execute(
-            "INSERT INTO batches (marker_id, state, listed_at) VALUES (?1, 'listing', ?2)
-             ON CONFLICT (marker_id) DO UPDATE SET state = 'listing', listed_at = ?2",
-            params![marker_id, now()],
+            "INSERT INTO batches (marker_id, state, listed_at, folder) VALUES (?1, 'listing', ?2, ?3)
+             ON CONFLICT (marker_id) DO UPDATE SET state = 'listing', listed_at = ?2, folder = ?3",
+            params![marker_id, now(), folder.as_os_str().as_bytes()],
         )?;
         tx.execute(
             "DELETE FROM batch_members WHERE marker_id = ?1",
@@ -335,7 +341,6 @@ fn list(
     }]);
     let mut rx = walk::spawn(vec![folder.clone()], trees, None);
     let mut page: Vec<PathBuf> = Vec::with_capacity(PAGE);
-    let mut members = 0u64;
     loop {
         let found = rx.blocking_recv();
         let last = found.is_none();
@@ -358,31 +363,129 @@ fn list(
             None => {}
         }
         if page.len() >= PAGE || (last && !page.is_empty()) {
-            members +=
-                record_page(journal, root.as_fd(), &watch.path, marker_id, &page).map_err(|e| {
-                    match e {
-                        Unlisted::Journal(e) => BatchError::Journal(e),
-                        Unlisted::Look(f, why) => unlistable(f, why),
-                    }
-                })?;
+            record_page(journal, root.as_fd(), &watch.path, marker_id, &page).map_err(
+                |e| match e {
+                    Unlisted::Journal(e) => BatchError::Journal(e),
+                    Unlisted::Look(f, why) => unlistable(f, why),
+                },
+            )?;
             page.clear();
         }
         if last {
             break;
         }
     }
+    if watch.manifest && watch.after_upload != AfterUpload::Keep {
+        add_history(
+            journal,
+            watch,
+            markers,
+            watch_index,
+            marker_id,
+            rel,
+            &folder,
+        )?;
+    }
     // A walk of a folder that moved away finds nothing: the marker, looked
     // at after the walk, tells.
     if !marker_in_place(root.as_fd(), rel, opened) {
         return Ok(None);
     }
-    journal.with(|c| {
-        c.execute(
+    let members = journal.with(|c| {
+        let tx = c.transaction()?;
+        tx.execute(
             "UPDATE batches SET state = 'waiting' WHERE marker_id = ?1",
             [marker_id],
-        )
+        )?;
+        let n: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM batch_members WHERE marker_id = ?1",
+            [marker_id],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(n)
     })?;
-    Ok(Some(members))
+    Ok(Some(u64::try_from(members).unwrap_or(0)))
+}
+
+/// With `after_upload = "delete"` or `"move"` the files of a batch may be
+/// sent and gone before its marker is even seen; for its manifest, the
+/// batch also takes every file of its folder (and subfolders) recorded
+/// done that no earlier manifest of that folder listed. They are done:
+/// they change nothing to when the marker goes. Files on disk were
+/// listed already and are not replaced. Returns how many were added.
+fn add_history(
+    journal: &Journal,
+    watch: &WatchSettings,
+    markers: &Markers,
+    watch_index: usize,
+    marker_id: i64,
+    rel: &Path,
+    folder: &Path,
+) -> Result<u64, BatchError> {
+    let folder_rel = rel.parent().unwrap_or(Path::new(""));
+    let filter = Filter::new(watch);
+    let f = folder.as_os_str().as_bytes();
+    let (low, high) = ([f, b"/"].concat(), [f, b"0"].concat());
+    let mut after = 0i64;
+    let mut added = 0u64;
+    loop {
+        let rows: Vec<(i64, Vec<u8>)> = journal.with(|c| {
+            let mut q = c.prepare_cached(
+                "SELECT id, path FROM files f
+                 WHERE path > ?1 AND path < ?2 AND state = 'done' AND id > ?3 AND id != ?4
+                   AND NOT EXISTS (SELECT 1 FROM manifested m WHERE m.folder = ?5 AND m.file_id = f.id)
+                 ORDER BY id LIMIT ?6",
+            )?;
+            let rows = q.query_map(
+                params![low, high, after, marker_id, f, PAGE as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.collect()
+        })?;
+        let Some(last) = rows.last() else {
+            return Ok(added);
+        };
+        after = last.0;
+        let taken: Vec<i64> = rows
+            .into_iter()
+            .filter(|(_, p)| {
+                let path = Path::new(std::ffi::OsStr::from_bytes(p));
+                path.strip_prefix(&watch.path).is_ok_and(|member| {
+                    member != rel
+                        && filter.accepts(member)
+                        && !(member.parent() == Some(folder_rel)
+                            && markers.is_marker(watch_index, member))
+                })
+            })
+            .map(|(id, _)| id)
+            .collect();
+        added += journal.with(|c| {
+            let tx = c.transaction()?;
+            let mut n = 0u64;
+            {
+                // Marked by after_id -1. In id order: per path, the last
+                // version sent (the object) wins; files listed on disk stay.
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO batch_members
+                       (marker_id, path, dev, ino, size, mtime_ns, ctime_ns, after_id, state,
+                        sent_id, key, sent_size, crc_kind, crc)
+                     SELECT ?1, f.path, f.dev, f.ino, f.size, f.mtime_ns, COALESCE(f.ctime_ns, 0), -1, 'done',
+                            f.id, f.key, f.size, s.kind, s.value
+                     FROM files f LEFT JOIN sent_checksums s ON s.file_id = f.id WHERE f.id = ?2
+                     ON CONFLICT (marker_id, path) DO UPDATE SET
+                        sent_id = excluded.sent_id, key = excluded.key, sent_size = excluded.sent_size,
+                        crc_kind = excluded.crc_kind, crc = excluded.crc
+                     WHERE batch_members.after_id = -1",
+                )?;
+                for id in &taken {
+                    n += insert.execute(params![marker_id, id])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(n)
+        })?;
+    }
 }
 
 /// Why a page of members was not recorded.
@@ -523,14 +626,24 @@ pub fn manifest_sent(journal: &Journal, marker_id: i64) -> Result<bool, JournalE
     })
 }
 
-/// The manifest of this marker's batch was sent: not again for it.
+/// The manifest of this marker's batch was sent: not again for it, and
+/// the files it listed (and older versions of them) are not listed again
+/// by a later manifest of its folder (see [`add_history`]).
 pub fn record_manifest_sent(journal: &Journal, marker_id: i64) -> Result<(), JournalError> {
     journal.with(|c| {
-        c.execute(
+        let tx = c.transaction()?;
+        tx.execute(
             "UPDATE batches SET manifest_sent = 1 WHERE marker_id = ?1",
             [marker_id],
-        )
-        .map(|_| ())
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO manifested (folder, file_id)
+             SELECT b.folder, f.id FROM batch_members m JOIN batches b ON b.marker_id = m.marker_id
+               JOIN files f ON f.path = m.path AND f.state = 'done' AND f.id <= m.sent_id
+             WHERE m.marker_id = ?1 AND m.state = 'done' AND m.sent_id IS NOT NULL AND b.folder IS NOT NULL",
+            [marker_id],
+        )?;
+        tx.commit()
     })
 }
 
@@ -967,6 +1080,54 @@ mod tests {
         std::fs::remove_file(f.root.join("d/_SUCCESS")).unwrap();
         f.write("d/_SUCCESS", b"another");
         assert_eq!(run().unwrap().gate, Gate::Moved);
+    }
+
+    #[test]
+    fn with_delete_the_manifest_lists_files_sent_and_gone_since_the_last_one() {
+        let mut f = fixture();
+        f.w.after_upload = AfterUpload::Delete;
+        let manifest = |f: &Fixture, m: i64| -> Vec<String> {
+            let dir = tempfile::tempdir().unwrap();
+            let p = write_manifest(&f.j, m, "k", Path::new("k"), dir.path()).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            v["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["key"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // Sent and deleted before the marker appeared; one resent as a new
+        // version; elsewhere; a marker of the same folder sent earlier.
+        for rel in ["d/a", "d/sub/b", "other/x", "d/old.done"] {
+            f.write(rel, rel.as_bytes());
+            f.send(rel);
+        }
+        f.write("d/a", b"second version");
+        f.send("d/a");
+        for rel in ["d/a", "d/sub/b", "other/x", "d/old.done"] {
+            std::fs::remove_file(f.root.join(rel)).unwrap();
+        }
+        f.write("d/c", b"still there");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!((c.listed, waiting(&c)), (Some(3), 1));
+        f.send("d/c");
+        assert_eq!(f.check(m, "d/_SUCCESS").gate, Gate::Go);
+        assert_eq!(manifest(&f, m), ["foo/d/a", "foo/d/c", "foo/d/sub/b"]);
+        record_manifest_sent(&f.j, m).unwrap();
+        f.j.done(m, "e").unwrap();
+        // The next batch of the folder lists only what came since.
+        std::fs::remove_file(f.root.join("d/c")).unwrap();
+        std::fs::remove_file(f.root.join("d/_SUCCESS")).unwrap();
+        f.write("d/e", b"e");
+        f.send("d/e");
+        std::fs::remove_file(f.root.join("d/e")).unwrap();
+        f.write("d/_SUCCESS", b"2");
+        let m2 = f.observe("d/_SUCCESS");
+        assert_eq!(f.check(m2, "d/_SUCCESS").gate, Gate::Go);
+        assert_eq!(manifest(&f, m2), ["foo/d/e"]);
     }
 
     #[test]

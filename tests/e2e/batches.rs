@@ -386,3 +386,71 @@ async fn a_failing_file_holds_its_marker_and_status_says_so() {
     .unwrap();
     assert_eq!(manifest["count"], 2, "{manifest}");
 }
+
+/// With after_upload = "delete" the files of a batch are sent and gone
+/// before the marker appears: they are done, the marker goes, and its
+/// manifest still lists them; the folder's next batch lists only its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_delete_the_files_sent_before_the_marker_are_in_its_manifest() {
+    let s = setup_custom(
+        "",
+        "[[watch]]\npath = \"{outbox}\"\nprefix = \"fighters/in\"\nsettle = \"300ms\"\n\
+         marker = \"_SUCCESS\"\nmanifest = true\nafter_upload = \"delete\"\n",
+        "[\"foo/\", \"fighters/\"]",
+        "",
+        "",
+    )
+    .await;
+    let agent = Agent::start(s.moto.dir.path(), &s.config, &s.log);
+    let admin = s.moto.admin();
+    let mut done = 0;
+    for (round, names) in [(1, vec!["a", "b", "sub/c"]), (2, vec!["d"])] {
+        let from = s.proxy.records().len();
+        let mut batch = Vec::new();
+        for n in &names {
+            let rel = format!("e/{n}.csv");
+            write(&s.outbox, &rel, format!("{round}{n}").as_bytes());
+            batch.push(key(&rel));
+        }
+        done += names.len();
+        wait_done(&s, done, Duration::from_secs(60)).await;
+        // Sent and deleted: nothing of the batch is left on disk.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while names
+            .iter()
+            .any(|n| s.outbox.join(format!("e/{n}.csv")).exists())
+        {
+            assert!(Instant::now() < deadline, "not deleted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        write(&s.outbox, "e/_SUCCESS", format!("round {round}").as_bytes());
+        done += 1;
+        wait_done(&s, done, Duration::from_secs(60)).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.outbox.join("e/_SUCCESS").exists() {
+            assert!(Instant::now() < deadline, "marker not deleted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let records = s.proxy.records();
+        assert_marker_after(&records[from..], &key("e/_SUCCESS"), &batch);
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &get(
+                &admin,
+                BUCKET,
+                &format!("{}.manifest.json", key("e/_SUCCESS")),
+            )
+            .await,
+        )
+        .unwrap();
+        let listed: Vec<&str> = manifest["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["key"].as_str().unwrap())
+            .collect();
+        batch.sort();
+        assert_eq!(listed, batch, "round {round}: {manifest}");
+    }
+    assert_eq!(agent.stop().await, Some(0));
+    s.proxy.assert_only_writes();
+}
