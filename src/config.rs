@@ -718,6 +718,28 @@ fn resolve_watch(
             ));
         }
     }
+    // A marker excluded would never be taken: its batch would never end.
+    let excluded = {
+        let mut b = globset::GlobSetBuilder::new();
+        for g in &exclude {
+            if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
+                b.add(g);
+            }
+        }
+        b.build().unwrap_or_else(|_| globset::GlobSet::empty())
+    };
+    if let Some(m) = marker.iter().find(|m| excluded.is_match(m.as_str())) {
+        return Err(ConfigError::invalid(
+            &name("marker"),
+            format!("{m:?} is a name that is never taken (hidden, temporary, or in exclude)"),
+            "name the marker so that no exclude pattern matches it, e.g. \"_SUCCESS\"",
+        ));
+    }
+    // With include patterns, markers are taken whatever they say.
+    let mut include = include;
+    if !include.is_empty() {
+        include.extend(marker.iter().map(|m| format!("**/{m}")));
+    }
     let manifest = w.manifest.unwrap_or(false);
     if manifest && marker.is_empty() {
         return Err(ConfigError::invalid(
@@ -1628,6 +1650,14 @@ mod tests {
             assert_eq!(s.watches[0].marker, expected);
             assert_eq!(s.watches[0].manifest, form.contains("manifest"));
         }
+        // Include patterns do not keep markers out.
+        let s = resolve(&format!(
+            "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/x\"\ninclude = [\"**/*.csv\"]\nmarker = \"_SUCCESS\"\n"
+        ))
+        .unwrap();
+        let f = crate::watch::Filter::new(&s.watches[0]);
+        assert!(f.accepts(Path::new("_SUCCESS")) && f.accepts(Path::new("d/e/_SUCCESS")));
+        assert!(!f.accepts(Path::new("d/x.json")));
     }
 
     #[test]
@@ -1666,6 +1696,14 @@ mod tests {
             (
                 "path = \"/srv/out\"\nprefix = \"foo/\"\nmanifest = true\n",
                 "watch[0].manifest: is true but no marker is set",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nmarker = \".done\"\n",
+                "watch[0].marker: \".done\" is a name that is never taken",
+            ),
+            (
+                "path = \"/srv/out\"\nprefix = \"foo/\"\nmarker = \"ok.lock\"\nexclude = [\"*.lock\"]\n",
+                "watch[0].marker",
             ),
             ("path = \"/var/lib\"\nprefix = \"foo/\"\n", "state.dir"),
             (
