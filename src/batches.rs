@@ -196,15 +196,19 @@ pub fn check(
     let filter = Filter::new(watch);
     let root = files::open_root(&watch.path).ok();
     let mut gone = Vec::new();
+    // Most rechecks stop at the first member, still there: small pages
+    // first, growing while members are found gone.
+    let mut page = 8;
     loop {
         let waiting: Vec<Vec<u8>> = journal.with(|c| {
             let mut q = c.prepare_cached(
                 "SELECT path FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'
                  ORDER BY path LIMIT ?2",
             )?;
-            let rows = q.query_map(params![marker_id, PAGE as i64], |r| r.get(0))?;
+            let rows = q.query_map(params![marker_id, page as i64], |r| r.get(0))?;
             rows.collect()
         })?;
+        page = (page * 4).min(PAGE);
         if waiting.is_empty() {
             return Ok(Checked {
                 gate: Gate::Go,
