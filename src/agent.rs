@@ -675,11 +675,34 @@ impl Ctx {
     /// Records the upload done, trying a few times (a busy or briefly full
     /// disk): nothing may be deleted or moved before it is on record.
     async fn record_done(&self, id: i64, etag: &str) -> bool {
+        let etag = etag.to_string();
+        self.record_outcome("an upload done", move |j| j.done(id, &etag))
+            .await
+    }
+
+    /// Records that the key already held an object, left as it is (so the
+    /// file is not sent again, and kept), trying a few times as
+    /// [`Ctx::record_done`] does.
+    async fn record_exists(&self, id: i64, reason: &str) -> bool {
+        let reason = reason.to_string();
+        self.record_outcome("that a key already held an object", move |j| {
+            j.exists(id, &reason)
+        })
+        .await
+    }
+
+    /// Runs the journal write `op` off the runtime, up to five times with
+    /// a growing pause; whether it was recorded.
+    async fn record_outcome(
+        &self,
+        what: &'static str,
+        op: impl Fn(&Journal) -> Result<(), JournalError> + Clone + Send + 'static,
+    ) -> bool {
         let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         for attempt in 1..=5 {
             let j = self.journal.clone();
-            let etag = etag.to_string();
-            let r = tokio::task::spawn_blocking(move || j.done(id, &etag))
+            let op = op.clone();
+            let r = tokio::task::spawn_blocking(move || op(&j))
                 .await
                 .unwrap_or_else(|e| {
                     Err(JournalError::Folder {
@@ -693,7 +716,7 @@ impl Ctx {
                     return true;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, "journal: cannot record an upload done");
+                    tracing::warn!(error = %e, attempt, "journal: cannot record {what}");
                     self.health.journal_write(Err(e.to_string()));
                     tokio::time::sleep(backoff.delay(attempt)).await;
                 }
@@ -1170,6 +1193,19 @@ impl Ctx {
             {
                 tracing::info!(path = ?path, "file disappeared before upload; dropped");
                 self.forget_gone(path);
+            }
+            Err(e) if e.is_exists() => {
+                // Not sent, and not a failure: the key already held an
+                // object (overwrite = false). The file stays where it is:
+                // its bytes are not known to be the object's.
+                if !self.record_exists(id, &e.to_string()).await {
+                    tracing::error!(path = ?path, "the key already holds an object, but the journal could not record it; it will be tried again");
+                    self.requeue(path.clone(), MAX_FILE_BACKOFF, cand.writers);
+                    return;
+                }
+                ::metrics::counter!(m::FILES_EXISTS).increment(1);
+                self.health.success();
+                tracing::info!(path = ?path, key = ?key, error = %e, "not sent: the key already holds an object, left as it is (overwrite = false); the file is kept");
             }
             Err(e @ UploadError::Changed { .. }) => {
                 failure("changed");

@@ -199,6 +199,7 @@ pub struct RawBucket {
     pub sse: Option<String>,
     pub sse_kms_key_id: Option<String>,
     pub metadata: Option<BTreeMap<String, String>>,
+    pub overwrite: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -302,6 +303,10 @@ pub struct BucketSettings {
     pub storage_class: Option<String>,
     pub sse: Option<Sse>,
     pub metadata: BTreeMap<String, String>,
+    /// `false`: every object is written with `If-None-Match: *`, so a key
+    /// that already holds an object is never replaced (the server answers
+    /// 412 and the file is recorded as "exists").
+    pub overwrite: bool,
 }
 
 /// The checksum every part and every object carries.
@@ -1084,6 +1089,7 @@ fn resolve_bucket(b: &RawBucket) -> Result<BucketSettings, ConfigError> {
         storage_class: non_empty("bucket.storage_class", &b.storage_class)?,
         sse,
         metadata,
+        overwrite: b.overwrite.unwrap_or(true),
     })
 }
 
@@ -2062,6 +2068,16 @@ mod tests {
                 "{warnings:?}"
             );
         }
+    }
+
+    #[test]
+    fn overwrite_is_on_unless_turned_off() {
+        let base = "[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n";
+        assert!(resolve(base).unwrap().bucket.overwrite);
+        let off = resolve(&format!("{base}overwrite = false\n")).unwrap();
+        assert!(!off.bucket.overwrite);
+        let err = resolve(&format!("{base}overwrite = \"no\"\n")).unwrap_err();
+        assert!(err.contains("line 4"), "{err}");
     }
 
     #[test]

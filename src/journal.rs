@@ -119,8 +119,11 @@ pub enum Seen {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {
     pub pending: u64,
+    /// Sent and on record (those that already existed not included).
     pub done: u64,
     pub failed: u64,
+    /// Not sent: the key already held an object (overwrite = false).
+    pub exists: u64,
     pub bytes_sent: u64,
     pub oldest_pending: Option<OldestPending>,
     pub last_errors: Vec<LastError>,
@@ -129,6 +132,17 @@ pub struct Status {
     /// Markers held back by files of their batch ([`crate::batches`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub held_markers: Vec<crate::batches::HeldMarker>,
+    /// The latest files whose key already held an object (at most 10).
+    pub last_exists: Vec<Exists>,
+}
+
+/// A file not sent because its key already held an object.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Exists {
+    pub path: String,
+    pub key: String,
+    pub reason: String,
+    pub at: i64,
 }
 
 /// See [`Journal::backlog`].
@@ -348,6 +362,7 @@ fn files_table(name: &str) -> String {
     claimed_at  INTEGER,
     claim_name  TEXT,
     keep_file   INTEGER,
+    exists_reason TEXT,
     UNIQUE (path, dev, ino, size, mtime_ns, ctime_ns, key)
 );"
     )
@@ -397,7 +412,11 @@ fn migrate_add_ctime(conn: &mut Connection) -> rusqlite::Result<()> {
         if !has_claim {
             conn.execute_batch("ALTER TABLE files ADD COLUMN claimed_at INTEGER")?;
         }
-        for (column, kind) in [("claim_name", "TEXT"), ("keep_file", "INTEGER")] {
+        for (column, kind) in [
+            ("claim_name", "TEXT"),
+            ("keep_file", "INTEGER"),
+            ("exists_reason", "TEXT"),
+        ] {
             let has: bool = conn.query_row(
                 "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = ?1",
                 [column],
@@ -663,6 +682,25 @@ impl Journal {
         })
     }
 
+    /// The key already held an object, which the server left as it is (a
+    /// write with `If-None-Match: *` answered 412): the record is done (the
+    /// file is not sent again) with the server's reason, and its file is
+    /// kept for good, since its bytes are not known to be the object's.
+    pub fn exists(&self, id: i64, reason: &str) -> Result<(), JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let t = now();
+            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE files SET state = 'done', exists_reason = ?2, keep_file = 1, etag = NULL,
+                        done_at = ?3, updated_at = ?3, upload_id = NULL, last_error = NULL,
+                        attempts = attempts + 1 WHERE id = ?1",
+                params![id, reason, t],
+            )?;
+            tx.commit()
+        })
+    }
+
     /// Before an after-upload action renames the file to its private claim
     /// name `name`: committed with a full sync (the rename may reach the
     /// disk before a merely written WAL frame), so that a crash in the
@@ -896,28 +934,59 @@ impl Journal {
             if !initialized {
                 return Ok(s); // the agent is creating it right now
             }
-            let mut q = conn.prepare(
-                "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state",
+            // A journal an older agent still runs on has no such column
+            // yet (status never migrates: it opens the journal read-only).
+            let has_exists: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = 'exists_reason'",
+                [],
+                |r| r.get(0),
             )?;
+            let exists = if has_exists {
+                "exists_reason IS NOT NULL"
+            } else {
+                "0"
+            };
+            let mut q = conn.prepare(&format!(
+                "SELECT state, {exists}, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY 1, 2"
+            ))?;
             let rows = q.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
+                    r.get::<_, bool>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })?;
             for row in rows {
-                let (state, n, bytes) = row?;
-                match state.as_str() {
-                    "pending" => s.pending = n as u64,
-                    "done" => {
-                        s.done = n as u64;
-                        s.bytes_sent = bytes as u64;
+                let (state, exists, n, bytes) = row?;
+                match (state.as_str(), exists) {
+                    ("pending", _) => s.pending += n as u64,
+                    ("done", true) => s.exists += n as u64,
+                    ("done", false) => {
+                        s.done += n as u64;
+                        s.bytes_sent += bytes as u64;
                     }
-                    "failed" => s.failed = n as u64,
+                    ("failed", _) => s.failed += n as u64,
                     _ => {}
                 }
             }
+            let mut q = conn.prepare(if has_exists {
+                "SELECT path, key, exists_reason, done_at FROM files
+                 WHERE state = 'done' AND exists_reason IS NOT NULL
+                 ORDER BY done_at DESC LIMIT 10"
+            } else {
+                "SELECT path, key, '', done_at FROM files WHERE 0"
+            })?;
+            s.last_exists = q
+                .query_map([], |r| {
+                    Ok(Exists {
+                        path: lossy(&r.get::<_, Vec<u8>>(0)?),
+                        key: r.get(1)?,
+                        reason: r.get(2)?,
+                        at: r.get::<_, Option<i64>>(3)?.unwrap_or(0),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
             s.oldest_pending = oldest_pending(conn)?;
             let mut q = conn.prepare(
                 "SELECT path, key, state, last_error, updated_at FROM files
@@ -1063,6 +1132,33 @@ mod tests {
         ));
         let s = j.status().unwrap();
         assert_eq!((s.done, s.pending, s.bytes_sent), (1, 1, 10));
+    }
+
+    #[test]
+    fn a_key_that_existed_is_done_kept_and_counted_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (Seen::Upload { id, .. }, _) =
+            j.observe("w", Path::new("/x"), v(7, 1), "foo/x").unwrap()
+        else {
+            panic!()
+        };
+        j.multipart_started(id, "up-9", 5 << 20, ChecksumKind::Crc32C)
+            .unwrap();
+        j.exists(id, "PutObject \"foo/x\": 412").unwrap();
+        // Not sent again, and never deleted or moved.
+        assert_eq!(
+            j.observe("w", Path::new("/x"), v(7, 1), "foo/x").unwrap().0,
+            Seen::Done { id, keep: true }
+        );
+        let s = j.status().unwrap();
+        assert_eq!((s.done, s.exists, s.pending, s.bytes_sent), (0, 1, 0, 0));
+        assert_eq!(s.last_exists.len(), 1);
+        assert_eq!(s.last_exists[0].key, "foo/x");
+        assert!(s.last_exists[0].reason.contains("412"));
+        drop(j);
+        let ro = Journal::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.status().unwrap().exists, 1);
     }
 
     #[test]

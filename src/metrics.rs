@@ -34,6 +34,7 @@ use tokio::task::JoinSet;
 use crate::journal::now;
 
 pub const FILES_UPLOADED: &str = "putonly_files_uploaded_total";
+pub const FILES_EXISTS: &str = "putonly_files_exists_total";
 pub const BYTES_UPLOADED: &str = "putonly_bytes_uploaded_total";
 pub const FAILURES: &str = "putonly_upload_failures_total";
 pub const UPLOAD_SECONDS: &str = "putonly_upload_duration_seconds";
@@ -139,6 +140,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     metrics::describe_counter!(FILES_UPLOADED, "Files uploaded and recorded done.");
+    metrics::describe_counter!(
+        FILES_EXISTS,
+        "Files not sent because their key already held an object (bucket.overwrite = false)."
+    );
     metrics::describe_counter!(
         BYTES_UPLOADED,
         metrics::Unit::Bytes,

@@ -41,7 +41,10 @@ pub enum PolicyError {
 /// Days after which incomplete multipart uploads are removed.
 pub const ABORT_AFTER_DAYS: u32 = 7;
 
-/// The S3 actions the writer needs.
+/// The S3 actions the writer needs. `bucket.overwrite = false` adds none:
+/// a conditional write (`If-None-Match: *` on PutObject and
+/// CompleteMultipartUpload) needs only `s3:PutObject` in AWS; a bucket
+/// owner who wants to force it may add a Deny on `s3:if-none-match`.
 pub fn s3_actions(settings: &Settings) -> Vec<&'static str> {
     let mut actions = vec!["s3:PutObject"];
     if settings.bucket.acl.is_some() {
@@ -574,6 +577,17 @@ mod tests {
             parsed("role.json", &d.role_policy),
         ];
         assert_eq!(lint(&docs, Some(&s)), vec![]);
+    }
+
+    #[test]
+    fn no_overwrite_needs_no_other_permission() {
+        let on = generate(&settings(SEED_CONFIG), None).unwrap();
+        let off = generate(
+            &settings(&format!("{SEED_CONFIG}overwrite = false\n")),
+            None,
+        )
+        .unwrap();
+        assert_eq!(on, off, "If-None-Match writes are covered by s3:PutObject");
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! against the allowed prefixes before building a request, so a refused key
 //! never reaches the wire. It also turns SDK errors into [`S3Error`] kinds,
 //! keeping the service's refusals apart from transient failures so that the
-//! engine's retry rule is a `match`.
+//! engine's retry rule is a `match`. With `bucket.overwrite = false` it
+//! writes every object conditionally (`If-None-Match: *` on PutObject and
+//! CompleteMultipartUpload, never on a read: there is no "does it exist?"
+//! request) and reports the server's 412 as [`S3Error::Exists`].
 //!
 //! The [`ObjectWriter`] trait is the seam the upload engine is written
 //! against; [`WriteOnlyBucket`] is its one real implementation.
@@ -126,6 +129,26 @@ pub enum S3Error {
     },
     #[error("{0}")]
     Credentials(#[from] CredentialError),
+    /// 412 PreconditionFailed to a write sent with `If-None-Match: *`: the
+    /// key already holds an object, which was left as it is. Not a failure
+    /// and not retried.
+    #[error(
+        "{op} {key:?}: the key already holds an object, left as it is (overwrite = false): {message}"
+    )]
+    Exists {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// 409 ConditionalRequestConflict to a conditional
+    /// CompleteMultipartUpload: a concurrent conditional write to the key
+    /// won the race. S3 asks for a new upload (this one will not
+    /// complete), so the request is not repeated; the file is tried again
+    /// with a new upload.
+    #[error(
+        "{key:?}: a concurrent conditional write to the key conflicted with completing multipart upload {upload_id}; it is sent again with a new upload"
+    )]
+    Conflict { key: String, upload_id: String },
 }
 
 impl S3Error {
@@ -137,8 +160,36 @@ impl S3Error {
             S3Error::Refused(_)
             | S3Error::Denied { .. }
             | S3Error::NoSuchUpload { .. }
-            | S3Error::Rejected { .. } => false,
+            | S3Error::Rejected { .. }
+            | S3Error::Exists { .. }
+            // Not with the same request: with a new upload (the engine's
+            // caller tries the file again).
+            | S3Error::Conflict { .. } => false,
         }
+    }
+
+    /// Whether the server refused to replace an object that is already
+    /// there (a write with `If-None-Match: *` answered 412).
+    pub fn is_exists(&self) -> bool {
+        matches!(self, S3Error::Exists { .. })
+    }
+}
+
+/// A write's refusal as seen under `bucket.overwrite`: a 412 answers a
+/// write sent with `If-None-Match: *` only when `conditional` (overwrite =
+/// false); anything else, or a 412 to an unconditional write, is kept as
+/// it was classified (a 412 then names some other precondition, and the
+/// file is not known to be there).
+fn precondition(e: S3Error, conditional: bool) -> S3Error {
+    match e {
+        S3Error::Rejected {
+            op,
+            key,
+            status: 412,
+            message,
+            ..
+        } if conditional => S3Error::Exists { op, key, message },
+        other => other,
     }
 }
 
@@ -235,6 +286,11 @@ impl WriteOnlyBucket {
 
     pub fn credentials(&self) -> &CredentialSource {
         &self.credentials
+    }
+
+    /// `Some("*")` when objects must not replace existing ones.
+    fn if_none_match(&self) -> Option<String> {
+        (!self.options.overwrite).then(|| "*".to_string())
     }
 
     /// Checks the key, waits for credentials, sends; if the server rejects
@@ -351,14 +407,15 @@ impl ObjectWriter for WriteOnlyBucket {
                 .key(key)
                 .content_length(body.len() as i64)
                 .body(ByteStream::from(body.clone()));
-            let req = with_object_options!(req, &self.options);
+            let req =
+                with_object_options!(req, &self.options).set_if_none_match(self.if_none_match());
             with_checksum!(req, crc)
                 .customize()
                 .disable_payload_signing()
                 .send()
                 .await
                 .map(|out| out.e_tag().unwrap_or_default().to_string())
-                .map_err(|e| classify("PutObject", key, e))
+                .map_err(|e| precondition(classify("PutObject", key, e), !self.options.overwrite))
         })
         .await
     }
@@ -464,17 +521,17 @@ impl ObjectWriter for WriteOnlyBucket {
                         .build(),
                 )
                 .checksum_type(ChecksumType::FullObject)
-                .mpu_object_size(whole.len as i64);
+                .mpu_object_size(whole.len as i64)
+                .set_if_none_match(self.if_none_match());
             let out = with_checksum!(req, whole).send().await.map_err(|e| {
-                match classify("CompleteMultipartUpload", key, e) {
-                    S3Error::Rejected { code, .. } if code == "NoSuchUpload" => {
-                        S3Error::NoSuchUpload {
-                            key: key.to_string(),
-                            upload_id: upload_id.to_string(),
-                        }
-                    }
-                    other => other,
-                }
+                let conflict = matches!(&e, SdkError::ServiceError(se)
+                    if se.err().code() == Some(CONDITIONAL_CONFLICT));
+                let e = classify("CompleteMultipartUpload", key, e);
+                complete_error(
+                    precondition(e, !self.options.overwrite),
+                    upload_id,
+                    conflict,
+                )
             })?;
             Ok(out.e_tag().unwrap_or_default().to_string())
         })
@@ -519,13 +576,37 @@ impl ObjectWriter for WriteOnlyBucket {
     }
 }
 
+/// What a refused CompleteMultipartUpload means for its upload: gone
+/// (NoSuchUpload), or lost to a concurrent conditional write (409
+/// ConditionalRequestConflict: S3 asks for a new upload).
+fn complete_error(e: S3Error, upload_id: &str, conflict: bool) -> S3Error {
+    match e {
+        S3Error::Rejected { key, code, .. } if code == "NoSuchUpload" => S3Error::NoSuchUpload {
+            key,
+            upload_id: upload_id.to_string(),
+        },
+        S3Error::Transient { key, .. } if conflict => S3Error::Conflict {
+            key,
+            upload_id: upload_id.to_string(),
+        },
+        other => other,
+    }
+}
+
+/// 409: a concurrent conditional write to the same key (retried: a
+/// PutObject as it is, a CompleteMultipartUpload with a new upload).
+const CONDITIONAL_CONFLICT: &str = "ConditionalRequestConflict";
+
 const CREDENTIAL_CODES: [&str; 4] = [
     "ExpiredToken",
     "InvalidToken",
     "TokenRefreshRequired",
     "ExpiredTokenException",
 ];
-const TRANSIENT_CODES: [&str; 10] = [
+const TRANSIENT_CODES: [&str; 12] = [
+    CONDITIONAL_CONFLICT,
+    // 409 "a conflicting conditional operation is in progress; try again".
+    "OperationAborted",
     "SlowDown",
     "Throttling",
     "ThrottlingException",
@@ -591,5 +672,99 @@ where
             key,
             detail: error_chain(&err),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::error::ErrorMetadata;
+    use aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadError;
+    use aws_sdk_s3::operation::put_object::PutObjectError;
+    use aws_sdk_s3::primitives::SdkBody;
+
+    fn answer(status: u16) -> HttpResponse {
+        HttpResponse::new(status.try_into().unwrap(), SdkBody::empty())
+    }
+
+    fn put_error(status: u16, code: &str) -> SdkError<PutObjectError, HttpResponse> {
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("from the server")
+            .build();
+        SdkError::service_error(PutObjectError::generic(meta), answer(status))
+    }
+
+    fn complete_error_of(
+        status: u16,
+        code: &str,
+    ) -> SdkError<CompleteMultipartUploadError, HttpResponse> {
+        let meta = ErrorMetadata::builder().code(code).build();
+        SdkError::service_error(CompleteMultipartUploadError::generic(meta), answer(status))
+    }
+
+    #[test]
+    fn a_412_to_a_conditional_write_means_the_key_exists_and_is_not_retried() {
+        let e = precondition(
+            classify("PutObject", "foo/a", put_error(412, "PreconditionFailed")),
+            true,
+        );
+        assert!(e.is_exists(), "{e}");
+        assert!(!e.is_transient(), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"foo/a\"") && msg.contains("overwrite = false"),
+            "{msg}"
+        );
+        // Without If-None-Match a 412 is some other refusal, never "exists".
+        let e = precondition(
+            classify("PutObject", "foo/a", put_error(412, "PreconditionFailed")),
+            false,
+        );
+        assert!(!e.is_exists() && !e.is_transient(), "{e}");
+        assert!(matches!(e, S3Error::Rejected { status: 412, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_409_conflict_is_retried_a_put_as_it_is_a_complete_with_a_new_upload() {
+        let e = precondition(
+            classify(
+                "PutObject",
+                "foo/a",
+                put_error(409, "ConditionalRequestConflict"),
+            ),
+            true,
+        );
+        assert!(e.is_transient(), "{e}");
+        let raw = complete_error_of(409, "ConditionalRequestConflict");
+        let e = complete_error(
+            precondition(classify("CompleteMultipartUpload", "foo/b", raw), true),
+            "up-1",
+            true,
+        );
+        assert!(
+            matches!(&e, S3Error::Conflict { upload_id, .. } if upload_id == "up-1"),
+            "{e}"
+        );
+        // The same request is not repeated; the engine starts a new upload.
+        assert!(!e.is_transient(), "{e}");
+        // A 412 to a conditional Complete is "exists", a 404 a lost upload.
+        let raw = complete_error_of(412, "PreconditionFailed");
+        let e = complete_error(
+            precondition(classify("CompleteMultipartUpload", "foo/b", raw), true),
+            "up-1",
+            false,
+        );
+        assert!(e.is_exists(), "{e}");
+        let raw = complete_error_of(404, "NoSuchUpload");
+        let e = complete_error(
+            precondition(classify("CompleteMultipartUpload", "foo/b", raw), true),
+            "up-1",
+            false,
+        );
+        assert!(matches!(e, S3Error::NoSuchUpload { .. }), "{e}");
+        // Other 409s S3 documents as "try again" are transient too.
+        let e = classify("PutObject", "foo/a", put_error(409, "OperationAborted"));
+        assert!(e.is_transient(), "{e}");
     }
 }

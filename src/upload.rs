@@ -80,12 +80,21 @@ impl UploadError {
     /// Whether a later attempt at the same file may succeed unchanged.
     pub fn is_transient(&self) -> bool {
         match self {
-            UploadError::S3 { source, .. } => source.is_transient(),
+            UploadError::S3 { source, .. } => {
+                // A conflict is not retried with its upload, but the file is.
+                source.is_transient() || matches!(**source, S3Error::Conflict { .. })
+            }
             UploadError::Changed { .. } | UploadError::Checkpoint { .. } => true,
             // Out of descriptors or memory: nothing wrong with the file.
             UploadError::Read { source, .. } => crate::files::is_resource_shortage(source),
             _ => false,
         }
+    }
+
+    /// Whether the key already held an object, left as it is (a write with
+    /// `If-None-Match: *` answered 412): not a failure, not retried.
+    pub fn is_exists(&self) -> bool {
+        matches!(self, UploadError::S3 { source, .. } if source.is_exists())
     }
 }
 
@@ -458,11 +467,12 @@ impl<W: ObjectWriter> Engine<W> {
                 .await
             {
                 // The server lost the upload (a lifecycle rule aborted it, or
-                // the one remembered is gone): start over, once.
+                // the one remembered is gone), or a concurrent conditional
+                // write made it one that cannot complete: start over, once.
                 Err(UploadError::S3 { source: e, .. })
-                    if matches!(*e, S3Error::NoSuchUpload { .. }) =>
+                    if matches!(*e, S3Error::NoSuchUpload { .. } | S3Error::Conflict { .. }) =>
                 {
-                    tracing::info!(key = ?job.key, resumed = resume.is_some(), "the server no longer knows the multipart upload; starting over");
+                    tracing::info!(key = ?job.key, resumed = resume.is_some(), reason = %e, "the multipart upload cannot be completed; starting over with a new one");
                     checkpoint
                         .forget()
                         .map_err(|reason| UploadError::Checkpoint {
@@ -661,11 +671,15 @@ impl<W: ObjectWriter> Engine<W> {
         {
             Ok(etag) => etag,
             Err(e) => {
-                // Refused for good (InvalidPart, EntityTooSmall, ...): this
-                // upload id will never complete, so the next try starts
-                // afresh instead of sending the same Complete forever. (A
-                // lost upload, NoSuchUpload, is started over by the caller.)
-                if refuses_these_parts(&e) {
+                // Refused for good (InvalidPart, EntityTooSmall, ...), or
+                // the key exists (412: not overwritten) or a concurrent
+                // conditional write won (409): this upload id will never
+                // complete, so it is aborted and the next try starts afresh
+                // instead of sending the same Complete forever. (A lost
+                // upload, NoSuchUpload, is started over by the caller.)
+                if refuses_these_parts(&e)
+                    || matches!(e, S3Error::Exists { .. } | S3Error::Conflict { .. })
+                {
                     inner.writer.abort_multipart(&job.key, &upload_id).await;
                     checkpoint.forget().map_err(cp_err)?;
                 }
@@ -811,6 +825,10 @@ mod tests {
         deny_parts: bool,
         /// Refuse this many CompleteMultipartUpload with InvalidPart.
         refuse_complete_times: AtomicUsize,
+        /// The key already holds an object (a conditional write's 412).
+        exists: bool,
+        /// Answer this many CompleteMultipartUpload with a 409 conflict.
+        conflict_complete_times: AtomicUsize,
         in_flight: AtomicUsize,
         max_in_flight: AtomicUsize,
     }
@@ -824,6 +842,13 @@ mod tests {
     impl ObjectWriter for Fake {
         async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<String, S3Error> {
             self.log(format!("put {key}"));
+            if self.exists {
+                return Err(S3Error::Exists {
+                    op: "PutObject",
+                    key: key.into(),
+                    message: "At least one of the pre-conditions you specified did not hold".into(),
+                });
+            }
             assert_eq!(Crc::of(crc.kind, &body), crc);
             self.objects
                 .lock()
@@ -883,6 +908,23 @@ mod tests {
             whole: Crc,
         ) -> Result<String, S3Error> {
             self.log(format!("complete {key}"));
+            if self.exists {
+                return Err(S3Error::Exists {
+                    op: "CompleteMultipartUpload",
+                    key: key.into(),
+                    message: "At least one of the pre-conditions you specified did not hold".into(),
+                });
+            }
+            if self
+                .conflict_complete_times
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(S3Error::Conflict {
+                    key: key.into(),
+                    upload_id: "up-1".into(),
+                });
+            }
             if self
                 .refuse_complete_times
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -1182,6 +1224,82 @@ mod tests {
             .count();
         assert_eq!(creates, 2);
         assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+    }
+
+    #[tokio::test]
+    async fn an_existing_key_is_reported_once_not_retried_and_its_upload_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (small, _) = file_of(dir.path(), "s", 100);
+        let (big, _) = file_of(dir.path(), "m", (5 * MIB * 2 + 1) as usize);
+        let fake = Arc::new(Fake {
+            exists: true,
+            ..Fake::default()
+        });
+        let engine = Engine::new(fake.clone(), settings());
+        let job = |path: &PathBuf, key: &str| Job {
+            path: path.clone(),
+            key: key.into(),
+            expected: None,
+            opened: None,
+        };
+        let err = engine
+            .upload(&job(&small, "foo/s"), no_progress())
+            .await
+            .unwrap_err();
+        assert!(err.is_exists() && !err.is_transient(), "{err}");
+        assert_eq!(*fake.calls.lock().unwrap(), vec!["put foo/s"], "sent once");
+        let cp = Arc::new(MemoryCheckpoint::default());
+        let err = engine
+            .upload_with(&job(&big, "foo/m"), no_progress(), cp.clone())
+            .await
+            .unwrap_err();
+        assert!(err.is_exists() && !err.is_transient(), "{err}");
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls.iter().filter(|c| c.starts_with("complete")).count(),
+            1,
+            "{calls:?}"
+        );
+        assert_eq!(calls.last().unwrap(), "abort foo/m", "{calls:?}");
+        assert!(cp.resume().is_none(), "the upload is forgotten");
+        assert!(fake.objects.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_complete_starts_a_new_upload_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "c", (5 * MIB * 2 + 1) as usize);
+        let fake = Arc::new(Fake {
+            conflict_complete_times: AtomicUsize::new(1),
+            ..Fake::default()
+        });
+        let engine = Engine::new(fake.clone(), settings());
+        let job = Job {
+            path,
+            key: "foo/c".into(),
+            expected: None,
+            opened: None,
+        };
+        let cp = Arc::new(MemoryCheckpoint::default());
+        engine
+            .upload_with(&job, no_progress(), cp.clone())
+            .await
+            .unwrap();
+        let calls = fake.calls.lock().unwrap().clone();
+        let count = |p: &str| calls.iter().filter(|c| c.starts_with(p)).count();
+        assert_eq!(
+            (count("create"), count("complete"), count("abort")),
+            (2, 2, 1),
+            "{calls:?}"
+        );
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+        // Twice in a row: the file fails for now, as a transient failure.
+        fake.conflict_complete_times.store(2, Ordering::SeqCst);
+        let err = engine
+            .upload_with(&job, no_progress(), Arc::new(MemoryCheckpoint::default()))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient() && !err.is_exists(), "{err}");
     }
 
     #[tokio::test]

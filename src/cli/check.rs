@@ -3,7 +3,9 @@
 //! (a warning where no read lease can be had), the metrics address (a
 //! warning off loopback), state folder, base identity,
 //! the role, and (only when asked with --probe-write) one small write per
-//! allowed prefix. It says which endpoints S3 and STS would use and why
+//! allowed prefix, plus, with `bucket.overwrite = false`, one object
+//! written twice with `If-None-Match: *` to tell whether the server
+//! enforces it. It says which endpoints S3 and STS would use and why
 //! plain http is allowed there (loopback, or `aws.allow_insecure_http`),
 //! and warns when users other than the agent's can read the configuration
 //! or the external id file.
@@ -215,6 +217,12 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
     };
     match caller_identity(&sdk).await {
         Ok((arn, account)) => r.ok("base identity", format!("{arn} (account {account})")),
+        // An S3-compatible store (Garage, MinIO) often has no STS, and
+        // without a role nothing needs it: the writes below tell the rest.
+        Err(e) if settings.role.is_none() && settings.aws.endpoint_url.is_some() => r.warn(
+            "base identity",
+            format!("STS GetCallerIdentity at the endpoint: {e}; no [role] is configured, so STS is not needed (S3-compatible stores often have none) and the checks go on: --probe-write tells whether these credentials may write"),
+        ),
         Err(e) => {
             r.fail("base identity", e);
             return;
@@ -264,6 +272,7 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
+    let mut writable = None;
     for prefix in settings.bucket.guard.prefixes() {
         let key = format!("{prefix}putonly-check/{host}-{stamp}.txt");
         let body = Bytes::from(format!(
@@ -271,14 +280,85 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
         ));
         let crc = Crc::of(settings.upload.checksum, &body);
         match bucket.put_object(&key, body, crc).await {
-            Ok(_) => r.ok(
+            Ok(_) => {
+                writable.get_or_insert(prefix);
+                r.ok(
+                    &format!("write into {prefix}"),
+                    format!("PutObject s3://{}/{key} succeeded", settings.bucket.name),
+                )
+            }
+            // Allowed to write; a probe of the same second was there first.
+            Err(e) if e.is_exists() => r.ok(
                 &format!("write into {prefix}"),
-                format!("PutObject s3://{}/{key} succeeded", settings.bucket.name),
+                format!("PutObject s3://{}/{key} was allowed (the key already held an object, left as it is)", settings.bucket.name),
             ),
             Err(e) => r.fail(
                 &format!("write into {prefix}"),
                 format!("{}{}", error_chain(&e), explain(settings, prefix, &e)),
             ),
+        }
+    }
+    if !settings.bucket.overwrite
+        && let Some(prefix) = writable
+    {
+        let key = format!(
+            "{prefix}putonly-check/{host}-{stamp}-{}-if-none-match.txt",
+            std::process::id()
+        );
+        probe_if_none_match(&bucket, settings, prefix, &key, r).await;
+    }
+}
+
+/// With `bucket.overwrite = false`: writes one probe object twice with
+/// `If-None-Match: *` under `prefix` (one the plain probe could write) and
+/// tells from the second answer whether the server enforces it: 412 means
+/// an existing object is safe; 200 means the header is ignored (Garage
+/// 2.5.0 does) and overwrite = false cannot protect anything there.
+async fn probe_if_none_match(
+    bucket: &WriteOnlyBucket,
+    settings: &Settings,
+    prefix: &str,
+    key: &str,
+    r: &mut Report,
+) {
+    const WHAT: &str = "overwrite = false (If-None-Match)";
+    let body = Bytes::from_static(
+        b"written twice by `putonly check --probe-write` with If-None-Match: *\n",
+    );
+    let crc = Crc::of(settings.upload.checksum, &body);
+    let url = format!("s3://{}/{key}", settings.bucket.name);
+    for attempt in 1..=2 {
+        match bucket.put_object(key, body.clone(), crc).await {
+            Ok(_) if attempt == 1 => {}
+            Ok(_) => {
+                r.warn(
+                    WHAT,
+                    format!(
+                        "not enforced: the server ignores If-None-Match; overwrite = false cannot protect existing objects here (a second conditional PutObject of {url} replaced the first)"
+                    ),
+                );
+                return;
+            }
+            Err(e) if e.is_exists() => {
+                r.ok(
+                    WHAT,
+                    format!(
+                        "enforced: the server refused to replace {url} (412 PreconditionFailed), so existing objects are left as they are"
+                    ),
+                );
+                return;
+            }
+            Err(e) => {
+                r.fail(
+                    WHAT,
+                    format!(
+                        "conditional PutObject {attempt} of 2 into {prefix}: {}{}",
+                        error_chain(&e),
+                        explain(settings, prefix, &e)
+                    ),
+                );
+                return;
+            }
         }
     }
 }

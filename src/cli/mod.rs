@@ -101,6 +101,12 @@ at once within that memory, up to requests_in_flight requests. Throttling, serve
 errors and network failures are retried with backoff; access denied and keys \
 outside the allowed prefixes are not.
 
+With --no-overwrite (or [bucket] overwrite = false) every object is written \
+with If-None-Match: *: a key that already holds an object is left as it is \
+and the file is reported as \"exists\" (exit 0 unless --fail-on-exists). \
+Nothing is read to find out; `putonly check --probe-write` tells whether \
+the server honours the header.
+
 Everything the configuration file holds can be given as flags instead, so a \
 one-shot push needs no file:
 
@@ -507,6 +513,19 @@ pub struct PushArgs {
     /// Canned ACL for each object, e.g. bucket-owner-full-control (overrides [bucket] acl).
     #[arg(long, value_name = "ACL")]
     pub acl: Option<String>,
+
+    /// Never replace an object already at a key (sets [bucket] overwrite =
+    /// false): each object is written with `If-None-Match: *`, and a key
+    /// that already holds one is reported as "exists" and left as it is.
+    /// Nothing is read to find out: the server refuses the write (412).
+    #[arg(long)]
+    pub no_overwrite: bool,
+
+    /// Exit with status 1 when a file was not sent because its key already
+    /// held an object (with --no-overwrite or [bucket] overwrite = false);
+    /// by default that is not a failure.
+    #[arg(long)]
+    pub fail_on_exists: bool,
 
     /// Print one JSON object per file on standard output (and no progress bars).
     #[arg(long)]

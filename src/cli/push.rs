@@ -77,6 +77,7 @@ pub async fn run(args: PushArgs) -> ExitCode {
     }
     let started = Instant::now();
     let mut done: Vec<Uploaded> = Vec::new();
+    let mut exists = 0;
     if !jobs.is_empty() {
         let sent = tokio::select! {
             r = send(jobs, &settings, out.clone()) => r,
@@ -90,8 +91,9 @@ pub async fn run(args: PushArgs) -> ExitCode {
             }
         };
         match sent {
-            Ok((ok, bad)) => {
+            Ok((ok, there, bad)) => {
                 done = ok;
+                exists = there.len();
                 failed.extend(bad);
             }
             Err(e) => {
@@ -108,12 +110,20 @@ pub async fn run(args: PushArgs) -> ExitCode {
         }
     }
     out.finish();
-    out.summary(&done, failed.len(), skipped.len(), started.elapsed());
-    ExitCode::from(if failed.is_empty() {
-        EXIT_OK
-    } else {
-        EXIT_FAILED
-    })
+    out.summary(
+        &done,
+        exists,
+        failed.len(),
+        skipped.len(),
+        started.elapsed(),
+    );
+    ExitCode::from(
+        if failed.is_empty() && (exists == 0 || !args.fail_on_exists) {
+            EXIT_OK
+        } else {
+            EXIT_FAILED
+        },
+    )
 }
 
 fn resolve(args: &PushArgs) -> Result<Settings, ConfigError> {
@@ -138,6 +148,9 @@ fn resolve(args: &PushArgs) -> Result<Settings, ConfigError> {
     }
     if let Some(v) = &args.acl {
         raw.bucket.acl = Some(v.clone());
+    }
+    if args.no_overwrite {
+        raw.bucket.overwrite = Some(false);
     }
     Settings::resolve(&raw)
 }
@@ -238,7 +251,8 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
     }
 }
 
-type SendResult = (Vec<Uploaded>, Vec<Skipped>);
+/// Uploaded; not sent because the key already held an object; failed.
+type SendResult = (Vec<Uploaded>, Vec<Skipped>, Vec<Skipped>);
 
 async fn send(
     jobs: Vec<Job>,
@@ -284,17 +298,22 @@ async fn send(
         }
     }
     let mut ok = Vec::new();
+    let mut exists = Vec::new();
     let mut bad = Vec::new();
     for (job, r) in results {
         match r {
             Ok(u) => ok.push(u),
+            Err(e) if e.is_exists() => exists.push(Skipped {
+                path: job.path,
+                reason: e.to_string(),
+            }),
             Err(e) => bad.push(Skipped {
                 path: job.path,
                 reason: e.to_string(),
             }),
         }
     }
-    Ok((ok, bad))
+    Ok((ok, exists, bad))
 }
 
 /// How results are shown: bars on a terminal, plain lines, or JSON lines.
@@ -362,6 +381,7 @@ impl Output {
     fn file_done(&self, job: &Job, r: &Result<Uploaded, UploadError>, took: Duration) {
         match r {
             Ok(u) => self.uploaded(job, u, took),
+            Err(e) if e.is_exists() => self.exists(job, &e.to_string()),
             Err(e) => self.failed(&job.path, Some(&job.key), &e.to_string()),
         }
     }
@@ -402,6 +422,29 @@ impl Output {
                 u.key,
                 bytesize::ByteSize(u.size).display().iec(),
                 took.as_secs_f64()
+            )));
+        }
+    }
+
+    /// Not sent: the key already held an object, left as it is.
+    fn exists(&self, job: &Job, reason: &str) {
+        if self.json {
+            self.println(
+                &json!({
+                    "path": job.path.to_string_lossy(),
+                    "bucket": self.bucket,
+                    "key": job.key,
+                    "status": "exists",
+                    "reason": reason,
+                })
+                .to_string(),
+            );
+        } else {
+            self.println(&crate::printable::printable(&format!(
+                "exists {} -> s3://{}/{}: not sent, the key already holds an object (left as it is)",
+                job.path.display(),
+                self.bucket,
+                job.key,
             )));
         }
     }
@@ -463,7 +506,14 @@ impl Output {
         }
     }
 
-    fn summary(&self, done: &[Uploaded], failed: usize, skipped: usize, took: Duration) {
+    fn summary(
+        &self,
+        done: &[Uploaded],
+        exists: usize,
+        failed: usize,
+        skipped: usize,
+        took: Duration,
+    ) {
         let bytes: u64 = done.iter().map(|u| u.size).sum();
         let rate = bytes as f64 / took.as_secs_f64().max(0.001);
         let mut line = format!(
@@ -474,6 +524,9 @@ impl Output {
             bytesize::ByteSize(rate as u64).display().iec(),
             failed
         );
+        if exists > 0 {
+            line.push_str(&format!(", {exists} exists (not overwritten)"));
+        }
         if skipped > 0 {
             line.push_str(&format!(", {skipped} skipped"));
         }

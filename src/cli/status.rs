@@ -53,12 +53,19 @@ fn ago(t: i64) -> String {
 
 fn render(s: &Status) -> String {
     let mut out = format!(
-        "files: {} done ({} sent), {} pending, {} failed\n",
+        "files: {} done ({} sent), {} pending, {} failed",
         s.done,
         bytesize::ByteSize(s.bytes_sent).display().iec(),
         s.pending,
         s.failed
     );
+    if s.exists > 0 {
+        out.push_str(&format!(
+            ", {} not sent: the key already held an object (overwrite = false)",
+            s.exists
+        ));
+    }
+    out.push('\n');
     match &s.oldest_pending {
         Some(p) => out.push_str(&format!(
             "oldest pending: {} (seen {})\n",
@@ -106,6 +113,18 @@ fn render(s: &Status) -> String {
             out.push_str(&format!(
                 "  ... and {} more\n",
                 m.waiting - m.files.len() as u64
+            ));
+        }
+    }
+    if !s.last_exists.is_empty() {
+        out.push_str("already in the bucket, left as it was (the files are kept):\n");
+        for e in &s.last_exists {
+            out.push_str(&format!(
+                "  {} [exists] {} -> {}: {}\n",
+                ago(e.at),
+                printable(&e.path),
+                printable(&e.key),
+                printable(&e.reason)
             ));
         }
     }

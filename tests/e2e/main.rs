@@ -10,6 +10,7 @@ mod garage;
 mod hardening;
 mod hostile;
 mod longrun;
+mod no_overwrite;
 mod packaging;
 mod policy;
 mod push;

@@ -63,6 +63,8 @@ pub struct Record {
     /// log is that order too): a request whose `at` is later was sent
     /// after this one was answered.
     pub answered: Option<SystemTime>,
+    /// The If-None-Match header, if any (a conditional write).
+    pub if_none_match: Option<String>,
 }
 
 /// The object sizes announced by the successful writes (PutObject or
@@ -491,8 +493,14 @@ async fn handle(
         .get("x-amz-acl")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let if_none_match = parts
+        .headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut record = Record {
         answered: None,
+        if_none_match,
         external_id,
         acl,
         size,
