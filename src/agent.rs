@@ -193,6 +193,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let shutdown_timeout = settings.agent.shutdown_timeout;
     let retention = state.retention;
     let settings_watches = settings.watches.clone();
+    let keep_receipts = state.keep_receipts;
     let ctx = Arc::new(Ctx {
         settings,
         journal: journal.clone(),
@@ -209,7 +210,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         markers: Arc::new(Markers::new(&settings_watches)),
     });
     let mut housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
-    let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention));
+    let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention, keep_receipts));
     // Set when a task panicked: the agent stops as on SIGTERM, then fails.
     let mut failure: Option<AgentError> = None;
 
@@ -438,8 +439,8 @@ async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, healt
 /// Records the journal needs no more, off the watchdog's path and in small
 /// batches: at start-up, pending records whose file is gone (deleted while
 /// the agent was down) are closed and their uploads aborted; every hour,
-/// old records are pruned.
-async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
+/// old records are pruned, and receipts older than `keep_receipts`.
+async fn maintenance(ctx: Arc<Ctx>, retention: Duration, keep_receipts: Duration) {
     const BATCH: usize = 500;
     let mut after = 0;
     loop {
@@ -505,6 +506,38 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration) {
         if removed > 0 {
             tracing::info!(records = removed, "pruned old journal records");
         }
+        prune_receipts(&ctx.journal, keep_receipts).await;
+    }
+}
+
+/// Removes the receipts older than `keep` (`state.keep_receipts`), a
+/// batch at a time off the runtime; nothing else removes one.
+async fn prune_receipts(journal: &Arc<Journal>, keep: Duration) {
+    const BATCH: usize = 500;
+    let before = now().saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
+    let mut removed = 0;
+    loop {
+        let j = journal.clone();
+        match tokio::task::spawn_blocking(move || j.prune_receipts(before, BATCH)).await {
+            Ok(Ok(n)) => {
+                removed += n;
+                if n < BATCH {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "pruning old receipts failed");
+                break;
+            }
+            Err(_) => break,
+        }
+        tokio::task::yield_now().await;
+    }
+    if removed > 0 {
+        tracing::info!(
+            receipts = removed,
+            "pruned receipts older than state.keep_receipts"
+        );
     }
 }
 
@@ -674,9 +707,9 @@ impl Ctx {
 
     /// Records the upload done, trying a few times (a busy or briefly full
     /// disk): nothing may be deleted or moved before it is on record.
-    async fn record_done(&self, id: i64, etag: &str) -> bool {
-        let etag = etag.to_string();
-        self.record_outcome("an upload done", move |j| j.done(id, &etag))
+    async fn record_done(&self, id: i64, up: &crate::upload::Uploaded) -> bool {
+        let proof = crate::receipts::Proof::of(&self.settings.bucket.name, up);
+        self.record_outcome("an upload done", move |j| j.done(id, &proof))
             .await
     }
 
@@ -1165,7 +1198,7 @@ impl Ctx {
         match result {
             Ok(up) => {
                 if (watch.manifest && !self.remember_checksum(id, up.crc).await)
-                    || !self.record_done(id, &up.etag).await
+                    || !self.record_done(id, &up).await
                 {
                     // Uploaded but not on record: it stays, and is sent
                     // again once the journal can be written (at least once).

@@ -125,6 +125,7 @@ pub struct RawMetrics {
 pub struct RawState {
     pub dir: Option<PathBuf>,
     pub retention: Option<String>,
+    pub keep_receipts: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -412,6 +413,9 @@ pub struct StateSettings {
     /// Done and failed records older than this are pruned once their file
     /// is gone from disk.
     pub retention: Duration,
+    /// Receipts (`putonly receipts`) older than this are removed; pruning
+    /// file records never removes one. Default: `retention`.
+    pub keep_receipts: Duration,
 }
 
 /// What happens to a file once it is in the bucket and recorded.
@@ -611,7 +615,15 @@ fn resolve_state(st: &RawState) -> Result<StateSettings, ConfigError> {
         Some(s) => parse_duration("state.retention", s)?,
         None => Duration::from_secs(30 * 24 * 3600),
     };
-    Ok(StateSettings { dir, retention })
+    let keep_receipts = match &st.keep_receipts {
+        Some(s) => parse_duration("state.keep_receipts", s)?,
+        None => retention,
+    };
+    Ok(StateSettings {
+        dir,
+        retention,
+        keep_receipts,
+    })
 }
 
 fn resolve_watch(
@@ -1888,6 +1900,11 @@ mod tests {
                 "retention",
                 "state.retention",
             ),
+            (
+                "[state]\ndir = \"/var/lib/putonly\"",
+                "keep_receipts",
+                "state.keep_receipts",
+            ),
             (role, "duration", "role.duration"),
             (
                 "[state]\ndir = \"/var/lib/putonly\"\n[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/\"",
@@ -2078,6 +2095,20 @@ mod tests {
         assert!(!off.bucket.overwrite);
         let err = resolve(&format!("{base}overwrite = \"no\"\n")).unwrap_err();
         assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn receipts_are_kept_as_long_as_records_unless_told() {
+        let base = "[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n\
+                    [state]\ndir = \"/var/lib/putonly\"\nretention = \"7d\"\n";
+        let st = resolve(base).unwrap().state.unwrap();
+        assert_eq!(st.keep_receipts, st.retention);
+        let st = resolve(&format!("{base}keep_receipts = \"90d\"\n"))
+            .unwrap()
+            .state
+            .unwrap();
+        assert_eq!(st.keep_receipts, Duration::from_secs(90 * 86_400));
+        assert_eq!(st.retention, Duration::from_secs(7 * 86_400));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! One SQLite database (WAL mode) in the state folder, owner-only. One record
 //! per file version (path, device, inode, size, mtime, key) with its state,
 //! attempts, last error and timestamps; for a multipart upload in progress,
-//! the upload id and every completed part's number, ETag and CRC. Each
+//! the upload id and every completed part's number, ETag and CRC; for each
+//! done upload, its receipt (a table of its own, [`crate::receipts`]). Each
 //! transition is committed before the effect it announces is relied on: the
 //! upload id before the first part is sent, a part before it counts as done,
 //! `done` before the file is deleted or moved. `synchronous = NORMAL` keeps
@@ -23,6 +24,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::checksum::Crc;
 use crate::config::ChecksumKind;
+use crate::receipts::{self, Proof};
 use crate::s3::PartDone;
 pub use crate::upload::{FileVersion, UNKNOWN_CTIME};
 
@@ -511,6 +513,7 @@ impl Journal {
             conn.execute_batch(&files_table("files")).map_err(err)?;
             conn.execute_batch(SCHEMA).map_err(err)?;
             conn.execute_batch(crate::batches::SCHEMA).map_err(err)?;
+            conn.execute_batch(crate::receipts::SCHEMA).map_err(err)?;
         }
         Ok(conn)
     }
@@ -666,8 +669,9 @@ impl Journal {
         })
     }
 
-    /// The object is complete in the bucket.
-    pub fn done(&self, id: i64, etag: &str) -> Result<(), JournalError> {
+    /// The object is complete in the bucket; its receipt is kept with it,
+    /// in the same transaction.
+    pub fn done(&self, id: i64, proof: &Proof) -> Result<(), JournalError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let t = now();
@@ -675,11 +679,34 @@ impl Journal {
             tx.execute(
                 "UPDATE files SET state = 'done', etag = ?2, done_at = ?3, updated_at = ?3,
                         upload_id = NULL, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
-                params![id, etag, t],
+                params![id, proof.etag, t],
             )?;
             crate::batches::on_done(&tx, id)?;
+            receipts::insert(&tx, id, proof, t)?;
             tx.commit()
         })
+    }
+
+    /// Calls `each` with every receipt recorded at or after `since` (unix
+    /// seconds), oldest first, one at a time (see [`receipts::each_since`]);
+    /// `None` when the journal has no receipts table yet.
+    pub fn receipts_since<E>(
+        &self,
+        since: i64,
+        each: impl FnMut(receipts::Receipt) -> Result<(), E>,
+    ) -> Result<Option<Result<(), E>>, JournalError> {
+        self.with(|conn| {
+            if !receipts::present(conn)? {
+                return Ok(None);
+            }
+            receipts::each_since(conn, since, each).map(Some)
+        })
+    }
+
+    /// One batch of receipt pruning: at most `limit` receipts older than
+    /// `before` (unix seconds) go; returns how many did.
+    pub fn prune_receipts(&self, before: i64, limit: usize) -> Result<usize, JournalError> {
+        self.with(|conn| receipts::prune_batch(conn, before, limit))
     }
 
     /// The key already held an object, which the server left as it is (a
@@ -1044,6 +1071,18 @@ fn load_parts(conn: &Connection, id: i64, kind: ChecksumKind) -> rusqlite::Resul
 mod tests {
     use super::*;
 
+    fn proof(key: &str, etag: &str) -> Proof {
+        Proof {
+            bucket: "b-1".into(),
+            key: key.into(),
+            size: 1,
+            crc: Crc::of(ChecksumKind::Crc64Nvme, b"x"),
+            etag: etag.into(),
+            version_id: None,
+            request_id: Some("req-1".into()),
+        }
+    }
+
     fn v(size: u64, mtime: i64) -> FileVersion {
         FileVersion {
             dev: 1,
@@ -1080,7 +1119,7 @@ mod tests {
         let id = upload(j.observe("w", Path::new("/a"), v(1, 1), "foo/a").unwrap().0);
         j.failed(id, "AccessDenied", now() + 3600).unwrap();
         let id = upload(j.observe("w", Path::new("/a"), v(2, 2), "foo/a").unwrap().0);
-        j.done(id, "etag").unwrap();
+        j.done(id, &proof("foo/a", "etag")).unwrap();
         // A pending multipart upload whose file is deleted.
         let id = upload(j.observe("w", Path::new("/b"), v(9, 1), "foo/b").unwrap().0);
         j.multipart_started(id, "up-1", 5, ChecksumKind::Crc64Nvme)
@@ -1115,7 +1154,7 @@ mod tests {
         else {
             panic!("{seen:?}")
         };
-        j.done(id, "etag").unwrap();
+        j.done(id, &proof("foo/a", "etag")).unwrap();
         drop(j);
         let j = Journal::open(&dir.path().join("state")).unwrap();
         assert_eq!(
@@ -1263,6 +1302,7 @@ mod tests {
             .unwrap();
         }
         let j = Journal::open(dir.path()).unwrap();
+        assert!(j.with(|c| receipts::present(c)).unwrap(), "receipts added");
         // The done record matches its file whatever its ctime, once; the
         // ctime is then kept.
         let a = FileVersion {
@@ -1370,7 +1410,7 @@ mod tests {
             id
         };
         let done = upload("/e");
-        j.done(done, "e").unwrap();
+        j.done(done, &proof("foo/e", "e")).unwrap();
         let failed = upload("/f");
         j.failed(failed, "AccessDenied", i64::MAX).unwrap();
         let pending = upload("/p");
@@ -1390,6 +1430,31 @@ mod tests {
         assert_eq!(prune(now() - 10, 1, false).0, 0, "too recent");
         assert_eq!(prune(now() + 10, 1, true).0, 0, "the files are still there");
         assert_eq!(prune(now() + 10, 1, false), (2, 3), "one record a batch");
+        // The done record went; its receipt stays until keep_receipts.
+        let mut receipts = Vec::new();
+        j.receipts_since(0, |r| {
+            receipts.push(r);
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(
+            (receipts[0].path.as_str(), receipts[0].key.as_str()),
+            ("/e", "foo/e")
+        );
+        assert_eq!(j.prune_receipts(now() - 10, 10).unwrap(), 0, "too recent");
+        assert_eq!(j.prune_receipts(now() + 10, 10).unwrap(), 1);
+        let mut left = 0;
+        j.receipts_since(0, |_| {
+            left += 1;
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(left, 0);
         let st = j.status().unwrap();
         assert_eq!((st.done, st.failed, st.pending), (0, 0, 1), "{pending}");
         assert_eq!(

@@ -35,6 +35,7 @@ pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod printable;
+pub mod receipts;
 pub mod retry;
 pub mod s3;
 pub mod throttle;

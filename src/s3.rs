@@ -28,6 +28,7 @@ use aws_sdk_s3::config::{
     timeout::TimeoutConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::RequestId;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart, ObjectCannedAcl,
@@ -83,6 +84,17 @@ impl Deadlines {
             Duration::from_millis(100).saturating_mul(u32::try_from(parts).unwrap_or(u32::MAX)),
         )
     }
+}
+
+/// What the server said of an object it stored: the proof kept in the
+/// receipts (see [`crate::receipts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    pub etag: String,
+    /// `x-amz-version-id`, when the bucket has versioning.
+    pub version_id: Option<String>,
+    /// `x-amz-request-id` of the answer.
+    pub request_id: Option<String>,
 }
 
 /// A part that the server accepted.
@@ -195,13 +207,13 @@ fn precondition(e: S3Error, conditional: bool) -> S3Error {
 
 /// The write operations the upload engine needs, and nothing else.
 pub trait ObjectWriter: Send + Sync + 'static {
-    /// Writes a whole object in one request; returns its ETag.
+    /// Writes a whole object in one request.
     fn put_object(
         &self,
         key: &str,
         body: Bytes,
         crc: Crc,
-    ) -> impl Future<Output = Result<String, S3Error>> + Send;
+    ) -> impl Future<Output = Result<Written, S3Error>> + Send;
 
     /// Starts a multipart upload declaring the checksum; returns its id.
     fn create_multipart(
@@ -227,7 +239,7 @@ pub trait ObjectWriter: Send + Sync + 'static {
         upload_id: &str,
         parts: &[PartDone],
         whole: Crc,
-    ) -> impl Future<Output = Result<String, S3Error>> + Send;
+    ) -> impl Future<Output = Result<Written, S3Error>> + Send;
 
     /// Best effort: failures are logged, never returned.
     fn abort_multipart(&self, key: &str, upload_id: &str) -> impl Future<Output = ()> + Send;
@@ -397,7 +409,7 @@ fn algorithm(kind: ChecksumKind) -> ChecksumAlgorithm {
 }
 
 impl ObjectWriter for WriteOnlyBucket {
-    async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<String, S3Error> {
+    async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<Written, S3Error> {
         let deadline = self.deadlines.for_body(body.len() as u64);
         self.send("PutObject", key, deadline, || async {
             let req = self
@@ -414,7 +426,11 @@ impl ObjectWriter for WriteOnlyBucket {
                 .disable_payload_signing()
                 .send()
                 .await
-                .map(|out| out.e_tag().unwrap_or_default().to_string())
+                .map(|out| Written {
+                    etag: out.e_tag().unwrap_or_default().to_string(),
+                    version_id: out.version_id().map(str::to_string),
+                    request_id: out.request_id().map(str::to_string),
+                })
                 .map_err(|e| precondition(classify("PutObject", key, e), !self.options.overwrite))
         })
         .await
@@ -497,7 +513,7 @@ impl ObjectWriter for WriteOnlyBucket {
         upload_id: &str,
         parts: &[PartDone],
         whole: Crc,
-    ) -> Result<String, S3Error> {
+    ) -> Result<Written, S3Error> {
         let deadline = self.deadlines.for_complete(parts.len());
         self.send("CompleteMultipartUpload", key, deadline, || async {
             let completed: Vec<CompletedPart> = parts
@@ -533,7 +549,11 @@ impl ObjectWriter for WriteOnlyBucket {
                     conflict,
                 )
             })?;
-            Ok(out.e_tag().unwrap_or_default().to_string())
+            Ok(Written {
+                etag: out.e_tag().unwrap_or_default().to_string(),
+                version_id: out.version_id().map(str::to_string),
+                request_id: out.request_id().map(str::to_string),
+            })
         })
         .await
     }

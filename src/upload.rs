@@ -54,6 +54,10 @@ pub struct Uploaded {
     pub crc: Crc,
     /// 0 for a single PutObject.
     pub parts: u32,
+    /// `x-amz-version-id`, when the bucket has versioning.
+    pub version_id: Option<String>,
+    /// `x-amz-request-id` of the PutObject or CompleteMultipartUpload.
+    pub request_id: Option<String>,
 }
 
 /// Why a file did not arrive.
@@ -520,7 +524,7 @@ impl<W: ObjectWriter> Engine<W> {
         progress: ProgressFn,
     ) -> Result<Uploaded, UploadError> {
         let inner = &self.inner;
-        let etag = inner
+        let written = inner
             .retry(|| inner.writer.put_object(&job.key, body.clone(), crc))
             .await
             .map_err(|source| UploadError::S3 {
@@ -532,9 +536,11 @@ impl<W: ObjectWriter> Engine<W> {
         Ok(Uploaded {
             key: job.key.clone(),
             size,
-            etag,
+            etag: written.etag,
             crc,
             parts: 0,
+            version_id: written.version_id,
+            request_id: written.request_id,
         })
     }
 
@@ -661,7 +667,7 @@ impl<W: ObjectWriter> Engine<W> {
         }
         parts.sort_by_key(|p| p.number);
         let whole = Crc::combine(kind, parts.iter().map(|p| p.crc));
-        let etag = match inner
+        let written = match inner
             .retry(|| {
                 inner
                     .writer
@@ -669,7 +675,7 @@ impl<W: ObjectWriter> Engine<W> {
             })
             .await
         {
-            Ok(etag) => etag,
+            Ok(written) => written,
             Err(e) => {
                 // Refused for good (InvalidPart, EntityTooSmall, ...), or
                 // the key exists (412: not overwritten) or a concurrent
@@ -689,9 +695,11 @@ impl<W: ObjectWriter> Engine<W> {
         Ok(Uploaded {
             key: job.key.clone(),
             size,
-            etag,
+            etag: written.etag,
             crc: whole,
             parts: count as u32,
+            version_id: written.version_id,
+            request_id: written.request_id,
         })
     }
 }
@@ -761,6 +769,7 @@ impl<W: ObjectWriter> Inner<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::s3::Written;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -840,7 +849,7 @@ mod tests {
     }
 
     impl ObjectWriter for Fake {
-        async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<String, S3Error> {
+        async fn put_object(&self, key: &str, body: Bytes, crc: Crc) -> Result<Written, S3Error> {
             self.log(format!("put {key}"));
             if self.exists {
                 return Err(S3Error::Exists {
@@ -854,7 +863,10 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((key.into(), body.to_vec(), crc));
-            Ok("etag".into())
+            Ok(Written {
+                etag: "etag".into(),
+                ..Written::default()
+            })
         }
         async fn create_multipart(&self, key: &str, _: ChecksumKind) -> Result<String, S3Error> {
             self.log(format!("create {key}"));
@@ -906,7 +918,7 @@ mod tests {
             _: &str,
             parts: &[PartDone],
             whole: Crc,
-        ) -> Result<String, S3Error> {
+        ) -> Result<Written, S3Error> {
             self.log(format!("complete {key}"));
             if self.exists {
                 return Err(S3Error::Exists {
@@ -945,7 +957,10 @@ mod tests {
             let data: Vec<u8> = stored.iter().flat_map(|p| p.1.to_vec()).collect();
             assert_eq!(Crc::of(whole.kind, &data), whole, "whole-object CRC");
             self.objects.lock().unwrap().push((key.into(), data, whole));
-            Ok("etag-mpu".into())
+            Ok(Written {
+                etag: "etag-mpu".into(),
+                ..Written::default()
+            })
         }
         async fn abort_multipart(&self, key: &str, _: &str) {
             self.log(format!("abort {key}"));

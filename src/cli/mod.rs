@@ -8,6 +8,7 @@
 mod check;
 mod policy;
 mod push;
+mod receipts;
 mod status;
 
 use std::path::PathBuf;
@@ -154,6 +155,24 @@ restart the agent instead (safe at any time).",
 
     /// Show what the agent did and what waits, from the journal alone.
     Status(StatusArgs),
+
+    /// List the receipts of the objects the agent stored, from the journal.
+    #[command(
+        long_about = "\
+List the receipts the agent kept for every object it stored, oldest first, \
+from the journal alone (nothing is sent; the bucket is never read): the \
+time it was recorded, the local path, bucket, key, size, the checksum \
+algorithm and value the server verified, the ETag, the version id (when \
+the bucket has versioning) and the request id of the server's answer.
+
+Receipts outlive the journal's file records: they are removed only after \
+[state] keep_receipts (default: as long as [state] retention). --json prints \
+one JSON object per line with the same fields `putonly push --json` prints \
+for each file it uploaded.",
+        after_long_help = "Exit status: 0, or 2 for a configuration error or a journal that \
+cannot be read."
+    )]
+    Receipts(ReceiptsArgs),
 
     /// Check the set-up: configuration, folders, identity, role, and
     /// optionally one write per allowed prefix.
@@ -399,6 +418,21 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ReceiptsArgs {
+    #[command(flatten)]
+    pub agent: AgentConfig,
+
+    /// Only receipts recorded at or after T: an RFC 3339 time
+    /// (2026-11-29T06:00:00Z) or a duration back from now (1h, 7d).
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+
+    /// One JSON object per line (JSON Lines) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Where the configuration comes from, and the flags that override it.
 #[derive(Debug, Args)]
 pub struct AwsFlags {
@@ -527,7 +561,10 @@ pub struct PushArgs {
     #[arg(long)]
     pub fail_on_exists: bool,
 
-    /// Print one JSON object per file on standard output (and no progress bars).
+    /// Print one JSON object per file on standard output (and no progress
+    /// bars); an uploaded file's carries its receipt, the fields `putonly
+    /// receipts --json` prints (time, key, size, checksum, etag,
+    /// version_id, request_id, ...).
     #[arg(long)]
     pub json: bool,
 
@@ -581,6 +618,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Push(args) => push::run(*args).await,
         Command::Run(args) => run_agent(args).await,
         Command::Status(args) => status::run(args),
+        Command::Receipts(args) => receipts::run(args),
         Command::Check(args) => check::run(args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -22,6 +22,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 use crate::config::{ConfigError, Settings};
 use crate::credentials::{CredentialSource, load_sdk_config};
 use crate::keys::{folder_prefix, key_for};
+use crate::receipts::Receipt;
 use crate::s3::WriteOnlyBucket;
 use crate::upload::{Engine, Job, ProgressFn, UploadError, Uploaded};
 
@@ -400,20 +401,16 @@ impl Output {
 
     fn uploaded(&self, job: &Job, u: &Uploaded, took: Duration) {
         if self.json {
-            self.println(
-                &json!({
-                    "path": job.path.to_string_lossy(),
-                    "bucket": self.bucket,
-                    "key": u.key,
-                    "status": "uploaded",
-                    "size": u.size,
-                    "parts": u.parts,
-                    "checksum": format!("{}:{}", u.crc.kind, u.crc.to_base64()),
-                    "etag": u.etag.trim_matches('"'),
-                    "seconds": took.as_secs_f64(),
-                })
-                .to_string(),
-            );
+            // The receipt's fields (those of `putonly receipts --json`),
+            // plus how it went.
+            let receipt = Receipt::of_upload(&job.path, &self.bucket, u, crate::journal::now());
+            let mut line = serde_json::to_value(&receipt).unwrap_or_else(|_| json!({}));
+            if let Some(fields) = line.as_object_mut() {
+                fields.insert("status".into(), json!("uploaded"));
+                fields.insert("parts".into(), json!(u.parts));
+                fields.insert("seconds".into(), json!(took.as_secs_f64()));
+            }
+            self.println(&line.to_string());
         } else {
             self.println(&crate::printable::printable(&format!(
                 "uploaded {} -> s3://{}/{} ({}, {:.1}s)",

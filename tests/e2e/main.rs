@@ -14,6 +14,7 @@ mod no_overwrite;
 mod packaging;
 mod policy;
 mod push;
+mod receipts;
 mod resources;
 mod shapes;
 mod siege;
