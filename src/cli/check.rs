@@ -288,10 +288,13 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
                 )
             }
             // Allowed to write; a probe of the same second was there first.
-            Err(e) if e.is_exists() => r.ok(
-                &format!("write into {prefix}"),
-                format!("PutObject s3://{}/{key} was allowed (the key already held an object, left as it is)", settings.bucket.name),
-            ),
+            Err(e) if e.is_exists() => {
+                writable.get_or_insert(prefix);
+                r.ok(
+                    &format!("write into {prefix}"),
+                    format!("PutObject s3://{}/{key} was allowed (the key already held an object, left as it is)", settings.bucket.name),
+                )
+            }
             Err(e) => r.fail(
                 &format!("write into {prefix}"),
                 format!("{}{}", error_chain(&e), explain(settings, prefix, &e)),

@@ -404,7 +404,15 @@ impl Output {
             // The receipt's fields (those of `putonly receipts --json`),
             // plus how it went.
             let receipt = Receipt::of_upload(&job.path, &self.bucket, u, crate::journal::now());
-            let mut line = serde_json::to_value(&receipt).unwrap_or_else(|_| json!({}));
+            // Strings and numbers only: this cannot fail, but if it did the
+            // line says so rather than dropping the receipt unseen.
+            let mut line = serde_json::to_value(&receipt).unwrap_or_else(|e| {
+                json!({
+                    "path": job.path.to_string_lossy(),
+                    "key": u.key,
+                    "error": format!("cannot show the receipt: {e}"),
+                })
+            });
             if let Some(fields) = line.as_object_mut() {
                 fields.insert("status".into(), json!("uploaded"));
                 fields.insert("parts".into(), json!(u.parts));
