@@ -189,7 +189,10 @@ credentials expire.
 
 Nothing is read from the bucket. --probe-write additionally writes one small \
 object per allowed prefix (PREFIX/putonly-check/HOST-TIME.txt) to prove the \
-permissions end to end, and explains an access denied answer. --offline \
+permissions end to end, and explains an access denied answer; with [bucket] \
+overwrite = false it also writes one probe object twice with If-None-Match: * \
+and says whether the server enforces it (a [warn] line where the header is \
+ignored and existing objects cannot be protected). --offline \
 checks only the configuration and the folders, sending nothing (for \
 systemd's ExecStartPre).",
         after_long_help = "Exit status: 0 when every check passed, 1 when one failed, 2 for a \
