@@ -429,3 +429,56 @@ async fn garage_ignores_if_none_match_and_check_says_so() {
     );
     proxy.assert_only_writes();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_409_conflict_is_retried_a_complete_with_a_new_upload() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto.url).await;
+    let config = moto.config(
+        &proxy.url,
+        "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\noverwrite = false\n\
+         [upload]\npart_size = \"5MiB\"\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let small = write_file(work.path(), "c-small.txt", 100, 31);
+    let big = write_file(work.path(), "c-big.bin", 11 * MIB, 32);
+    proxy.fail_next("PutObject", 1, 409, "ConditionalRequestConflict");
+    proxy.fail_next(
+        "CompleteMultipartUpload",
+        1,
+        409,
+        "ConditionalRequestConflict",
+    );
+    let out = run(putonly(Some(moto.dir.path()))
+        .args(["push", "--config"])
+        .arg(&config)
+        .args(["--prefix", "foo/", "c-small.txt", "c-big.bin"])
+        .current_dir(work.path()))
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let admin = moto.admin();
+    assert_eq!(get(&admin, BUCKET, "foo/c-small.txt").await, small);
+    assert!(get(&admin, BUCKET, "foo/c-big.bin").await == big);
+    let records = proxy.records();
+    assert_eq!(
+        writes_of(&records, "foo/c-small.txt")
+            .iter()
+            .map(|w| w.1)
+            .collect::<Vec<_>>(),
+        vec![409, 200],
+        "the PutObject is sent again as it is"
+    );
+    // S3 asks for a new upload after a 409 on Complete: the first is
+    // aborted (best effort) and a second one completes.
+    let completes: Vec<(u16, Option<String>)> = records
+        .iter()
+        .filter(|r| r.op == "CompleteMultipartUpload")
+        .map(|r| (r.status, r.upload_id.clone()))
+        .collect();
+    assert_eq!(completes.len(), 2, "{completes:?}");
+    assert_eq!((completes[0].0, completes[1].0), (409, 200));
+    assert_ne!(completes[0].1, completes[1].1, "a new upload");
+    assert_eq!(proxy.count("CreateMultipartUpload"), 2);
+    assert_eq!(proxy.count("AbortMultipartUpload"), 1);
+    proxy.assert_only_writes();
+}
