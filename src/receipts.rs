@@ -52,6 +52,20 @@ pub struct Proof {
 }
 
 impl Proof {
+    /// A proof for unit tests of what reads the journal.
+    #[cfg(test)]
+    pub fn for_test(etag: &str) -> Self {
+        Proof {
+            bucket: "b-1".into(),
+            key: "k".into(),
+            size: 1,
+            crc: Crc::of(crate::config::ChecksumKind::Crc64Nvme, b"x"),
+            etag: etag.into(),
+            version_id: None,
+            request_id: None,
+        }
+    }
+
     pub fn of(bucket: &str, up: &Uploaded) -> Self {
         Proof {
             bucket: bucket.to_string(),
