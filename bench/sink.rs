@@ -26,7 +26,8 @@
 //! caller can attribute each run's requests to one client); the totals are
 //! printed on stderr at SIGINT/SIGTERM.
 //!
-//! Build: `cargo build --release --example sink`.
+//! Build: `cargo build --release --example sink`; its unit tests:
+//! `cargo test --example sink` (scripts/test.sh runs them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;

@@ -4,6 +4,7 @@
 mod agent;
 mod attackers;
 mod batches;
+mod bench;
 mod check;
 mod faults;
 mod garage;
