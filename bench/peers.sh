@@ -27,6 +27,11 @@
 #                1 GiB, 4x1g four of them in one command, 10k-4k 10,000 files
 #                of 4 KiB
 #   --tools      comma-separated subset of putonly,s5cmd,aws,rclone (default all)
+#   --sink-verify all (default): the sink checks every checksum it is sent;
+#                crc: only the CRCs, not the MD5 / SHA-1 / SHA-256 digests the
+#                peers send (the sink shares the CPUs with the client, and
+#                checking a digest costs it as much as computing it costs
+#                the client)
 # Environment: PUTONLY_BIN (default: builds target/release/putonly),
 # PUTONLY_SINK_BIN (default: builds target/release/examples/sink),
 # PUTONLY_GARAGE_BIN (see scripts/garage-up.sh), TMPDIR (data and Garage
@@ -43,6 +48,7 @@ target=garage
 runs=3
 workloads=1g,4x1g,1k-4k,10k-4k,1k-1m
 tools=putonly,s5cmd,aws,rclone
+sink_verify=all
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -50,12 +56,14 @@ while [ $# -gt 0 ]; do
     --runs) runs=${2:?}; shift 2 ;;
     --workloads) workloads=${2:?}; shift 2 ;;
     --tools) tools=${2:?}; shift 2 ;;
+    --sink-verify) sink_verify=${2:?}; shift 2 ;;
     -h | --help) usage ;;
     *) echo "peers.sh: unknown argument $1" >&2; usage ;;
   esac
 done
 case $target in garage | sink) ;; *) echo "peers.sh: --target garage|sink" >&2; exit 2 ;; esac
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "peers.sh: --runs N" >&2; exit 2; }
+case $sink_verify in all | crc) ;; *) echo "peers.sh: --sink-verify all|crc" >&2; exit 2 ;; esac
 IFS=, read -r -a tool_list <<<"$tools"
 for t in "${tool_list[@]}"; do
   case $t in putonly | s5cmd | aws | rclone) ;; *) echo "peers.sh: unknown tool $t" >&2; exit 2 ;; esac
@@ -139,7 +147,7 @@ start_garage() {
 }
 start_sink() {
   mkdir -p "$work/sink"
-  "$PUTONLY_SINK_BIN" >"$work/sink/out" 2>"$work/sink/log" &
+  "$PUTONLY_SINK_BIN" --verify "$sink_verify" >"$work/sink/out" 2>"$work/sink/log" &
   sink_pid=$!
   for _ in $(seq 1 100); do
     url=$(head -n 1 "$work/sink/out" 2>/dev/null || true)
@@ -203,7 +211,9 @@ versions() {
   if [ "$target" = garage ]; then
     echo "- target: Garage $GARAGE_VERSION, single node on 127.0.0.1 (write-only key), a fresh one for each run"
   else
-    echo "- target: the sink (bench/sink.rs, $PUTONLY_SINK_BIN) on 127.0.0.1: no signature checks, verifies checksums, stores nothing"
+    local what="verifies every checksum it is sent"
+    [ "$sink_verify" = crc ] && what="verifies the CRCs it is sent, skips MD5 / SHA-1 / SHA-256 (--sink-verify crc)"
+    echo "- target: the sink (bench/sink.rs, $PUTONLY_SINK_BIN) on 127.0.0.1: no signature checks, $what, stores nothing"
   fi
 }
 
@@ -243,25 +253,25 @@ PY
       rc=$?
       set -e
       read -r wall user sys rss < <(tail -n 1 "$work/time")
-      verified=- failed=- reads=-
+      verified=- failed=- reads=- skipped=-
       if [ "$target" = garage ]; then
         objects=$(count_objects "$prefix")
         stop_garage
         rm -rf "$work/garage"
       else
         stats=$(sink_stats)
-        read -r objects verified failed reads < <(python3 -c '
+        read -r objects verified failed reads skipped < <(python3 -c '
 import json, sys
 s = json.loads(sys.argv[1])
-print(s["objects"], s["checksums_verified"], s["checksum_failures"], s["reads"] + s["other_refused"])' "$stats")
+print(s["objects"], s["checksums_verified"], s["checksum_failures"], s["reads"] + s["other_refused"], s["digests_skipped"])' "$stats")
       fi
       ok=1 why=
       [ "$rc" = 0 ] || { ok=0; why="exit status $rc"; }
       [ "$objects" = "$count" ] || { ok=0; why="${why:+$why, }$objects of $count objects arrived"; }
       if [ "$failed" != - ] && [ "$failed" != 0 ]; then ok=0; why="${why:+$why, }$failed checksum failures"; fi
       if [ "$t" = putonly ] && [ "$reads" != - ] && [ "$reads" != 0 ]; then ok=0; why="${why:+$why, }$reads reads"; fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "$ok" "$wall" "$user" "$sys" "$rss" \
-        "$objects" "$count" "$verified" "$failed" "$reads" >>"$results"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "$ok" "$wall" "$user" "$sys" "$rss" \
+        "$objects" "$count" "$verified" "$failed" "$reads" "$skipped" >>"$results"
       if [ $ok = 1 ]; then
         log "$w $t run $r: ${wall}s wall, $user+$sys s CPU, ${rss} KB peak RSS"
       else
@@ -288,13 +298,13 @@ import statistics, sys
 path, target, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 order, runs_of = [], {}
-for w, t, r, ok, wall, user, sys_, rss, objects, count, verified, failed, reads in rows:
+for w, t, r, ok, wall, user, sys_, rss, objects, count, verified, failed, reads, skipped in rows:
     if (w, t) not in runs_of:
         order.append((w, t))
         runs_of[(w, t)] = []
     runs_of[(w, t)].append(dict(ok=ok == "1", wall=float(wall), cpu=float(user) + float(sys_),
                                 rss=int(rss) / 1024, count=int(count), verified=verified,
-                                failed=failed, reads=reads))
+                                failed=failed, reads=reads, skipped=skipped))
 def size_of(w):
     import re
     m = re.fullmatch(r"(?:(\d+)(k?)[x-])?(\d+)([kmg]?)", w.lower())
@@ -333,6 +343,9 @@ for w, t in order:
         cells += ["FAILED"] + ["-"] * 6
     if target == "sink":
         ver = "/".join(str(sum(int(r[k]) for r in rs)) for k in ("verified", "failed"))
+        skipped = sum(int(r["skipped"]) for r in rs)
+        if skipped:
+            ver += f" ({skipped} digests skipped)"
         cells += [ver, str(sum(int(r["reads"]) for r in rs))]
     print("| " + " | ".join(cells) + " |")
 print()

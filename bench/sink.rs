@@ -20,7 +20,12 @@
 //! - Path-style (`/bucket/key`) and virtual-host style (`bucket.host/key`,
 //!   any Host that is not an IP address or `localhost`) requests.
 //!
-//! Usage: `sink [--port N]` (default 0: any free port). Binds 127.0.0.1 and
+//! With `--verify crc` only the CRCs are checked: the MD5 / SHA-1 / SHA-256
+//! values (which aws cli, s5cmd and rclone send, and which cost the sink as
+//! much CPU as the client) are skipped and counted as `digests_skipped`.
+//!
+//! Usage: `sink [--port N] [--verify all|crc]` (default 0: any free port,
+//! `all`). Binds 127.0.0.1 and
 //! prints `http://127.0.0.1:PORT` on its first line of stdout. Counters:
 //! `GET /__sink/stats` (JSON; `?reset=1` also sets them back to zero, so a
 //! caller can attribute each run's requests to one client); the totals are
@@ -64,6 +69,8 @@ struct Stats {
     checksum_failures: AtomicU64,
     /// PutObject and UploadPart requests that carried no checksum at all.
     unchecked_bodies: AtomicU64,
+    /// MD5 / SHA-1 / SHA-256 values not checked (`--verify crc`).
+    digests_skipped: AtomicU64,
     /// GET / HEAD / List / copy: refused with 403.
     reads: AtomicU64,
     /// Anything else that is not one of the five write calls: refused.
@@ -72,7 +79,7 @@ struct Stats {
     errors: AtomicU64,
 }
 
-const FIELDS: [&str; 14] = [
+const FIELDS: [&str; 15] = [
     "requests",
     "put_object",
     "create_multipart",
@@ -83,6 +90,7 @@ const FIELDS: [&str; 14] = [
     "checksums_verified",
     "checksum_failures",
     "unchecked_bodies",
+    "digests_skipped",
     "reads",
     "other_refused",
     "errors",
@@ -90,7 +98,7 @@ const FIELDS: [&str; 14] = [
 ];
 
 impl Stats {
-    fn counters(&self) -> [&AtomicU64; 13] {
+    fn counters(&self) -> [&AtomicU64; 14] {
         [
             &self.requests,
             &self.put_object,
@@ -102,6 +110,7 @@ impl Stats {
             &self.checksums_verified,
             &self.checksum_failures,
             &self.unchecked_bodies,
+            &self.digests_skipped,
             &self.reads,
             &self.other_refused,
             &self.errors,
@@ -150,6 +159,8 @@ struct Sink {
     totals: Stats,
     uploads: Mutex<HashMap<String, Upload>>,
     next_id: AtomicU64,
+    /// `--verify crc`: check the CRCs only, skip the (costly) digests.
+    crc_only: bool,
 }
 
 impl Sink {
@@ -214,6 +225,9 @@ impl Kind {
             Kind::Crc64Nvme => Some(crc_fast::CrcAlgorithm::Crc64Nvme),
             _ => None,
         }
+    }
+    fn is_digest(self) -> bool {
+        self.crc().is_none()
     }
     fn width(self) -> usize {
         match self {
@@ -498,6 +512,8 @@ struct BodyOutcome {
     len: u64,
     /// Each verified checksum: (kind, value).
     verified: Vec<(Kind, Vec<u8>)>,
+    /// The Content-MD5 the client sent (checked, unless `--verify crc`).
+    md5_sent: Option<Vec<u8>>,
 }
 
 /// Reads a PutObject / UploadPart body to its end, decoding aws-chunked and
@@ -548,6 +564,7 @@ async fn read_verified(
         for n in names {
             if let Some(kind) = Kind::from_header(&n)
                 && !checks.iter().any(|c| c.kind == kind)
+                && !(sink.crc_only && kind.is_digest())
             {
                 checks.push(Check {
                     kind,
@@ -556,6 +573,13 @@ async fn read_verified(
                 });
             }
         }
+    }
+    // The client's Content-MD5, for the ETag even when it is not checked.
+    let md5_sent = header(headers, "content-md5").and_then(|v| decode_expected(Kind::Md5, v));
+    if sink.crc_only {
+        let before = checks.len();
+        checks.retain(|c| !c.kind.is_digest() || c.expected.is_none());
+        sink.add(|s| &s.digests_skipped, (before - checks.len()) as u64);
     }
     let mut decoder = chunked.then(Decoder::new);
     let mut len = 0u64;
@@ -606,6 +630,7 @@ async fn read_verified(
             };
             match checks.iter_mut().find(|c| c.kind == kind) {
                 Some(c) => c.expected = Some(value.clone()),
+                None if sink.crc_only && kind.is_digest() => sink.inc(|s| &s.digests_skipped),
                 // A trailer checksum that was not announced: its hash was
                 // not computed, so it cannot be checked.
                 None => {
@@ -660,14 +685,18 @@ async fn read_verified(
         sink.inc(|s| &s.checksums_verified);
         verified.push((c.kind, got));
     }
-    Ok(BodyOutcome { len, verified })
+    Ok(BodyOutcome {
+        len,
+        verified,
+        md5_sent,
+    })
 }
 
-/// The ETag of a body: its MD5 when the client sent and we checked one,
-/// else a stand-in made of its length and the first CRC (the sink computes
-/// no MD5 it was not asked to check).
+/// The ETag of a body: the MD5 the client sent (verified, unless `--verify
+/// crc`), else a stand-in made of its length and the first CRC (the sink
+/// computes no MD5 it was not asked to check).
 fn etag(out: &BodyOutcome) -> String {
-    if let Some((_, md5)) = out.verified.iter().find(|(k, _)| *k == Kind::Md5) {
+    if let Some(md5) = &out.md5_sent {
         return format!("\"{}\"", hex(md5));
     }
     let crc = out
@@ -981,12 +1010,22 @@ async fn complete(
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let mut port = 0u16;
+    let mut crc_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => port = args.next().and_then(|p| p.parse().ok()).expect("--port N"),
+            "--verify" => {
+                crc_only = match args.next().as_deref() {
+                    Some("all") => false,
+                    Some("crc") => true,
+                    _ => panic!("--verify all|crc"),
+                }
+            }
             "-h" | "--help" => {
-                println!("usage: sink [--port N]   (see the doc comment in bench/sink.rs)");
+                println!(
+                    "usage: sink [--port N] [--verify all|crc]   (see the doc comment in bench/sink.rs)"
+                );
                 return Ok(());
             }
             _ => panic!("unknown argument {a}"),
@@ -1001,6 +1040,7 @@ async fn main() -> std::io::Result<()> {
         totals: Stats::default(),
         uploads: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
+        crc_only,
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
