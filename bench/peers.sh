@@ -27,6 +27,8 @@
 #                1 GiB, 4x1g four of them in one command, 10k-4k 10,000 files
 #                of 4 KiB
 #   --tools      comma-separated subset of putonly,s5cmd,aws,rclone (default all)
+#   --timeout    seconds one run may take before it is stopped and counted
+#                as failed (default 1800)
 #   --sink-verify all (default): the sink checks every checksum it is sent;
 #                crc: only the CRCs, not the MD5 / SHA-1 / SHA-256 digests the
 #                peers send (the sink shares the CPUs with the client, and
@@ -41,6 +43,9 @@
 # Needs scripts/install-garage.sh for --target garage; installs the peers
 # itself (scripts/install-peers.sh). Everything runs on 127.0.0.1.
 set -euo pipefail
+# Paths given relative to the caller's folder stay valid after the cd.
+[ -n "${PUTONLY_BIN:-}" ] && PUTONLY_BIN=$(readlink -f "$PUTONLY_BIN")
+[ -n "${PUTONLY_SINK_BIN:-}" ] && PUTONLY_SINK_BIN=$(readlink -f "$PUTONLY_SINK_BIN")
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
@@ -49,6 +54,7 @@ runs=3
 workloads=1g,4x1g,1k-4k,10k-4k,1k-1m
 tools=putonly,s5cmd,aws,rclone
 sink_verify=all
+run_timeout=1800
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -57,12 +63,14 @@ while [ $# -gt 0 ]; do
     --workloads) workloads=${2:?}; shift 2 ;;
     --tools) tools=${2:?}; shift 2 ;;
     --sink-verify) sink_verify=${2:?}; shift 2 ;;
+    --timeout) run_timeout=${2:?}; shift 2 ;;
     -h | --help) usage ;;
     *) echo "peers.sh: unknown argument $1" >&2; usage ;;
   esac
 done
 case $target in garage | sink) ;; *) echo "peers.sh: --target garage|sink" >&2; exit 2 ;; esac
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "peers.sh: --runs N" >&2; exit 2; }
+[[ $run_timeout =~ ^[1-9][0-9]*$ ]] || { echo "peers.sh: --timeout SECONDS" >&2; exit 2; }
 case $sink_verify in all | crc) ;; *) echo "peers.sh: --sink-verify all|crc" >&2; exit 2 ;; esac
 IFS=, read -r -a tool_list <<<"$tools"
 for t in "${tool_list[@]}"; do
@@ -249,7 +257,8 @@ PY
       out=$work/run.log
       set +e
       AWS_SHARED_CREDENTIALS_FILE=$creds/credentials AWS_CONFIG_FILE=$creds/config \
-        /usr/bin/time -f '%e %U %S %M' -o "$work/time" "${cmd[@]}" >"$out" 2>&1
+        /usr/bin/time -f '%e %U %S %M' -o "$work/time" \
+        timeout -k 10 "$run_timeout" "${cmd[@]}" >"$out" 2>&1
       rc=$?
       set -e
       read -r wall user sys rss < <(tail -n 1 "$work/time")
@@ -266,7 +275,11 @@ s = json.loads(sys.argv[1])
 print(s["objects"], s["checksums_verified"], s["checksum_failures"], s["reads"] + s["other_refused"], s["digests_skipped"])' "$stats")
       fi
       ok=1 why=
-      [ "$rc" = 0 ] || { ok=0; why="exit status $rc"; }
+      case $rc in
+        0) ;;
+        124 | 137) ok=0 why="stopped after --timeout $run_timeout s" ;;
+        *) ok=0 why="exit status $rc" ;;
+      esac
       [ "$objects" = "$count" ] || { ok=0; why="${why:+$why, }$objects of $count objects arrived"; }
       if [ "$failed" != - ] && [ "$failed" != 0 ]; then ok=0; why="${why:+$why, }$failed checksum failures"; fi
       if [ "$t" = putonly ] && [ "$reads" != - ] && [ "$reads" != 0 ]; then ok=0; why="${why:+$why, }$reads reads"; fi
