@@ -71,6 +71,8 @@ fn peers_script_sink_round() {
             "20m,50-4k",
         ])
         .args(["--tools", tools])
+        // Every checksum, the peers' MD5 and SHA-256 too.
+        .args(["--sink-verify", "all"])
         .env("PUTONLY_BIN", env!("CARGO_BIN_EXE_putonly"))
         .env("PUTONLY_SINK_BIN", sink_binary())
         .env("TMPDIR", tmp.path())
