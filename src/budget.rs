@@ -3,8 +3,8 @@
 //! (`requests_in_flight`), and the buffers kept for the next bodies (128 KiB
 //! and up, by size class, never more idle than the budget leaves free).
 //!
-//! Memory is bounded by bytes, not by a count of files: a 4 KiB file takes
-//! 4 KiB of the budget, so hundreds of small files go at once within the
+//! Memory is bounded by bytes, not by a count of files: a small file takes
+//! 64 KiB of the budget, so hundreds of small files go at once within the
 //! memory a few large parts take, and a separate cap keeps the requests in
 //! flight (connections, descriptors, server load) in check. Both waits are
 //! first come, first served, so a large part is never starved by a stream
@@ -85,15 +85,19 @@ impl Budget {
         }
     }
 
-    /// Waits until a request with a body of `bytes` may start. A body
-    /// larger than the whole budget takes all of it.
+    /// Waits until a request with a body of `bytes` may start: a place
+    /// among the requests first, then its memory (so memory is never held
+    /// by a request still waiting for its turn). A body larger than the
+    /// whole budget takes all of it. Idle buffers are freed as far as the
+    /// memory admitted now leaves no room for them.
     pub async fn admit(&self, bytes: u64) -> Result<Admission, AcquireError> {
+        let request = self.requests.clone().acquire_owned().await?;
         let memory = self
             .memory
             .clone()
             .acquire_many_owned(self.units(bytes))
             .await?;
-        let request = self.requests.clone().acquire_owned().await?;
+        self.trim_to_free();
         Ok(Admission {
             _memory: memory,
             _request: request,
@@ -135,23 +139,29 @@ impl Budget {
             pool.bytes -= class;
             return Buffer::Pooled(buf);
         }
-        // Idle buffers and the bodies in flight stay within the budget:
-        // what is not admitted now is all the idle buffers may hold.
-        let free = self.memory.available_permits() as u64 * UNIT;
-        while pool.bytes > free {
-            let Some(largest) = pool.idle.iter_mut().rev().find(|(_, v)| !v.is_empty()) else {
-                break;
-            };
-            let (size, list) = (*largest.0, largest.1);
-            list.pop();
-            pool.bytes -= size;
-        }
         drop(pool);
         Buffer::Pooled(BytesMut::with_capacity(class as usize))
     }
 
+    /// Idle buffers and the bodies in flight stay within the budget: what
+    /// is not admitted now is all the idle buffers may hold.
+    fn trim_to_free(&self) {
+        let free = self.memory.available_permits() as u64 * UNIT;
+        let mut pool = self.lock();
+        while pool.bytes > free {
+            let Some((&size, list)) = pool.idle.iter_mut().rev().find(|(_, v)| !v.is_empty())
+            else {
+                break;
+            };
+            list.pop();
+            pool.bytes -= size;
+        }
+    }
+
     /// Takes a pooled buffer back once its request (and every retry) is
-    /// over; a body still held elsewhere is left to be freed there.
+    /// over, while its admission is still held; a body still held elsewhere
+    /// is left to be freed there. It is kept only if the idle buffers stay
+    /// within the memory not admitted now plus its own share.
     pub fn give_back(&self, body: Bytes) {
         let Ok(buf) = body.try_into_mut() else {
             return;
@@ -160,9 +170,10 @@ impl Budget {
         if self.class(cap) != Some(cap) {
             return;
         }
+        let free = self.memory.available_permits() as u64 * UNIT;
         let budget = self.memory_units as u64 * UNIT;
         let mut pool = self.lock();
-        if pool.bytes + cap <= budget {
+        if pool.bytes <= free && pool.bytes + cap <= budget {
             pool.bytes += cap;
             pool.idle
                 .entry(cap)
@@ -194,6 +205,11 @@ impl Budget {
     #[cfg(test)]
     pub fn pooled(&self) -> usize {
         self.lock().idle.values().map(Vec::len).sum()
+    }
+
+    #[cfg(test)]
+    fn pooled_bytes(&self) -> u64 {
+        self.lock().bytes
     }
 }
 
@@ -308,6 +324,31 @@ mod tests {
             Buffer::Exact(_) => panic!("a part is pooled"),
         }
         assert_eq!(budget.pooled(), 8);
+    }
+
+    #[tokio::test]
+    async fn idle_part_buffers_give_way_to_a_burst_of_small_bodies() {
+        let budget = Budget::new(&settings(2, 1024));
+        for _ in 0..2 {
+            budget.give_back(Bytes::from(BytesMut::with_capacity(8 * MIB as usize)));
+        }
+        assert_eq!(
+            budget.pooled_bytes(),
+            16 * MIB,
+            "a full pool after a big file"
+        );
+        let mut held = Vec::new();
+        let mut admitted = 0;
+        for _ in 0..163 {
+            held.push(budget.admit(budget.charge(100 * 1024)).await.unwrap());
+            admitted += 100 * 1024;
+            assert!(
+                budget.pooled_bytes() + admitted <= 16 * MIB,
+                "{} idle + {admitted} admitted",
+                budget.pooled_bytes()
+            );
+        }
+        assert_eq!(budget.pooled(), 0);
     }
 
     #[test]

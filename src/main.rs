@@ -21,8 +21,26 @@ fn fix_malloc_mmap_threshold() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn fix_malloc_mmap_threshold() {}
 
+/// Each file in flight holds a descriptor and its request a connection, so
+/// `requests_in_flight` files need about twice as many descriptors; the
+/// soft limit (often 1024) is raised to the hard one, as Go programs do.
+/// If it cannot be, running out is a transient failure (the agent retries
+/// the file) and `push` says so.
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
+}
+
 fn main() -> ExitCode {
     fix_malloc_mmap_threshold();
+    raise_descriptor_limit();
     let cli = Cli::parse();
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

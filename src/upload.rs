@@ -225,6 +225,16 @@ impl FileVersion {
     }
 }
 
+/// A request's wait for its share of the budget.
+type Admitting<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<crate::budget::Admission, tokio::sync::AcquireError>,
+            > + Send
+            + 'a,
+    >,
+>;
+
 /// Files up to this size are opened, read and checked in one trip to a
 /// blocking thread.
 const SMALL_FILE: u64 = 64 * 1024;
@@ -233,6 +243,11 @@ struct Inner<W> {
     writer: Arc<W>,
     settings: UploadSettings,
     budget: Budget,
+    /// Multipart uploads under way at once: `concurrency`, so that large
+    /// files finish one after another rather than all late together (and
+    /// a crash or Ctrl-C leaves few of them unfinished), while small files
+    /// still go many at once.
+    multipart_files: tokio::sync::Semaphore,
     throttle: Option<Throttle>,
     backoff: Backoff,
 }
@@ -392,6 +407,7 @@ impl<W: ObjectWriter> Engine<W> {
             inner: Arc::new(Inner {
                 writer,
                 budget: Budget::new(&settings),
+                multipart_files: tokio::sync::Semaphore::new(settings.concurrency.max(1)),
                 throttle: settings.bandwidth_limit.map(Throttle::new),
                 backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(20)),
                 settings,
@@ -459,6 +475,11 @@ impl<W: ObjectWriter> Engine<W> {
         if size <= inner.settings.multipart_threshold {
             self.put_whole(job, source, progress).await
         } else {
+            let _turn = inner
+                .multipart_files
+                .acquire()
+                .await
+                .map_err(|_| closed(&job.path))?;
             let resume = checkpoint.resume();
             match self
                 .put_multipart(
@@ -595,23 +616,35 @@ impl<W: ObjectWriter> Engine<W> {
         let mut tasks: JoinSet<Result<PartDone, UploadError>> = JoinSet::new();
         let mut next: u64 = 0;
         let mut failure: Option<UploadError> = None;
-        while failure.is_none() && (next < count || !tasks.is_empty()) {
+        // The next part's wait for the budget, kept across turns of the
+        // loop (a part of this file finishing does not send it to the back
+        // of the queue).
+        let mut waiting: Option<(u64, u64, Admitting<'_>)> = None;
+        while failure.is_none() && (next < count || waiting.is_some() || !tasks.is_empty()) {
             while next < count && already.contains(&((next + 1) as i32)) {
                 next += 1;
             }
-            if next >= count && tasks.is_empty() {
+            if waiting.is_none() && next < count {
+                let offset = next * part_size;
+                let len = part_size.min(size.saturating_sub(offset));
+                let admit = Box::pin(inner.budget.admit(inner.budget.charge(len)));
+                waiting = Some((offset, len, admit));
+                next += 1;
+            }
+            if waiting.is_none() && tasks.is_empty() {
                 break;
             }
-            let offset = next * part_size;
-            let len = part_size.min(size.saturating_sub(offset));
             tokio::select! {
-                admission = inner.budget.admit(inner.budget.charge(len)), if next < count => {
+                admission = async { match waiting.as_mut() {
+                    Some((_, _, admit)) => admit.await,
+                    None => std::future::pending().await,
+                } }, if waiting.is_some() => {
+                    let Some((offset, len, _)) = waiting.take() else { continue };
                     let Ok(admission) = admission else {
                         failure = Some(closed(&job.path));
                         break;
                     };
-                    let number = (next + 1) as i32;
-                    next += 1;
+                    let number = (offset / part_size + 1) as i32;
                     let (engine, source, key, id, progress, checkpoint) = (
                         self.clone(), source.clone(), job.key.clone(), upload_id.clone(), progress.clone(), checkpoint.clone(),
                     );
@@ -956,6 +989,8 @@ mod tests {
             stored.sort_by_key(|p| p.0);
             let data: Vec<u8> = stored.iter().flat_map(|p| p.1.to_vec()).collect();
             assert_eq!(Crc::of(whole.kind, &data), whole, "whole-object CRC");
+            // A completed upload's parts are gone (the next upload's own).
+            self.parts.lock().unwrap().clear();
             self.objects.lock().unwrap().push((key.into(), data, whole));
             Ok(Written {
                 etag: "etag-mpu".into(),
@@ -1050,6 +1085,44 @@ mod tests {
         };
         engine.upload(&job, no_progress()).await.unwrap();
         assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+    }
+
+    #[tokio::test]
+    async fn large_files_take_turns_while_their_parts_share_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let engine = Engine::new(
+            fake.clone(),
+            UploadSettings {
+                concurrency: 1,
+                ..settings()
+            },
+        );
+        let jobs: Vec<Job> = ["a", "b"]
+            .iter()
+            .map(|n| Job {
+                path: file_of(dir.path(), n, (11 * MIB) as usize).0,
+                key: format!("foo/{n}"),
+                expected: None,
+                opened: None,
+            })
+            .collect();
+        let (a, b) = tokio::join!(
+            engine.upload(&jobs[0], no_progress()),
+            engine.upload(&jobs[1], no_progress())
+        );
+        a.unwrap();
+        b.unwrap();
+        // One multipart upload at a time (concurrency 1): the second is
+        // created only after the first completed.
+        let calls = fake.calls.lock().unwrap().clone();
+        let creates: Vec<usize> = (0..calls.len())
+            .filter(|&i| calls[i].starts_with("create"))
+            .collect();
+        let completes: Vec<usize> = (0..calls.len())
+            .filter(|&i| calls[i].starts_with("complete"))
+            .collect();
+        assert!(completes[0] < creates[1], "{calls:?}");
     }
 
     #[tokio::test]

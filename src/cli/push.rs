@@ -85,8 +85,9 @@ pub async fn run(args: PushArgs) -> ExitCode {
             _ = tokio::signal::ctrl_c() => {
                 out.finish();
                 eprintln!(
-                    "putonly: interrupted; files not reported as uploaded were not completed \
-                     (their multipart uploads are left to the bucket's AbortIncompleteMultipartUpload lifecycle rule)"
+                    "putonly: interrupted; files not reported as uploaded were not sent, except one whose \
+                     last request was already on its way, which may have arrived whole (the rest of their \
+                     multipart uploads are left to the bucket's AbortIncompleteMultipartUpload lifecycle rule)"
                 );
                 return ExitCode::from(EXIT_INTERRUPTED);
             }

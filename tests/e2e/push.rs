@@ -721,6 +721,9 @@ async fn small_files_go_many_at_once_within_the_memory_of_a_few_parts() {
         (8..=16).contains(&puts),
         "{puts} PutObject at once (2 before bodies were counted in bytes)"
     );
+    // And never more requests of any kind than the cap.
+    let all = proxy.peak_in_flight("*");
+    assert!(all <= 16, "{all} requests at once with a cap of 16");
     let admin = moto.admin();
     assert!(get(&admin, BUCKET, "foo/many/big.bin").await == big);
     for (i, data) in small.iter().enumerate() {

@@ -152,11 +152,14 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Counts under the operation's name and under `*` (every request).
     fn enter(state: &Arc<State>, op: &str) -> InFlight {
         let mut all = state.in_flight.lock().unwrap();
-        let e = all.entry(op.to_string()).or_default();
-        e.0 += 1;
-        e.1 = e.1.max(e.0);
+        for name in [op, "*"] {
+            let e = all.entry(name.to_string()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(e.0);
+        }
         InFlight {
             state: state.clone(),
             op: op.to_string(),
@@ -166,8 +169,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(e) = self.state.in_flight.lock().unwrap().get_mut(&self.op) {
-            e.0 -= 1;
+        let mut all = self.state.in_flight.lock().unwrap();
+        for name in [self.op.as_str(), "*"] {
+            if let Some(e) = all.get_mut(name) {
+                e.0 -= 1;
+            }
         }
     }
 }
@@ -334,7 +340,8 @@ impl Proxy {
         *self.state.latency.lock().unwrap() = d;
     }
 
-    /// The most requests of `op` that were in the proxy at once.
+    /// The most requests of `op` (`*`: of any kind) that were in the proxy
+    /// at once.
     pub fn peak_in_flight(&self, op: &str) -> usize {
         self.state
             .in_flight
