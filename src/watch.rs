@@ -26,7 +26,8 @@
 //! (news of more is dropped and a rescan finds those files later, exactly
 //! as after a kernel queue overflow). It never holds a list of all files.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -141,6 +142,8 @@ struct Pending {
     /// Handed back by the agent: it has a record of this path, so it must
     /// hear about it again even if the file is gone by now.
     requeued: bool,
+    /// When it is to be looked at next, if that is in [`State::due`].
+    due: Option<Instant>,
 }
 
 impl Pending {
@@ -152,6 +155,64 @@ impl Pending {
             writers,
             not_before: now,
             requeued: false,
+            due: None,
+        }
+    }
+
+    /// The earliest it can be judged finished: quiet for `settle` (the
+    /// shortest quiet time of any rule) and not before the agent asked.
+    fn earliest(&self, settle: Duration) -> Instant {
+        self.not_before.max(self.stable_since + settle)
+    }
+}
+
+/// When files are to be looked at: each file once, at the moment it may be
+/// finished, so that it is taken then and not at the next periodic pass.
+#[derive(Default)]
+struct Due(BinaryHeap<Reverse<(Instant, PathBuf)>>);
+
+impl Due {
+    /// Asks for `path` to be looked at `at`, unless it is already to be
+    /// looked at no later (that look asks again if it is too early).
+    fn at(&mut self, path: &Path, p: &mut Pending, at: Instant) {
+        if p.due.is_some_and(|d| d <= at) {
+            return;
+        }
+        p.due = Some(at);
+        self.0.push(Reverse((at, path.to_path_buf())));
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.0.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// The paths due by `now` whose look is still wanted (a file judged
+    /// meanwhile, or asked for earlier, leaves its entry behind).
+    fn take(&mut self, now: Instant, waiting: &mut HashMap<PathBuf, Pending>) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
+        while let Some(Reverse((t, _))) = self.0.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((t, path))) = self.0.pop() else {
+                break;
+            };
+            if let Some(p) = waiting.get_mut(&path)
+                && p.due == Some(t)
+            {
+                p.due = None;
+                paths.push(path);
+            }
+        }
+        paths
+    }
+
+    /// Entries left behind by files no longer waiting are dropped once
+    /// they outnumber those waiting, so the heap stays bounded by them.
+    fn trim(&mut self, waiting: &HashMap<PathBuf, Pending>) {
+        if self.0.len() > 2 * waiting.len() + 1024 {
+            self.0
+                .retain(|Reverse((t, path))| waiting.get(path).is_some_and(|p| p.due == Some(*t)));
         }
     }
 }
@@ -219,6 +280,8 @@ impl Scans {
 struct State {
     /// Files that are changing or settling.
     waiting: HashMap<PathBuf, Pending>,
+    /// When each of them is to be looked at.
+    due: Due,
     /// Finished files, waiting for room in the agent's queue.
     ready: VecDeque<Candidate>,
     /// The paths in `ready`.
@@ -360,6 +423,9 @@ impl Watch {
             if p.writers == Writers::Writing && now.duration_since(p.stable_since) >= stall {
                 tracing::warn!(path = ?path, quiet_for = ?stall, "seen being written, but no close came; judged as a file of unknown history from now on (it will be sent but not deleted or moved)");
                 p.writers = Writers::Unclosed;
+                // Judged on quiet time from now on.
+                let at = p.earliest(settle);
+                st.due.at(path, p, at);
             }
         }
     }
@@ -387,10 +453,12 @@ impl Watch {
         };
         let p = st
             .waiting
-            .entry(rq.path)
+            .entry(rq.path.clone())
             .or_insert_with(|| Pending::new(watch, rq.writers, Instant::now()));
         p.not_before = p.not_before.max(rq.not_before);
         p.requeued = true;
+        let at = p.earliest(self.watches[watch].settle);
+        st.due.at(&rq.path, p, at);
     }
 
     /// The status of `path` (`lstat`), reached beneath its watched folder
@@ -462,8 +530,24 @@ impl Watch {
             tokio::time::Instant::now() + self.rescan_interval,
             self.rescan_interval,
         );
+        // The next look that is due (see [`Due`]).
+        let due = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(due);
+        let mut due_at: Option<Instant> = None;
         loop {
+            // Not while `ready` is full: the periodic pass takes over then.
+            let next = st.due.next().filter(|_| st.ready.len() < READY_MAX);
+            if next != due_at {
+                if let Some(at) = next {
+                    due.as_mut().reset(at.into());
+                }
+                due_at = next;
+            }
             tokio::select! {
+                () = &mut due, if due_at.is_some() => {
+                    due_at = None;
+                    self.settle_due(&mut st);
+                }
                 Some(item) = rx.recv() => {
                     self.intake(item, &mut st);
                     // Drain what is already there before looking at files.
@@ -568,6 +652,8 @@ impl Watch {
             if rule == Rule::Weak && writers.contains(&(v.dev, v.ino)) {
                 let mut p = Pending::new(watch, Writers::Unknown, now);
                 p.last = Some(v);
+                let at = p.earliest(self.watches[watch].settle);
+                st.due.at(&path, &mut p, at);
                 st.waiting.insert(path, p);
             } else {
                 st.make_ready(Candidate {
@@ -618,8 +704,10 @@ impl Watch {
             }
         }
         if st.room_for(&path) {
-            st.waiting
-                .insert(path, Pending::new(watch, Writers::Unknown, Instant::now()));
+            let mut p = Pending::new(watch, Writers::Unknown, Instant::now());
+            let at = p.earliest(self.watches[watch].settle);
+            st.due.at(&path, &mut p, at);
+            st.waiting.insert(path, p);
         }
     }
 
@@ -630,9 +718,11 @@ impl Watch {
                     "file events were lost (queue overflow); rescanning every watched folder"
                 );
                 // A close may have been among the lost events.
-                for p in st.waiting.values_mut() {
+                for (path, p) in st.waiting.iter_mut() {
                     if p.writers == Writers::Writing {
                         p.writers = Writers::Unknown;
+                        let at = p.earliest(self.watches[p.watch].settle);
+                        st.due.at(path, p, at);
                     }
                 }
                 st.scans.request(self.roots());
@@ -685,118 +775,211 @@ impl Watch {
                 };
                 let p = st
                     .waiting
-                    .entry(path)
+                    .entry(path.clone())
                     .or_insert_with(|| Pending::new(watch, Writers::Unknown, now));
                 if let Some(w) = writers {
                     p.writers = w;
                 }
                 p.stable_since = now;
+                let at = p.earliest(self.watches[watch].settle);
+                st.due.at(&path, p, at);
             }
         }
     }
 
-    /// Moves files that are finished from `waiting` to `ready`.
+    /// One periodic pass: looks at every file waiting, moves those that
+    /// are finished to `ready`, and asks for a look at the others when they
+    /// may be finished. It catches what no look was asked for (a file
+    /// waiting for room in `ready`, or for a close).
     fn settle(&self, st: &mut State) {
         let now = Instant::now();
-        let mut writers: Option<HashSet<(u64, u64)>> = None;
-        let mut done: Vec<PathBuf> = Vec::new();
-        let mut ready: Vec<Candidate> = Vec::new();
-        let room = READY_MAX.saturating_sub(st.ready.len());
-        let mut roots = RootHandles::new(&self.watches);
+        let mut pass = Pass::new(&self.watches, READY_MAX.saturating_sub(st.ready.len()));
         for (path, p) in st.waiting.iter_mut() {
-            if ready.len() >= room {
-                break; // the rest stay tracked and are judged at a later tick
+            if pass.full() {
+                break; // the rest stay tracked and are judged at a later pass
             }
-            if p.not_before > now {
+            let verdict = self.judge(path, p, now, &mut pass, &mut st.links);
+            pass.apply(path, p, verdict, &mut st.due);
+        }
+        pass.end(st);
+    }
+
+    /// Looks at the files whose look is due: each file is taken at the
+    /// moment it may be finished, not up to a periodic pass later.
+    fn settle_due(&self, st: &mut State) {
+        let now = Instant::now();
+        let mut pass = Pass::new(&self.watches, READY_MAX.saturating_sub(st.ready.len()));
+        for path in st.due.take(now, &mut st.waiting) {
+            if pass.full() {
+                break; // the periodic pass judges the rest once there is room
+            }
+            let Some(p) = st.waiting.get_mut(&path) else {
                 continue;
-            }
-            // lstat beneath the watched folder: no symbolic link followed,
-            // in the file's name or in its folders'.
-            let meta = match self.lstat(path, &mut roots) {
-                Ok(m) if m.is_file() => m,
-                Ok(m) => {
-                    if m.file_type().is_symlink() {
-                        st.links
-                            .skipped(path, "symbolic link; not followed, skipped");
-                    }
-                    // A folder, FIFO, socket or device now.
-                    ready.extend(self.gone(path, p));
-                    done.push(path.clone());
-                    continue;
-                }
-                Err(OpenError::Link) => {
-                    st.links.skipped(
-                        path,
-                        "a symbolic link is in its path; not followed, skipped",
-                    );
-                    ready.extend(self.gone(path, p));
-                    done.push(path.clone());
-                    continue;
-                }
-                Err(OpenError::Gone) => {
-                    ready.extend(self.gone(path, p));
-                    done.push(path.clone());
-                    continue;
-                }
-                // Out of descriptors or memory: the file is fine, look
-                // again at a later tick.
-                Err(OpenError::Io(e)) if files::is_resource_shortage(&e) => continue,
-                Err(e) => {
-                    tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
-                    done.push(path.clone());
-                    continue;
-                }
             };
-            let v = FileVersion::of(&meta);
-            let rule = self.support.rule(path, &meta);
-            let quiet = self.quiet_needed(p.watch, rule, p.writers);
-            if p.last != Some(v) {
-                // First look, or it changed: stable from now on. A file of
-                // unknown history is stable since it last changed.
-                p.stable_since = match quiet {
-                    Some(q)
-                        if p.last.is_none()
-                            && matches!(p.writers, Writers::Unknown | Writers::Unclosed) =>
-                    {
-                        now.checked_sub(untouched(&v).min(q)).unwrap_or(now)
-                    }
-                    _ => now,
-                };
-                p.last = Some(v);
-            }
-            // Under the weak rule a file seen being written waits for its
-            // close (or a rename), never for quiet time alone.
-            let Some(quiet) = quiet else { continue };
-            if now.duration_since(p.stable_since) < quiet {
-                continue;
-            }
-            // /proc is cheap and catches the writers it can see, even of a
-            // file closed or renamed in while someone else still writes.
-            if rule == Rule::Weak {
-                let w = writers.get_or_insert_with(open_for_writing);
-                if w.contains(&(meta.dev(), meta.ino())) {
-                    p.stable_since = now;
-                    continue;
+            let verdict = self.judge(&path, p, now, &mut pass, &mut st.links);
+            pass.apply(&path, p, verdict, &mut st.due);
+        }
+        pass.end(st);
+    }
+
+    /// Looks at one waiting file (beneath its watched folder, no link
+    /// followed) and judges whether it is finished.
+    fn judge(
+        &self,
+        path: &Path,
+        p: &mut Pending,
+        now: Instant,
+        pass: &mut Pass<'_>,
+        links: &mut LinkLog,
+    ) -> Verdict {
+        let settle = self.watches[p.watch].settle;
+        if p.not_before > now {
+            return Verdict::Wait(Some(p.earliest(settle)));
+        }
+        // lstat beneath the watched folder: no symbolic link followed,
+        // in the file's name or in its folders'.
+        let meta = match self.lstat(path, &mut pass.roots) {
+            Ok(m) if m.is_file() => m,
+            Ok(m) => {
+                if m.file_type().is_symlink() {
+                    links.skipped(path, "symbolic link; not followed, skipped");
                 }
+                // A folder, FIFO, socket or device now.
+                return Verdict::Drop(self.gone(path, p));
             }
-            done.push(path.clone());
-            if let Some((watch, rel)) = self.locate(path) {
-                ready.push(Candidate {
-                    watch,
-                    path: path.clone(),
-                    rel,
-                    version: Some(v),
-                    writers: p.writers,
-                    rule,
-                });
+            Err(OpenError::Link) => {
+                links.skipped(
+                    path,
+                    "a symbolic link is in its path; not followed, skipped",
+                );
+                return Verdict::Drop(self.gone(path, p));
+            }
+            Err(OpenError::Gone) => return Verdict::Drop(self.gone(path, p)),
+            // Out of descriptors or memory: the file is fine, look again
+            // at a later pass.
+            Err(OpenError::Io(e)) if files::is_resource_shortage(&e) => {
+                return Verdict::Wait(None);
+            }
+            Err(e) => {
+                tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
+                return Verdict::Drop(None);
+            }
+        };
+        let v = FileVersion::of(&meta);
+        let rule = self.support.rule(path, &meta);
+        let quiet = self.quiet_needed(p.watch, rule, p.writers);
+        if p.last != Some(v) {
+            // First look, or it changed: stable from now on. A file of
+            // unknown history is stable since it last changed; at the first
+            // look at a file events told of, it is stable since that news,
+            // or since it last changed if that is later (a change whose
+            // news has not come yet).
+            let changed = now.checked_sub(untouched(&v));
+            p.stable_since = match quiet {
+                Some(q)
+                    if p.last.is_none()
+                        && matches!(p.writers, Writers::Unknown | Writers::Unclosed) =>
+                {
+                    now.checked_sub(untouched(&v).min(q)).unwrap_or(now)
+                }
+                _ if p.last.is_none() => changed.map_or(p.stable_since, |c| c.max(p.stable_since)),
+                _ => now,
+            };
+            p.last = Some(v);
+        }
+        // Under the weak rule a file seen being written waits for its
+        // close (or a rename), never for quiet time alone.
+        let Some(quiet) = quiet else {
+            return Verdict::Wait(None);
+        };
+        let finished_at = p.stable_since + quiet;
+        if now < finished_at {
+            return Verdict::Wait(Some(finished_at));
+        }
+        // /proc is cheap and catches the writers it can see, even of a
+        // file closed or renamed in while someone else still writes.
+        if rule == Rule::Weak {
+            let w = pass.writers.get_or_insert_with(open_for_writing);
+            if w.contains(&(meta.dev(), meta.ino())) {
+                p.stable_since = now;
+                return Verdict::Wait(Some(now + quiet));
             }
         }
-        for path in done {
+        match self.locate(path) {
+            Some((watch, rel)) => Verdict::Ready(Candidate {
+                watch,
+                path: path.to_path_buf(),
+                rel,
+                version: Some(v),
+                writers: p.writers,
+                rule,
+            }),
+            None => Verdict::Drop(None),
+        }
+    }
+}
+
+/// What one look at a waiting file decided.
+enum Verdict {
+    /// Not finished: look again then (`None`: when news of it comes, or at
+    /// a periodic pass).
+    Wait(Option<Instant>),
+    /// Nothing to send any more; the candidate tells the agent a file it
+    /// handed back is gone.
+    Drop(Option<Candidate>),
+    /// Finished.
+    Ready(Candidate),
+}
+
+/// One pass over waiting files: what it found, and what it shares between
+/// its looks (the handles on the watched folders, `/proc`'s writers).
+struct Pass<'a> {
+    roots: RootHandles<'a>,
+    writers: Option<HashSet<(u64, u64)>>,
+    room: usize,
+    done: Vec<PathBuf>,
+    ready: Vec<Candidate>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(watches: &'a [WatchSettings], room: usize) -> Self {
+        Pass {
+            roots: RootHandles::new(watches),
+            writers: None,
+            room,
+            done: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// No more room in `ready` for this pass.
+    fn full(&self) -> bool {
+        self.ready.len() >= self.room
+    }
+
+    fn apply(&mut self, path: &Path, p: &mut Pending, verdict: Verdict, due: &mut Due) {
+        match verdict {
+            Verdict::Wait(Some(at)) => due.at(path, p, at),
+            Verdict::Wait(None) => {}
+            Verdict::Drop(c) => {
+                self.ready.extend(c);
+                self.done.push(path.to_path_buf());
+            }
+            Verdict::Ready(c) => {
+                self.ready.push(c);
+                self.done.push(path.to_path_buf());
+            }
+        }
+    }
+
+    fn end(self, st: &mut State) {
+        for path in self.done {
             st.waiting.remove(&path);
         }
-        for c in ready {
+        for c in self.ready {
             st.make_ready(c);
         }
+        st.due.trim(&st.waiting);
     }
 }
 
@@ -1080,6 +1263,63 @@ mod tests {
         st.queued.clear();
         w.settle(&mut st);
         assert_eq!((st.ready.len(), st.waiting.len()), (500, 0));
+    }
+
+    #[tokio::test]
+    async fn a_closed_file_is_taken_when_its_settle_ends_not_at_a_later_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher_of(dir.path());
+        let mut st = w.state();
+        let path = dir.path().join("closed");
+        std::fs::write(&path, b"x").unwrap();
+        let news = Instant::now();
+        let change = Change::Closed;
+        w.intake(
+            Intake::Changed {
+                path: path.clone(),
+                change,
+            },
+            &mut st,
+        );
+        let due = st.due.next().expect("a look is asked for");
+        let settle = Duration::from_millis(100);
+        assert!(due >= news + settle && due <= Instant::now() + settle);
+        // A periodic pass right after the close looks at it: too early,
+        // and that first look does not start its quiet time again.
+        w.settle(&mut st);
+        w.settle_due(&mut st);
+        assert!(st.ready.is_empty());
+        assert_eq!(st.due.next(), Some(due), "one look asked for");
+        tokio::time::sleep_until(due.into()).await;
+        w.settle_due(&mut st);
+        assert_eq!(st.ready.len(), 1, "taken at its deadline");
+        assert!(st.waiting.is_empty() && st.due.next().is_none());
+
+        // A change whose news has not come yet counts from the change.
+        let path = dir.path().join("rewritten");
+        std::fs::write(&path, b"x").unwrap();
+        let change = Change::Closed;
+        w.intake(
+            Intake::Changed {
+                path: path.clone(),
+                change,
+            },
+            &mut st,
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        std::fs::write(&path, b"xy").unwrap();
+        let due = st.due.next().unwrap();
+        tokio::time::sleep_until(due.into()).await;
+        w.settle_due(&mut st);
+        assert_eq!(st.ready.len(), 1, "not yet: it changed 60 ms later");
+        let again = st.due.next().expect("looked at again when quiet");
+        assert!(
+            again >= due + Duration::from_millis(50),
+            "{again:?} {due:?}"
+        );
+        tokio::time::sleep_until(again.into()).await;
+        w.settle_due(&mut st);
+        assert_eq!(st.ready.len(), 2);
     }
 
     #[tokio::test]
