@@ -21,7 +21,11 @@
 #
 # Environment: SETTLE (1s), RATES ("10:200 100:1000 1000:2000", rate:files),
 # BACKLOG (10000, 0 to skip), CONCURRENCY (the [upload] concurrency; unset:
-# putonly's default), ROUNDS (1: each measurement per binary).
+# putonly's default), ROUNDS (1: each measurement per binary), KEEP_LOGS
+# (a folder to keep each latency run's log and close times in),
+# PUTONLY_LOG=putonly=debug (also prints, per rate, where the time goes
+# between the agent's debug lines: finished, taken, recorded, sent,
+# uploaded; debug logging costs some CPU of its own).
 # Needs scripts/install-garage.sh first. Runs on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -134,17 +138,23 @@ for line in open(closes_file):
     ns, path = line.rstrip("\n").split(" ", 1)
     closes[path] = int(ns)
 done = {}
+# With PUTONLY_LOG=putonly=debug, where the time goes: the agent's debug
+# lines for each file, in order.
+steps = ["finished", "taken", "recorded; sending", "sent; recording it done", "uploaded"]
+seen = {s: {} for s in steps}
 for line in open(log):
     if not line.startswith("{"):
         continue
     e = json.loads(line)
     f = e.get("fields", {})
-    if f.get("message") != "uploaded":
+    step = f.get("message")
+    if step not in seen or "path" not in f:
         continue
     path = json.loads(f["path"])  # Debug-formatted: a quoted string
-    if path in closes and path not in done:
+    if path in closes and path not in seen[step]:
         t = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
-        done[path] = t.timestamp()
+        seen[step][path] = t.timestamp()
+done = seen["uploaded"]
 lat = sorted((done[p] - closes[p] / 1e9 - settle) * 1000 for p in done)
 if not lat:
     print("no file done"); sys.exit()
@@ -152,6 +162,16 @@ q = lambda x: lat[min(len(lat) - 1, int(x * len(lat)))]
 missing = len(closes) - len(lat)
 print(f"p50 {q(0.5):7.1f} ms  p99 {q(0.99):7.1f} ms  max {lat[-1]:7.1f} ms  min {lat[0]:6.1f} ms"
       + (f"  ({missing} not done)" if missing else ""))
+prev = ("close + settle", {p: t / 1e9 + settle for p, t in closes.items()})
+for step in steps:
+    at = seen[step]
+    if not at:
+        continue
+    d = sorted((at[p] - prev[1][p]) * 1000 for p in at if p in prev[1])
+    if d:
+        qq = lambda x: d[min(len(d) - 1, int(x * len(d)))]
+        print(f"    {prev[0]:>24} -> {step:<24} p50 {qq(0.5):7.1f} ms  p99 {qq(0.99):7.1f} ms  max {d[-1]:7.1f} ms")
+    prev = (step, at)
 PY
 
 settle_s=$(python3 -c "import sys; s=sys.argv[1]; print(float(s[:-2])/1000 if s.endswith('ms') else float(s.rstrip('s')))" "$settle")

@@ -964,6 +964,7 @@ impl Ctx {
             }
         }
         ::metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+        tracing::debug!(path = ?path, "taken");
         self.process_file(&cand, watch).await;
         ::metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
         self.in_flight
@@ -1147,6 +1148,7 @@ impl Ctx {
                 resume,
             } => (id, attempts, resume),
         };
+        tracing::debug!(path = ?path, "recorded; sending");
         let checked = key.and_then(|k| self.settings.bucket.guard.check(&k).map(|()| k));
         let key = match checked {
             Ok(k) => k,
@@ -1197,6 +1199,7 @@ impl Ctx {
         };
         match result {
             Ok(up) => {
+                tracing::debug!(path = ?path, "sent; recording it done");
                 if (watch.manifest && !self.remember_checksum(id, up.crc).await)
                     || !self.record_done(id, &up).await
                 {

@@ -966,6 +966,7 @@ impl<'a> Pass<'a> {
                 self.done.push(path.to_path_buf());
             }
             Verdict::Ready(c) => {
+                tracing::debug!(path = ?c.path, "finished");
                 self.ready.push(c);
                 self.done.push(path.to_path_buf());
             }
