@@ -34,7 +34,9 @@ use crate::batches::{self, Gate, Markers};
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::files::{self, OpenError};
-use crate::journal::{AgentLock, FileVersion, Journal, JournalError, Resume, Seen, now};
+use crate::journal::{
+    AgentLock, FileVersion, GroupCommit, Journal, JournalError, Resume, Seen, now,
+};
 use crate::keys::{KeyError, key_for};
 use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
@@ -94,6 +96,8 @@ const MARKER_RECHECK: Duration = Duration::from_secs(1);
 struct Ctx {
     settings: Settings,
     journal: Arc<Journal>,
+    /// Done marks and claims, committed together (group commit).
+    commits: GroupCommit,
     bucket: Arc<WriteOnlyBucket>,
     engine: Engine<WriteOnlyBucket>,
     requeue: mpsc::UnboundedSender<Requeue>,
@@ -197,6 +201,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let ctx = Arc::new(Ctx {
         settings,
         journal: journal.clone(),
+        commits: journal.group_commit(),
         bucket: bucket.clone(),
         engine,
         requeue: requeue_tx,
@@ -706,10 +711,11 @@ impl Ctx {
     }
 
     /// Records the upload done, trying a few times (a busy or briefly full
-    /// disk): nothing may be deleted or moved before it is on record.
+    /// disk): nothing may be deleted or moved before it is on record. With
+    /// other files' marks, in one transaction; back once it is committed.
     async fn record_done(&self, id: i64, up: &crate::upload::Uploaded) -> bool {
         let proof = crate::receipts::Proof::of(&self.settings.bucket.name, up);
-        self.record_outcome("an upload done", move |j| j.done(id, &proof))
+        self.record_outcome("an upload done", || self.commits.done(id, &proof))
             .await
     }
 
@@ -717,33 +723,32 @@ impl Ctx {
     /// file is not sent again, and kept), trying a few times as
     /// [`Ctx::record_done`] does.
     async fn record_exists(&self, id: i64, reason: &str) -> bool {
-        let reason = reason.to_string();
-        self.record_outcome("that a key already held an object", move |j| {
-            j.exists(id, &reason)
+        self.record_outcome("that a key already held an object", || {
+            let (j, reason) = (self.journal.clone(), reason.to_string());
+            async move {
+                tokio::task::spawn_blocking(move || j.exists(id, &reason))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(JournalError::Folder {
+                            path: PathBuf::new(),
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    })
+            }
         })
         .await
     }
 
-    /// Runs the journal write `op` off the runtime, up to five times with
-    /// a growing pause; whether it was recorded.
-    async fn record_outcome(
-        &self,
-        what: &'static str,
-        op: impl Fn(&Journal) -> Result<(), JournalError> + Clone + Send + 'static,
-    ) -> bool {
+    /// Runs the journal write `op` up to five times with a growing pause;
+    /// whether it was recorded.
+    async fn record_outcome<F, Fut>(&self, what: &'static str, op: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), JournalError>>,
+    {
         let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         for attempt in 1..=5 {
-            let j = self.journal.clone();
-            let op = op.clone();
-            let r = tokio::task::spawn_blocking(move || op(&j))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(JournalError::Folder {
-                        path: PathBuf::new(),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                });
-            match r {
+            match op().await {
                 Ok(()) => {
                     self.health.journal_write(Ok(()));
                     return true;
@@ -1325,18 +1330,12 @@ impl Ctx {
             return; // failed lately: tried again after its backoff
         }
         let claim = after_upload::claim_name(id);
-        // Recorded (with a full sync) before the rename; off the runtime.
-        let j = self.journal.clone();
-        let name = claim.clone();
-        let claimed = tokio::task::spawn_blocking(move || j.claim(id, &name)).await;
-        match claimed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(path = ?cand.path, error = %e, "uploaded; the after_upload action is left for later: the journal cannot record it");
-                self.health.journal_write(Err(e.to_string()));
-                return;
-            }
-            Err(_) => return,
+        // Recorded (with a full sync, shared with the other marks queued
+        // meanwhile) before the rename; off the runtime.
+        if let Err(e) = self.commits.claim(id, &claim).await {
+            tracing::warn!(path = ?cand.path, error = %e, "uploaded; the after_upload action is left for later: the journal cannot record it");
+            self.health.journal_write(Err(e.to_string()));
+            return;
         }
         self.running_claims().insert(id);
         let (root, rel) = (watch.path.clone(), cand.rel.clone());

@@ -17,7 +17,8 @@
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -442,6 +443,124 @@ fn migrate_add_ctime(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// A transition that may be committed with others (see
+/// [`Journal::group_commit`]).
+#[derive(Debug, Clone)]
+enum Mark {
+    /// The object is complete in the bucket; its receipt is kept with it.
+    Done { id: i64, proof: Box<Proof> },
+    /// An after-upload action is about to rename the file to `name`.
+    Claim { id: i64, name: String },
+}
+
+impl Mark {
+    fn apply(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        match self {
+            Mark::Done { id, proof } => {
+                let t = now();
+                tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+                tx.execute(
+                    "UPDATE files SET state = 'done', etag = ?2, done_at = ?3, updated_at = ?3,
+                            upload_id = NULL, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
+                    params![id, proof.etag, t],
+                )?;
+                crate::batches::on_done(tx, *id)?;
+                receipts::insert(tx, *id, proof, t)?;
+            }
+            Mark::Claim { id, name } => {
+                tx.execute(
+                    "UPDATE files SET claimed_at = ?2, claim_name = ?3 WHERE id = ?1",
+                    params![id, now(), name],
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// At most this many marks in one transaction of the group commit.
+const GROUP_MAX: usize = 512;
+
+struct Queued {
+    mark: Mark,
+    reply: tokio::sync::oneshot::Sender<Result<(), JournalError>>,
+}
+
+/// How many transactions the group commit ran, for how many marks.
+#[derive(Debug, Default)]
+pub struct GroupStats {
+    pub transactions: AtomicU64,
+    pub marks: AtomicU64,
+}
+
+/// Group commit (see [`Journal::group_commit`]): many files' done marks
+/// and claims committed in one transaction, and one sync for the claims
+/// among them, instead of one each. Each caller's future ends only once
+/// its own mark is committed (or failed), so nothing is deleted or moved
+/// before its done is on record; a mark is never acknowledged from a
+/// transaction that did not commit.
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
+    journal: Arc<Journal>,
+    /// `None` when the thread could not be started: each mark is then
+    /// committed on its own, off the runtime.
+    queue: Option<tokio::sync::mpsc::UnboundedSender<Queued>>,
+    stats: Arc<GroupStats>,
+}
+
+impl GroupCommit {
+    /// [`Journal::done`], committed with whatever else is queued.
+    pub async fn done(&self, id: i64, proof: &Proof) -> Result<(), JournalError> {
+        self.commit(Mark::Done {
+            id,
+            proof: Box::new(proof.clone()),
+        })
+        .await
+    }
+
+    /// [`Journal::claim`] (a full sync), committed with whatever else is
+    /// queued.
+    pub async fn claim(&self, id: i64, name: &str) -> Result<(), JournalError> {
+        self.commit(Mark::Claim {
+            id,
+            name: name.to_string(),
+        })
+        .await
+    }
+
+    pub fn stats(&self) -> &GroupStats {
+        &self.stats
+    }
+
+    async fn commit(&self, mark: Mark) -> Result<(), JournalError> {
+        if let Some(queue) = &self.queue {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if queue
+                .send(Queued {
+                    mark: mark.clone(),
+                    reply,
+                })
+                .is_ok()
+                && let Ok(r) = answer.await
+            {
+                return r;
+            }
+            // The thread is gone (it cannot be, short of a panic): the
+            // mark is committed on its own below. Committing it twice is
+            // harmless.
+        }
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || journal.commit(std::slice::from_ref(&mark)))
+            .await
+            .unwrap_or_else(|e| {
+                Err(JournalError::Folder {
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+    }
+}
+
 /// The journal; cheap operations, safe to share between tasks.
 pub struct Journal {
     path: PathBuf,
@@ -672,19 +791,10 @@ impl Journal {
     /// The object is complete in the bucket; its receipt is kept with it,
     /// in the same transaction.
     pub fn done(&self, id: i64, proof: &Proof) -> Result<(), JournalError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let t = now();
-            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
-            tx.execute(
-                "UPDATE files SET state = 'done', etag = ?2, done_at = ?3, updated_at = ?3,
-                        upload_id = NULL, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
-                params![id, proof.etag, t],
-            )?;
-            crate::batches::on_done(&tx, id)?;
-            receipts::insert(&tx, id, proof, t)?;
-            tx.commit()
-        })
+        self.commit(&[Mark::Done {
+            id,
+            proof: Box::new(proof.clone()),
+        }])
     }
 
     /// Calls `each` with every receipt recorded at or after `since` (unix
@@ -733,15 +843,88 @@ impl Journal {
     /// disk before a merely written WAL frame), so that a crash in the
     /// middle, power loss included, is repaired at the next start.
     pub fn claim(&self, id: i64, name: &str) -> Result<(), JournalError> {
+        self.commit(&[Mark::Claim {
+            id,
+            name: name.to_string(),
+        }])
+    }
+
+    /// Commits `marks` in one transaction, with a full sync if one of
+    /// them is a claim.
+    fn commit(&self, marks: &[Mark]) -> Result<(), JournalError> {
+        let full = marks.iter().any(|m| matches!(m, Mark::Claim { .. }));
         self.with(|conn| {
-            conn.pragma_update(None, "synchronous", "FULL")?;
-            let done = conn.execute(
-                "UPDATE files SET claimed_at = ?2, claim_name = ?3 WHERE id = ?1",
-                params![id, now(), name],
-            );
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            done.map(|_| ())
+            if full {
+                conn.pragma_update(None, "synchronous", "FULL")?;
+            }
+            let committed = (|| {
+                let tx = conn.transaction()?;
+                for mark in marks {
+                    mark.apply(&tx)?;
+                }
+                tx.commit()
+            })();
+            if full {
+                // Should this fail, commits stay fully synced: slower, as safe.
+                let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+            }
+            committed
         })
+    }
+
+    /// Starts the journal's group commit: one thread that commits, in one
+    /// transaction, every mark queued while the previous transaction ran.
+    pub fn group_commit(self: &Arc<Self>) -> GroupCommit {
+        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Queued>();
+        let stats = Arc::new(GroupStats::default());
+        let (journal, counts) = (self.clone(), stats.clone());
+        let started = std::thread::Builder::new()
+            .name("putonly-journal".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < GROUP_MAX {
+                        match rx.try_recv() {
+                            Ok(q) => batch.push(q),
+                            Err(_) => break,
+                        }
+                    }
+                    let marks: Vec<Mark> = batch.iter().map(|q| q.mark.clone()).collect();
+                    counts.transactions.fetch_add(1, Ordering::Relaxed);
+                    counts
+                        .marks
+                        .fetch_add(marks.len() as u64, Ordering::Relaxed);
+                    match journal.commit(&marks) {
+                        Ok(()) => {
+                            for q in batch {
+                                let _ = q.reply.send(Ok(()));
+                            }
+                        }
+                        // Each on its own then, so each caller has its
+                        // own answer.
+                        Err(e) if batch.len() == 1 => {
+                            if let Some(q) = batch.pop() {
+                                let _ = q.reply.send(Err(e));
+                            }
+                        }
+                        Err(_) => {
+                            for q in batch {
+                                counts.transactions.fetch_add(1, Ordering::Relaxed);
+                                let r = journal.commit(std::slice::from_ref(&q.mark));
+                                let _ = q.reply.send(r);
+                            }
+                        }
+                    }
+                }
+            });
+        if let Err(e) = &started {
+            tracing::warn!(error = %e, "journal: no group commit thread; each mark commits on its own");
+        }
+        GroupCommit {
+            journal: self.clone(),
+            queue: started.ok().map(|_| queue),
+            stats,
+        }
     }
 
     /// The after-upload action is over (done, or the file put back).
@@ -1365,6 +1548,79 @@ mod tests {
             })
             .unwrap();
         assert_eq!(fk, 0, "foreign keys hold after the migration");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn group_commit_puts_marks_queued_together_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        let n = 100;
+        let ids: Vec<i64> = (0..n)
+            .map(|i| {
+                let path = PathBuf::from(format!("/g{i}"));
+                match j.observe("w", &path, v(1, 1), "foo/g").unwrap().0 {
+                    Seen::Upload { id, .. } => id,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        let group = j.group_commit();
+        // The journal busy (as with a transaction under way): marks queue.
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                let _conn = j.conn.lock().unwrap();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            })
+        };
+        held.recv().unwrap();
+        let mut callers = tokio::task::JoinSet::new();
+        for (i, id) in ids.iter().copied().enumerate() {
+            let (group, state) = (group.clone(), dir.path().to_path_buf());
+            callers.spawn(async move {
+                // Done marks, and a few claims (a full sync) among them.
+                let claim = i % 10 == 0;
+                if claim {
+                    group.claim(id, "private").await.unwrap();
+                } else {
+                    group.done(id, &proof("k", "etag")).await.unwrap();
+                }
+                // Back only once committed: another connection sees it.
+                let reader = Journal::open_read_only(&state).unwrap();
+                let (state, claimed) = reader
+                    .with(|c| {
+                        c.query_row(
+                            "SELECT state, claim_name IS NOT NULL FROM files WHERE id = ?1",
+                            [id],
+                            |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
+                        )
+                    })
+                    .unwrap();
+                if claim { claimed } else { state == "done" }
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(group.stats().transactions.load(Ordering::Relaxed), 1);
+        release.send(()).unwrap();
+        busy.join().unwrap();
+        while let Some(committed) = callers.join_next().await {
+            assert!(
+                committed.unwrap(),
+                "a caller was answered before its commit"
+            );
+        }
+        let (transactions, marks) = (
+            group.stats().transactions.load(Ordering::Relaxed),
+            group.stats().marks.load(Ordering::Relaxed),
+        );
+        assert_eq!(marks, n as u64);
+        // The one under way when the journal was busy, then the rest.
+        assert!(transactions <= 3, "{transactions} transactions");
+        assert_eq!(j.claims(now() + 1).unwrap().len(), 10);
+        assert_eq!(j.status().unwrap().done, n as u64 - 10);
     }
 
     #[test]
