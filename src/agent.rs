@@ -298,6 +298,14 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
+    let group = ctx.commits.stats();
+    tracing::debug!(
+        marks = group.marks.load(std::sync::atomic::Ordering::Relaxed),
+        transactions = group
+            .transactions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "journal group commit"
+    );
     if let Err(e) = journal.set_meta("agent_stopped_at", &now().to_string()) {
         tracing::warn!(error = %e, "journal: cannot record the stop");
     }
