@@ -869,11 +869,13 @@ impl Watch {
         let rule = self.support.rule(path, &meta);
         let quiet = self.quiet_needed(p.watch, rule, p.writers);
         if p.last != Some(v) {
-            // First look, or it changed: stable from now on. A file of
-            // unknown history is stable since it last changed; at the first
-            // look at a file events told of, it is stable since that news,
-            // or since it last changed if that is later (a change whose
-            // news has not come yet).
+            // First look, or it changed. A file of unknown history is
+            // stable since it last changed (at most `quiet` ago); any
+            // other since the latest news of it, or since it last changed
+            // (its ctime, which no one can set) if that is later: a change
+            // whose news has not come yet. Not from the look itself, or a
+            // file first looked at while being written would wait up to a
+            // periodic pass more than `settle` after its close.
             let changed = now.checked_sub(untouched(&v));
             p.stable_since = match quiet {
                 Some(q)
@@ -882,8 +884,7 @@ impl Watch {
                 {
                     now.checked_sub(untouched(&v).min(q)).unwrap_or(now)
                 }
-                _ if p.last.is_none() => changed.map_or(p.stable_since, |c| c.max(p.stable_since)),
-                _ => now,
+                _ => changed.map_or(p.stable_since, |c| c.max(p.stable_since)),
             };
             p.last = Some(v);
         }
@@ -1296,7 +1297,9 @@ mod tests {
         assert_eq!(st.ready.len(), 1, "taken at its deadline");
         assert!(st.waiting.is_empty() && st.due.next().is_none());
 
-        // A change whose news has not come yet counts from the change.
+        // A change whose news has not come yet counts from the change
+        // (its ctime), not from the look that saw it: here a file looked
+        // at once, then written again with no news of it.
         let path = dir.path().join("rewritten");
         std::fs::write(&path, b"x").unwrap();
         let change = Change::Closed;
@@ -1307,16 +1310,20 @@ mod tests {
             },
             &mut st,
         );
+        w.settle(&mut st);
         tokio::time::sleep(Duration::from_millis(60)).await;
+        let writing = Instant::now();
         std::fs::write(&path, b"xy").unwrap();
+        let written = Instant::now();
         let due = st.due.next().unwrap();
-        tokio::time::sleep_until(due.into()).await;
+        tokio::time::sleep_until((due + Duration::from_millis(20)).into()).await;
         w.settle_due(&mut st);
         assert_eq!(st.ready.len(), 1, "not yet: it changed 60 ms later");
         let again = st.due.next().expect("looked at again when quiet");
+        // (ctime comes from a coarse clock: up to a few ms early.)
         assert!(
-            again >= due + Duration::from_millis(50),
-            "{again:?} {due:?}"
+            again >= writing + settle - Duration::from_millis(10) && again <= written + settle,
+            "{again:?} {writing:?}"
         );
         tokio::time::sleep_until(again.into()).await;
         w.settle_due(&mut st);
