@@ -144,6 +144,9 @@ struct Pending {
     requeued: bool,
     /// When it is to be looked at next, if that is in [`State::due`].
     due: Option<Instant>,
+    /// News of it came since the last look: a change the last look did not
+    /// see has a local time (the news), not only its own timestamps.
+    news: bool,
 }
 
 impl Pending {
@@ -156,6 +159,7 @@ impl Pending {
             not_before: now,
             requeued: false,
             due: None,
+            news: false,
         }
     }
 
@@ -297,6 +301,8 @@ struct State {
     unwatchable_full: bool,
     /// The log lines about links, limited.
     links: LinkLog,
+    /// When /proc was last looked through for writers.
+    proc_scanned_at: Option<Instant>,
 }
 
 /// Links skipped are logged, but a producer making links by the thousand
@@ -781,6 +787,7 @@ impl Watch {
                     p.writers = w;
                 }
                 p.stable_since = now;
+                p.news = true;
                 let at = p.earliest(self.watches[watch].settle);
                 st.due.at(&path, p, at);
             }
@@ -793,7 +800,11 @@ impl Watch {
     /// waiting for room in `ready`, or for a close).
     fn settle(&self, st: &mut State) {
         let now = Instant::now();
-        let mut pass = Pass::new(&self.watches, READY_MAX.saturating_sub(st.ready.len()));
+        let mut pass = Pass::new(
+            &self.watches,
+            READY_MAX.saturating_sub(st.ready.len()),
+            st.proc_scanned_at,
+        );
         for (path, p) in st.waiting.iter_mut() {
             if pass.full() {
                 break; // the rest stay tracked and are judged at a later pass
@@ -808,7 +819,11 @@ impl Watch {
     /// moment it may be finished, not up to a periodic pass later.
     fn settle_due(&self, st: &mut State) {
         let now = Instant::now();
-        let mut pass = Pass::new(&self.watches, READY_MAX.saturating_sub(st.ready.len()));
+        let mut pass = Pass::new(
+            &self.watches,
+            READY_MAX.saturating_sub(st.ready.len()),
+            st.proc_scanned_at,
+        );
         for path in st.due.take(now, &mut st.waiting) {
             if pass.full() {
                 break; // the periodic pass judges the rest once there is room
@@ -884,10 +899,18 @@ impl Watch {
                 {
                     now.checked_sub(untouched(&v).min(q)).unwrap_or(now)
                 }
+                // Changed since the last look with no news of it (a writer
+                // on another host of a network filesystem, or news still
+                // on its way): quiet starts now. Its timestamps may come
+                // from another clock, one that runs behind.
+                _ if p.last.is_some() && !p.news => now,
+                // Its timestamps can only make the wait longer than the
+                // news says, never shorter.
                 _ => changed.map_or(p.stable_since, |c| c.max(p.stable_since)),
             };
             p.last = Some(v);
         }
+        p.news = false;
         // Under the weak rule a file seen being written waits for its
         // close (or a rename), never for quiet time alone.
         let Some(quiet) = quiet else {
@@ -900,7 +923,20 @@ impl Watch {
         // /proc is cheap and catches the writers it can see, even of a
         // file closed or renamed in while someone else still writes.
         if rule == Rule::Weak {
-            let w = pass.writers.get_or_insert_with(open_for_writing);
+            // One look through /proc serves every file due within
+            // PROC_SCAN_GAP: a close every few milliseconds must not cost a
+            // scan of every process each.
+            if pass.writers.is_none()
+                && let Some(at) = pass.proc_scanned_at
+                && now < at + PROC_SCAN_GAP
+            {
+                return Verdict::Wait(Some(at + PROC_SCAN_GAP));
+            }
+            let scanned_at = &mut pass.proc_scanned_at;
+            let w = pass.writers.get_or_insert_with(|| {
+                *scanned_at = Some(now);
+                open_for_writing()
+            });
             if w.contains(&(meta.dev(), meta.ino())) {
                 p.stable_since = now;
                 return Verdict::Wait(Some(now + quiet));
@@ -937,16 +973,19 @@ enum Verdict {
 struct Pass<'a> {
     roots: RootHandles<'a>,
     writers: Option<HashSet<(u64, u64)>>,
+    /// When /proc was last looked through, in this pass or an earlier one.
+    proc_scanned_at: Option<Instant>,
     room: usize,
     done: Vec<PathBuf>,
     ready: Vec<Candidate>,
 }
 
 impl<'a> Pass<'a> {
-    fn new(watches: &'a [WatchSettings], room: usize) -> Self {
+    fn new(watches: &'a [WatchSettings], room: usize, proc_scanned_at: Option<Instant>) -> Self {
         Pass {
             roots: RootHandles::new(watches),
             writers: None,
+            proc_scanned_at,
             room,
             done: Vec::new(),
             ready: Vec::new(),
@@ -975,6 +1014,7 @@ impl<'a> Pass<'a> {
     }
 
     fn end(self, st: &mut State) {
+        st.proc_scanned_at = self.proc_scanned_at;
         for path in self.done {
             st.waiting.remove(&path);
         }
@@ -1036,6 +1076,9 @@ fn unwatchable(st: &mut State, path: &Path, why: &str) {
     st.unwatchable.insert(path.to_path_buf());
     tracing::warn!(folder = ?path, error = why, "cannot watch or read this folder; its siblings are watched, it is tried again at every rescan");
 }
+
+/// At most one look through /proc for writers this often (see `judge`).
+const PROC_SCAN_GAP: Duration = Duration::from_millis(50);
 
 /// A file a scan found quiet enough to be ready: path, watch, relative
 /// path, version and rule.
@@ -1297,37 +1340,61 @@ mod tests {
         assert_eq!(st.ready.len(), 1, "taken at its deadline");
         assert!(st.waiting.is_empty() && st.due.next().is_none());
 
-        // A change whose news has not come yet counts from the change
-        // (its ctime), not from the look that saw it: here a file looked
-        // at once, then written again with no news of it.
+        // A change with no news of it (a writer on another host of a
+        // network filesystem, whose clock may run behind) counts from the
+        // look that saw it, whatever its timestamps say.
         let path = dir.path().join("rewritten");
         std::fs::write(&path, b"x").unwrap();
-        let change = Change::Closed;
         w.intake(
             Intake::Changed {
                 path: path.clone(),
-                change,
+                change: Change::Closed,
             },
             &mut st,
         );
         w.settle(&mut st);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let writing = Instant::now();
         std::fs::write(&path, b"xy").unwrap();
-        let written = Instant::now();
         let due = st.due.next().unwrap();
         tokio::time::sleep_until((due + Duration::from_millis(20)).into()).await;
+        let look = Instant::now();
         w.settle_due(&mut st);
         assert_eq!(st.ready.len(), 1, "not yet: it changed 60 ms later");
         let again = st.due.next().expect("looked at again when quiet");
-        // (ctime comes from a coarse clock: up to a few ms early.)
-        assert!(
-            again >= writing + settle - Duration::from_millis(10) && again <= written + settle,
-            "{again:?} {writing:?}"
-        );
+        assert!(again >= look + settle, "{again:?} {look:?}");
         tokio::time::sleep_until(again.into()).await;
         w.settle_due(&mut st);
         assert_eq!(st.ready.len(), 2);
+
+        // With news of the change, it counts from the news (or its ctime,
+        // if later), not from a look that came after: a file first looked
+        // at while being written is taken `settle` after its close.
+        let path = dir.path().join("written-on");
+        std::fs::write(&path, b"x").unwrap();
+        w.intake(
+            Intake::Changed {
+                path: path.clone(),
+                change: Change::Written,
+            },
+            &mut st,
+        );
+        w.settle(&mut st);
+        std::fs::write(&path, b"xy").unwrap();
+        let closed = Instant::now();
+        w.intake(
+            Intake::Changed {
+                path: path.clone(),
+                change: Change::Closed,
+            },
+            &mut st,
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        w.settle(&mut st);
+        let again = st.due.next().expect("looked at again when quiet");
+        assert!(
+            again <= closed + settle + Duration::from_millis(10),
+            "{again:?} {closed:?}"
+        );
     }
 
     #[tokio::test]
