@@ -323,6 +323,19 @@ impl AgentConfig {
         self.settings_with(None)
     }
 
+    /// The state settings of the file, for the commands that read the
+    /// journal (`status`, `receipts`); a file without `state.dir` is a
+    /// usage error saying what lives there (`what`).
+    pub fn state(&self, what: &str) -> Result<crate::config::StateSettings, ExitCode> {
+        let settings = self.settings()?;
+        settings.state.ok_or_else(|| {
+            eprintln!(
+                "putonly: state.dir: is missing; {what} (add [state] dir = \"/var/lib/putonly\")"
+            );
+            ExitCode::from(EXIT_USAGE)
+        })
+    }
+
     /// As [`AgentConfig::settings`], with the external id flags laid over
     /// the file.
     pub fn settings_with(

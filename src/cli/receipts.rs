@@ -12,15 +12,9 @@ use crate::journal::Journal;
 use crate::receipts::{HEADER, parse_since};
 
 pub fn run(args: ReceiptsArgs) -> ExitCode {
-    let settings = match args.agent.settings() {
+    let state = match args.agent.state("the journal and its receipts live there") {
         Ok(s) => s,
         Err(code) => return code,
-    };
-    let Some(state) = settings.state else {
-        eprintln!(
-            "putonly: state.dir: is missing; the journal and its receipts live there (add [state] dir = \"/var/lib/putonly\")"
-        );
-        return ExitCode::from(EXIT_USAGE);
     };
     let since = match args
         .since

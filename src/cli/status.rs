@@ -10,15 +10,9 @@ use crate::journal::{Journal, Status, now};
 use crate::printable::printable;
 
 pub fn run(args: StatusArgs) -> ExitCode {
-    let settings = match args.agent.settings() {
+    let state = match args.agent.state("the journal lives there") {
         Ok(s) => s,
         Err(code) => return code,
-    };
-    let Some(state) = settings.state else {
-        eprintln!(
-            "putonly: state.dir: is missing; the journal lives there (add [state] dir = \"/var/lib/putonly\")"
-        );
-        return ExitCode::from(EXIT_USAGE);
     };
     let status = match Journal::open_read_only(&state.dir).and_then(|j| j.status()) {
         Ok(s) => s,
