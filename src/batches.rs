@@ -299,6 +299,19 @@ fn is_there(root: std::os::fd::BorrowedFd<'_>, rel: &Path, filter: &Filter) -> b
     }
 }
 
+/// The folder of the marker at `rel`, as the files below it are named in
+/// the journal, without a trailing separator: a marker at the top of the
+/// watch has the watched folder itself (`Path::join("")` would add a `/`,
+/// and [`add_history`]'s range `("<folder>/", "<folder>0")` would then
+/// miss every file of the batch).
+fn batch_folder(watch: &WatchSettings, rel: &Path) -> PathBuf {
+    watch
+        .path
+        .join(rel.parent().unwrap_or(Path::new("")))
+        .components()
+        .collect()
+}
+
 /// Lists the batch of a marker: every file the watch takes below the
 /// marker's folder, the markers of that very folder excepted (they do not
 /// wait for one another; those of subfolders are members). Recorded page
@@ -317,7 +330,7 @@ fn list(
 ) -> Result<Option<u64>, BatchError> {
     let marker = watch.path.join(rel);
     let folder_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-    let folder = watch.path.join(&folder_rel);
+    let folder = batch_folder(watch, rel);
     journal.with(|c| {
         let tx = c.transaction()?;
         tx.execute(
@@ -1136,6 +1149,48 @@ mod tests {
         let m2 = f.observe("d/_SUCCESS");
         assert_eq!(f.check(m2, "d/_SUCCESS").gate, Gate::Go);
         assert_eq!(manifest(&f, m2), ["foo/d/e"]);
+    }
+
+    fn manifest_keys(f: &Fixture, m: i64) -> Vec<String> {
+        manifest_of(f, m)["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["key"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn manifest_of(f: &Fixture, m: i64) -> serde_json::Value {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_manifest(&f.j, m, "k", Path::new("k"), dir.path()).unwrap();
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    /// A marker at the top of the watch: its folder is the watched folder
+    /// itself, not "<watch>/" (whose range missed every file sent).
+    #[test]
+    fn the_manifest_of_a_marker_at_the_top_lists_files_sent_and_deleted() {
+        let mut f = fixture();
+        f.w.after_upload = AfterUpload::Delete;
+        for rel in ["a.csv", "sub/b.csv"] {
+            f.write(rel, rel.as_bytes());
+            f.send(rel);
+            std::fs::remove_file(f.root.join(rel)).unwrap();
+        }
+        f.write("_SUCCESS", b"");
+        let m = f.observe("_SUCCESS");
+        assert_eq!(f.check(m, "_SUCCESS").gate, Gate::Go);
+        assert_eq!(manifest_keys(&f, m), ["foo/a.csv", "foo/sub/b.csv"]);
+        let folder: Vec<u8> =
+            f.j.with(|c| {
+                c.query_row(
+                    "SELECT folder FROM batches WHERE marker_id = ?1",
+                    [m],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(folder, f.root.as_os_str().as_bytes());
     }
 
     #[test]
