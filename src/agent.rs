@@ -828,6 +828,9 @@ impl Ctx {
         for gone in &checked.gone {
             tracing::info!(marker = ?path, file = ?gone, "a file of the batch is gone before it was sent; the marker no longer waits for it");
         }
+        for (from, to) in &checked.followed {
+            tracing::info!(marker = ?path, file = ?from, now = ?to, "a file of the batch moved within the marker's folder; the marker waits for it at its new path");
+        }
         match checked.gate {
             Gate::Wait { waiting, first } => {
                 if let Some(files) = checked.listed {

@@ -12,7 +12,12 @@
 //! A member is done when a version of its path that was on disk at the
 //! listing, or one recorded after it, is recorded done (marked in the very
 //! transaction of [`crate::journal::Journal::done`]); it no longer holds
-//! the marker once its path is gone. It must never let a marker through
+//! the marker once it is gone: nothing at its path on two looks at least
+//! `settle` apart, the marker in place after both, and its file (device
+//! and inode) nowhere beneath the marker's folder. A member whose file is
+//! found at another path there (renamed, or a folder of its renamed)
+//! follows it, and a file made anew at its path is its new version: both
+//! still hold the marker until sent. It must never let a marker through
 //! while a member is neither; never hold a batch's list in memory (the
 //! listing, the gate and the manifest go through it in pages); never
 //! follow a link; and never talk to the network: the agent sends the
@@ -58,6 +63,7 @@ CREATE TABLE IF NOT EXISTS batch_members (
     sent_size INTEGER,
     crc_kind  TEXT,
     crc       TEXT,
+    missing_since INTEGER,
     PRIMARY KEY (marker_id, path)
 );
 CREATE INDEX IF NOT EXISTS batch_members_waiting ON batch_members (path) WHERE state = 'waiting';
@@ -72,6 +78,23 @@ CREATE TABLE IF NOT EXISTS sent_checksums (
     value   TEXT NOT NULL
 );
 ";
+
+/// Creates the batch tables, and adds to those of an earlier version the
+/// columns they lack.
+pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    for (table, column, kind) in [("batch_members", "missing_since", "INTEGER")] {
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// Files listed, looked at and recorded per journal transaction.
 const PAGE: usize = 512;
@@ -157,12 +180,24 @@ pub struct Checked {
     pub listed: Option<u64>,
     /// Members found gone now, at most a page of them.
     pub gone: Vec<PathBuf>,
+    /// Members whose file was found at another path beneath the marker's
+    /// folder now (renamed, or a folder of theirs renamed): from, to.
+    pub followed: Vec<(PathBuf, PathBuf)>,
 }
 
 /// The gate, for the marker recorded as `marker_id` at `rel` in `watch`:
 /// lists its batch if that was not done to its end yet (a first time, or a
-/// crash in the middle), drops members whose file is gone, and says
-/// whether the marker may go. Blocking: call it off the runtime.
+/// crash in the middle), drops members whose file is gone, follows those
+/// whose file moved within the marker's folder, and says whether the
+/// marker may go. Blocking: call it off the runtime.
+///
+/// A member is gone only when nothing is at its path on two looks at
+/// least `settle` apart (the first one is recorded: `missing_since`), the
+/// marker still in place after both, and its file (device and inode) is
+/// nowhere beneath the marker's folder, walked as the listing does: a
+/// file replaced by unlink-then-create, or looked at while its folder was
+/// being renamed, is not taken for gone. A member whose file is found at
+/// another path follows it there (and still holds the marker).
 pub fn check(
     journal: &Journal,
     watch: &WatchSettings,
@@ -184,6 +219,7 @@ pub fn check(
         gate: Gate::Moved,
         listed,
         gone: Vec::new(),
+        followed: Vec::new(),
     };
     let listed = if listed_state.as_deref() == Some("waiting") {
         None
@@ -195,31 +231,58 @@ pub fn check(
     };
     let filter = Filter::new(watch);
     let root = files::open_root(&watch.path).ok();
+    let settle_ms = i64::try_from(watch.settle.as_millis()).unwrap_or(i64::MAX);
     let mut gone = Vec::new();
+    let mut followed = Vec::new();
+    let wait = |first: PathBuf,
+                gone: Vec<PathBuf>,
+                followed: Vec<(PathBuf, PathBuf)>|
+     -> Result<Checked, BatchError> {
+        let count: i64 = journal.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'",
+                [marker_id],
+                |r| r.get(0),
+            )
+        })?;
+        Ok(Checked {
+            gate: Gate::Wait {
+                waiting: u64::try_from(count).unwrap_or(0),
+                first,
+            },
+            listed,
+            gone,
+            followed,
+        })
+    };
     // Most rechecks stop at the first member, still there: small pages
-    // first, growing while members are found gone.
+    // first, growing while members are found missing.
     let mut page = 8;
+    let mut after: Vec<u8> = Vec::new();
     loop {
-        let waiting: Vec<Vec<u8>> = journal.with(|c| {
+        let rows: Vec<Waiting> = journal.with(|c| {
             let mut q = c.prepare_cached(
-                "SELECT path FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'
-                 ORDER BY path LIMIT ?2",
+                "SELECT path, missing_since, dev, ino FROM batch_members
+                 WHERE marker_id = ?1 AND state = 'waiting' AND path > ?2
+                 ORDER BY path LIMIT ?3",
             )?;
-            let rows = q.query_map(params![marker_id, page as i64], |r| r.get(0))?;
+            let rows = q.query_map(params![marker_id, after, page as i64], |r| {
+                Ok(Waiting {
+                    path: r.get(0)?,
+                    missing_since: r.get(1)?,
+                    dev: r.get(2)?,
+                    ino: r.get(3)?,
+                })
+            })?;
             rows.collect()
         })?;
         page = (page * 4).min(PAGE);
-        if waiting.is_empty() {
-            return Ok(Checked {
-                gate: Gate::Go,
-                listed,
-                gone,
-            });
-        }
+        let Some(last) = rows.last() else { break };
+        after = last.path.clone();
         let mut missing = Vec::new();
         let mut still = None;
-        for p in waiting {
-            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&p));
+        for m in rows {
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&m.path));
             let there = match (&root, path.strip_prefix(&watch.path)) {
                 (Some(root), Ok(member)) => is_there(root.as_fd(), member, &filter),
                 // The watched folder cannot be opened: cannot tell.
@@ -227,54 +290,290 @@ pub fn check(
                 (_, Err(_)) => false,
             };
             if there {
+                if m.missing_since.is_some() {
+                    // Back at its path (replaced by unlink-then-create, say):
+                    // its next absence is timed afresh.
+                    journal.with(|c| {
+                        c.execute(
+                            "UPDATE batch_members SET missing_since = NULL WHERE marker_id = ?1 AND path = ?2",
+                            params![marker_id, m.path],
+                        )
+                    })?;
+                }
                 still = Some(path);
                 break;
             }
-            missing.push(p);
+            missing.push(m);
         }
         // Members missing say something only if the marker is still where
         // it was, looked at after them: a folder moved away takes both.
         if !missing.is_empty() {
-            let in_place = root
-                .as_ref()
-                .is_some_and(|root| marker_in_place(root.as_fd(), rel, opened));
-            if !in_place {
+            let Some(root) = root.as_ref() else {
+                return Ok(moved(listed));
+            };
+            if !marker_in_place(root.as_fd(), rel, opened) {
                 return Ok(moved(listed));
             }
-            journal.with(|c| {
-                let tx = c.transaction()?;
-                for p in &missing {
-                    tx.execute(
-                        "UPDATE batch_members SET state = 'gone' WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
-                        params![marker_id, p],
-                    )?;
+            let t = now_ms();
+            let (confirmed, fresh): (Vec<Waiting>, Vec<Waiting>) =
+                missing.into_iter().partition(|m| {
+                    m.missing_since
+                        .is_some_and(|since| t.saturating_sub(since) >= settle_ms)
+                });
+            // (Or stamped in the future: the clock was set back.)
+            let first_seen: Vec<&Waiting> = fresh
+                .iter()
+                .filter(|m| m.missing_since.is_none_or(|since| since > t))
+                .collect();
+            if !first_seen.is_empty() {
+                journal.with(|c| {
+                    let tx = c.transaction()?;
+                    for m in &first_seen {
+                        tx.execute(
+                            "UPDATE batch_members SET missing_since = ?3 WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
+                            params![marker_id, m.path, t],
+                        )?;
+                    }
+                    tx.commit()
+                })?;
+            }
+            if !confirmed.is_empty() {
+                let settled = settle_missing(
+                    journal,
+                    watch,
+                    markers,
+                    watch_index,
+                    marker_id,
+                    rel,
+                    root.as_fd(),
+                    opened,
+                    &confirmed,
+                )?;
+                let Some(settled) = settled else {
+                    return Ok(moved(listed));
+                };
+                for p in settled.gone {
+                    if gone.len() < PAGE {
+                        gone.push(p);
+                    }
                 }
-                tx.commit()
-            })?;
-            for p in missing {
-                if gone.len() < PAGE {
-                    gone.push(PathBuf::from(std::ffi::OsStr::from_bytes(&p)));
+                for (from, to, waits) in settled.followed {
+                    if waits && still.is_none() {
+                        still = Some(to.clone());
+                    }
+                    if followed.len() < PAGE {
+                        followed.push((from, to));
+                    }
                 }
             }
         }
         if let Some(first) = still {
-            let count: i64 = journal.with(|c| {
-                c.query_row(
-                    "SELECT COUNT(*) FROM batch_members WHERE marker_id = ?1 AND state = 'waiting'",
-                    [marker_id],
-                    |r| r.get(0),
-                )
-            })?;
-            return Ok(Checked {
-                gate: Gate::Wait {
-                    waiting: u64::try_from(count).unwrap_or(0),
-                    first,
-                },
-                listed,
-                gone,
-            });
+            return wait(first, gone, followed);
         }
     }
+    // No member is at its path: those still waiting are missing since
+    // less than `settle`, or were followed to a path looked at already.
+    let first: Option<Vec<u8>> = journal.with(|c| {
+        c.query_row(
+            "SELECT path FROM batch_members WHERE marker_id = ?1 AND state = 'waiting' ORDER BY path LIMIT 1",
+            [marker_id],
+            |r| r.get(0),
+        )
+        .optional()
+    })?;
+    match first {
+        Some(p) => wait(
+            PathBuf::from(std::ffi::OsStr::from_bytes(&p)),
+            gone,
+            followed,
+        ),
+        None => Ok(Checked {
+            gate: Gate::Go,
+            listed,
+            gone,
+            followed,
+        }),
+    }
+}
+
+/// A waiting member, as the gate reads it.
+struct Waiting {
+    path: Vec<u8>,
+    missing_since: Option<i64>,
+    dev: i64,
+    ino: i64,
+}
+
+/// Milliseconds since the epoch: when a member was first found missing.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What became of members missing from their path for `settle`.
+struct Settled {
+    /// Their file is nowhere beneath the marker's folder.
+    gone: Vec<PathBuf>,
+    /// Found at another path: from, to, and whether it still waits there
+    /// (no version of it at its new path is recorded done yet).
+    followed: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+/// Members missing from their path since at least `settle` ago: each is
+/// looked for by device and inode beneath the marker's folder, walked as
+/// the listing walks it (beneath the watch, through no link, files the
+/// watch takes, the markers of that very folder excepted). A member whose
+/// file is found follows it: its path becomes the file's, with the
+/// version there now, and it still holds the marker until a version of
+/// its new path recorded after the listing (of its very inode, if it was
+/// done before it was found there) is done. A path that is a member of
+/// the batch already and waits is left to that member (ours waits, and
+/// is looked for again at the next check); one done or gone is replaced.
+/// The others are gone. `None`: the marker was not in place after the
+/// walk (its folder moved meanwhile), and nothing was concluded.
+#[allow(clippy::too_many_arguments)]
+fn settle_missing(
+    journal: &Journal,
+    watch: &WatchSettings,
+    markers: &Markers,
+    watch_index: usize,
+    marker_id: i64,
+    rel: &Path,
+    root: std::os::fd::BorrowedFd<'_>,
+    opened: FileVersion,
+    missing: &[Waiting],
+) -> Result<Option<Settled>, BatchError> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+    let folder = batch_folder(watch, rel);
+    let folder_rel = rel.parent().unwrap_or(Path::new(""));
+    let mut wanted: HashMap<(i64, i64), &[u8]> = missing
+        .iter()
+        .map(|m| ((m.dev, m.ino), m.path.as_slice()))
+        .collect();
+    let mut found: Vec<(&[u8], PathBuf, FileVersion)> = Vec::new();
+    let filter = Filter::new(watch);
+    let trees = Arc::new(vec![Tree {
+        root: watch.path.clone(),
+        filter: Filter::new(watch),
+    }]);
+    let mut rx = walk::spawn(vec![folder], trees, None);
+    while !wanted.is_empty() {
+        let Some(f) = rx.blocking_recv() else { break };
+        match f {
+            Found::File(path) => {
+                let Ok(member) = path.strip_prefix(&watch.path) else {
+                    continue;
+                };
+                if member == rel
+                    || !filter.accepts(member)
+                    || (member.parent() == Some(folder_rel)
+                        && markers.is_marker(watch_index, member))
+                {
+                    continue;
+                }
+                let Ok(m) = files::lstat_at(root, member) else {
+                    continue;
+                };
+                if !m.is_file() {
+                    continue;
+                }
+                // Stored as the listing stores them.
+                let at = (m.dev() as i64, m.ino() as i64);
+                if let Some(p) = wanted.remove(&at) {
+                    found.push((p, path, FileVersion::of(&m)));
+                }
+            }
+            // Cannot tell whether a member is in there: nothing concluded.
+            Found::Unreadable(f, why) => {
+                return Err(BatchError::Unlistable {
+                    marker: watch.path.join(rel),
+                    folder: f,
+                    why,
+                });
+            }
+        }
+    }
+    drop(rx);
+    if !marker_in_place(root, rel, opened) {
+        return Ok(None);
+    }
+    let gone: Vec<&[u8]> = wanted.into_values().collect();
+    let followed = journal.with(|c| {
+        let tx = c.transaction()?;
+        for p in &gone {
+            tx.execute(
+                "UPDATE batch_members SET state = 'gone' WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
+                params![marker_id, p],
+            )?;
+        }
+        let mut followed = Vec::new();
+        for (from, to, v) in &found {
+            let to_bytes = to.as_os_str().as_bytes();
+            let state = |path: &[u8]| -> rusqlite::Result<Option<String>> {
+                tx.query_row(
+                    "SELECT state FROM batch_members WHERE marker_id = ?1 AND path = ?2",
+                    params![marker_id, path],
+                    |r| r.get(0),
+                )
+                .optional()
+            };
+            // Settled meanwhile (a version of its old path recorded done),
+            // or its new path is waited for already.
+            if state(from)?.as_deref() != Some("waiting")
+                || state(to_bytes)?.as_deref() == Some("waiting")
+            {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM batch_members WHERE marker_id = ?1 AND path = ?2",
+                params![marker_id, to_bytes],
+            )?;
+            tx.execute(
+                "UPDATE batch_members SET path = ?3, dev = ?4, ino = ?5, size = ?6, mtime_ns = ?7,
+                        ctime_ns = ?8, missing_since = NULL
+                 WHERE marker_id = ?1 AND path = ?2 AND state = 'waiting'",
+                params![
+                    marker_id,
+                    from,
+                    to_bytes,
+                    v.dev as i64,
+                    v.ino as i64,
+                    v.size as i64,
+                    v.mtime_ns,
+                    v.ctime_ns
+                ],
+            )?;
+            // Already sent from its new path, after the listing.
+            let settled = tx.execute(
+                "UPDATE batch_members SET state = 'done', sent_id = f.id, key = f.key, sent_size = f.size,
+                        crc_kind = (SELECT kind FROM sent_checksums WHERE file_id = f.id),
+                        crc = (SELECT value FROM sent_checksums WHERE file_id = f.id)
+                 FROM (SELECT id, key, size FROM files
+                       WHERE path = ?2 AND state = 'done' AND dev = ?3 AND ino = ?4
+                       ORDER BY id DESC LIMIT 1) f
+                 WHERE batch_members.marker_id = ?1 AND batch_members.path = ?2
+                   AND batch_members.state = 'waiting' AND batch_members.after_id < f.id",
+                params![marker_id, to_bytes, v.dev as i64, v.ino as i64],
+            )?;
+            followed.push((
+                PathBuf::from(std::ffi::OsStr::from_bytes(from)),
+                to.clone(),
+                settled == 0,
+            ));
+        }
+        tx.commit()?;
+        Ok(followed)
+    })?;
+    Ok(Some(Settled {
+        gone: gone
+            .into_iter()
+            .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+            .collect(),
+        followed,
+    }))
 }
 
 /// Whether the marker is still at `rel` beneath the watch, the very file
@@ -286,8 +585,10 @@ fn marker_in_place(root: std::os::fd::BorrowedFd<'_>, rel: &Path, opened: FileVe
 }
 
 /// Whether a member still names a file that will be sent: a regular file,
-/// reached beneath the watch through no link, that the watch takes. Any
-/// answer but "not there" (a permission problem, say) keeps it.
+/// reached beneath the watch through no link, that the watch takes,
+/// whichever it is (one made anew at its path is its new version, sent
+/// after the listing). Any answer but "not there" (a permission problem,
+/// say) keeps it.
 fn is_there(root: std::os::fd::BorrowedFd<'_>, rel: &Path, filter: &Filter) -> bool {
     if !filter.accepts(rel) {
         return false;
@@ -1059,6 +1360,10 @@ mod tests {
         let m = f.observe("d/_SUCCESS");
         assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 2);
         std::fs::remove_file(f.root.join("d/drop")).unwrap();
+        // Missing once: not gone yet (it may be being replaced).
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!((waiting(&c), c.gone.len()), (2, 0));
+        std::thread::sleep(f.w.settle + Duration::from_millis(20));
         let c = f.check(m, "d/_SUCCESS");
         assert_eq!(waiting(&c), 1);
         assert_eq!(c.gone, vec![f.root.join("d/drop")]);
@@ -1074,6 +1379,104 @@ mod tests {
         );
         assert_eq!(held[0].files[0].state, "failed: Permission denied");
         assert!(!held[0].listing);
+    }
+
+    /// A subfolder of the batch renamed after the listing: its files are
+    /// not gone, they are followed (by inode) to their new path and hold
+    /// the marker there; a file moved out of the marker's folder is gone.
+    #[test]
+    fn a_member_moved_within_the_folder_after_the_listing_still_holds_the_marker() {
+        let f = fixture();
+        let later = || std::thread::sleep(f.w.settle + Duration::from_millis(20));
+        f.write("d/sub/x", b"x");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+        std::fs::rename(f.root.join("d/sub"), f.root.join("d/sub2")).unwrap();
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!((waiting(&c), c.gone.len()), (1, 0));
+        later();
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!(
+            c.gate,
+            Gate::Wait {
+                waiting: 1,
+                first: f.root.join("d/sub2/x")
+            }
+        );
+        assert!(c.gone.is_empty(), "{c:?}");
+        assert_eq!(
+            c.followed,
+            [(f.root.join("d/sub/x"), f.root.join("d/sub2/x"))]
+        );
+        f.send("d/sub2/x");
+        assert_eq!(f.check(m, "d/_SUCCESS").gate, Gate::Go);
+
+        // Renamed and sent from its new path before it was found there.
+        f.write("e/a", b"a");
+        f.write("e/_SUCCESS", b"");
+        let m = f.observe("e/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "e/_SUCCESS")), 1);
+        std::fs::rename(f.root.join("e/a"), f.root.join("e/b")).unwrap();
+        f.send("e/b");
+        assert_eq!(waiting(&f.check(m, "e/_SUCCESS")), 1);
+        later();
+        let c = f.check(m, "e/_SUCCESS");
+        assert_eq!((c.gate, c.followed.len()), (Gate::Go, 1));
+
+        // Moved out of the marker's folder: no longer of the batch.
+        f.write("g/a", b"a");
+        f.write("g/_SUCCESS", b"");
+        let m = f.observe("g/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "g/_SUCCESS")), 1);
+        std::fs::rename(f.root.join("g/a"), f.root.join("a")).unwrap();
+        assert_eq!(waiting(&f.check(m, "g/_SUCCESS")), 1);
+        later();
+        let c = f.check(m, "g/_SUCCESS");
+        assert_eq!((c.gate, c.gone), (Gate::Go, vec![f.root.join("g/a")]));
+    }
+
+    /// A member replaced non-atomically (`rm a; cp new a`) while the
+    /// marker waits: a check in the gap does not take it for gone, and the
+    /// new file at its path holds the marker until it is sent.
+    #[test]
+    fn a_member_replaced_by_unlink_and_create_still_holds_the_marker() {
+        let f = fixture();
+        let later = || std::thread::sleep(f.w.settle + Duration::from_millis(20));
+        f.write("d/a", b"v1");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+        std::fs::remove_file(f.root.join("d/a")).unwrap();
+        let c = f.check(m, "d/_SUCCESS"); // in the gap
+        assert_eq!((waiting(&c), c.gone.len()), (1, 0));
+        f.write("d/a", b"v2");
+        later();
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!(
+            c.gate,
+            Gate::Wait {
+                waiting: 1,
+                first: f.root.join("d/a")
+            }
+        );
+        // Back at its path: a later absence is timed afresh.
+        std::fs::remove_file(f.root.join("d/a")).unwrap();
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!((waiting(&c), c.gone.len()), (1, 0));
+        later();
+        let c = f.check(m, "d/_SUCCESS");
+        assert_eq!((c.gate, c.gone), (Gate::Go, vec![f.root.join("d/a")]));
+        // Written again and sent: settled by the version of its path.
+        f.write("e/a", b"v1");
+        f.write("e/_SUCCESS", b"");
+        let m = f.observe("e/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "e/_SUCCESS")), 1);
+        std::fs::remove_file(f.root.join("e/a")).unwrap();
+        assert_eq!(waiting(&f.check(m, "e/_SUCCESS")), 1);
+        f.write("e/a", b"v2");
+        f.send("e/a");
+        assert_eq!(f.check(m, "e/_SUCCESS").gate, Gate::Go);
     }
 
     #[test]

@@ -631,7 +631,7 @@ impl Journal {
                 .map_err(err)?;
             conn.execute_batch(&files_table("files")).map_err(err)?;
             conn.execute_batch(SCHEMA).map_err(err)?;
-            conn.execute_batch(crate::batches::SCHEMA).map_err(err)?;
+            crate::batches::create(&conn).map_err(err)?;
             conn.execute_batch(crate::receipts::SCHEMA).map_err(err)?;
         }
         Ok(conn)
