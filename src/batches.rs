@@ -11,7 +11,9 @@
 //! the batch's manifest, and what `putonly status` shows of held markers.
 //! A member is done when a version of its path that was on disk at the
 //! listing, or one recorded after it, is recorded done (marked in the very
-//! transaction of [`crate::journal::Journal::done`]); it no longer holds
+//! transaction of [`crate::journal::Journal::done`]; until the batch's
+//! manifest is sent, a member done is given each newer version of its path
+//! recorded done, the object the bucket holds); it no longer holds
 //! the marker once it is gone: nothing at its path on two looks at least
 //! `settle` apart, the marker in place after both, and its file (device
 //! and inode) nowhere beneath the marker's folder. A member whose file is
@@ -67,6 +69,7 @@ CREATE TABLE IF NOT EXISTS batch_members (
     PRIMARY KEY (marker_id, path)
 );
 CREATE INDEX IF NOT EXISTS batch_members_waiting ON batch_members (path) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS batch_members_done ON batch_members (path) WHERE state = 'done';
 CREATE TABLE IF NOT EXISTS manifested (
     folder  BLOB    NOT NULL,
     file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
@@ -895,9 +898,22 @@ pub fn clean_manifests(state_dir: &Path) {
 
 /// The journal's hook, inside the transaction that records `id` done:
 /// members of other markers' batches that this version settles are done
-/// (with its key, size and checksum for the manifest); a marker's own
-/// batch is over.
+/// (with its key, size and checksum for the manifest); members done
+/// already with an older version of its path are given this one (the
+/// object now in the bucket) until their batch's manifest is sent; a
+/// marker's own batch is over.
 pub(crate) fn on_done(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE batch_members SET sent_id = f.id, key = f.key, sent_size = f.size,
+                crc_kind = (SELECT kind FROM sent_checksums WHERE file_id = f.id),
+                crc = (SELECT value FROM sent_checksums WHERE file_id = f.id)
+         FROM (SELECT id, path, key, size FROM files WHERE id = ?1) f
+         WHERE batch_members.state = 'done' AND batch_members.path = f.path
+           AND COALESCE(batch_members.sent_id, 0) < f.id
+           AND EXISTS (SELECT 1 FROM batches b
+                       WHERE b.marker_id = batch_members.marker_id AND b.manifest_sent = 0)",
+        [id],
+    )?;
     tx.execute(
         "UPDATE batch_members SET state = 'done', sent_id = f.id, key = f.key, sent_size = f.size,
                 crc_kind = (SELECT kind FROM sent_checksums WHERE file_id = f.id),
@@ -1594,6 +1610,39 @@ mod tests {
             })
             .unwrap();
         assert_eq!(folder, f.root.as_os_str().as_bytes());
+    }
+
+    /// A member done at the listing and sent again (rewritten) before the
+    /// marker goes: the manifest gives the size and checksum of the object
+    /// in the bucket, the last version sent, until it is sent itself.
+    #[test]
+    fn the_manifest_describes_the_last_version_of_each_file_sent() {
+        let f = fixture();
+        f.write("d/a", b"old");
+        f.send("d/a");
+        f.write("d/b", b"b");
+        f.write("d/_SUCCESS", b"");
+        let m = f.observe("d/_SUCCESS");
+        assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
+        std::thread::sleep(Duration::from_millis(20));
+        f.write("d/a", b"new and longer");
+        f.send("d/a");
+        f.send("d/b");
+        assert_eq!(f.check(m, "d/_SUCCESS").gate, Gate::Go);
+        let v = manifest_of(&f, m);
+        let a = &v["files"][0];
+        assert_eq!(a["key"], "foo/d/a");
+        assert_eq!(a["size"], 14);
+        assert_eq!(
+            a["checksum"],
+            Crc::of(ChecksumKind::Crc64Nvme, b"new and longer").to_base64()
+        );
+        // Once the manifest is sent, it is left as it was sent.
+        record_manifest_sent(&f.j, m).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        f.write("d/a", b"third");
+        f.send("d/a");
+        assert_eq!(manifest_of(&f, m)["files"][0]["size"], 14);
     }
 
     #[test]
