@@ -212,7 +212,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         support,
         after_failures: Mutex::new(std::collections::HashMap::new()),
         claims_running: Mutex::new(HashSet::new()),
-        markers: Arc::new(Markers::new(&settings_watches)),
+        markers: Arc::new(Markers::new(&settings_watches)?),
     });
     let mut housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
     let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention, keep_receipts));

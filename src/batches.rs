@@ -35,7 +35,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::checksum::Crc;
-use crate::config::{AfterUpload, WatchSettings};
+use crate::config::{AfterUpload, ConfigError, WatchSettings};
 use crate::files::{self, OpenError};
 use crate::journal::{FileVersion, Journal, JournalError, now};
 use crate::walk::{self, Found, Tree};
@@ -102,6 +102,20 @@ pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
 /// Files listed, looked at and recorded per journal transaction.
 const PAGE: usize = 512;
 
+/// What to do about marker patterns that cannot be compiled.
+pub(crate) const MARKER_FIX: &str =
+    "give the marker's file name or a short glob on it, e.g. \"_SUCCESS\" or \"*.done\"";
+
+/// The set of a watch's marker patterns (globs on a file's name); the
+/// configuration is refused when it cannot be built.
+pub(crate) fn marker_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut b = GlobSetBuilder::new();
+    for m in patterns {
+        b.add(Glob::new(m)?);
+    }
+    b.build()
+}
+
 /// Which files are markers, per watch.
 #[derive(Debug, Default)]
 pub struct Markers {
@@ -109,24 +123,27 @@ pub struct Markers {
 }
 
 impl Markers {
-    pub fn new(watches: &[WatchSettings]) -> Self {
+    /// The marker patterns of each watch. A pattern or a set of them that
+    /// cannot be built is an error naming the setting (`watch[N].marker`),
+    /// never a watch without markers: its markers would go first.
+    pub fn new(watches: &[WatchSettings]) -> Result<Self, ConfigError> {
         let sets = watches
             .iter()
-            .map(|w| {
+            .enumerate()
+            .map(|(i, w)| {
                 if w.marker.is_empty() {
-                    return None;
+                    return Ok(None);
                 }
-                let mut b = GlobSetBuilder::new();
-                for m in &w.marker {
-                    // Patterns were checked when the configuration was resolved.
-                    if let Ok(g) = Glob::new(m) {
-                        b.add(g);
-                    }
-                }
-                b.build().ok()
+                marker_set(&w.marker)
+                    .map(Some)
+                    .map_err(|e| ConfigError::Invalid {
+                        setting: format!("watch[{i}].marker"),
+                        problem: format!("the patterns cannot be compiled: {e}"),
+                        fix: MARKER_FIX.into(),
+                    })
             })
-            .collect();
-        Markers { sets }
+            .collect::<Result<_, _>>()?;
+        Ok(Markers { sets })
     }
 
     /// Whether the file at `rel` (relative to watch `watch`) is a marker:
@@ -1185,7 +1202,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         let j = Journal::open(&dir.path().join("state")).unwrap();
         let w = watch(&root);
-        let m = Markers::new(std::slice::from_ref(&w));
+        let m = Markers::new(std::slice::from_ref(&w)).unwrap();
         Fixture {
             _dir: dir,
             root,
@@ -1256,8 +1273,29 @@ mod tests {
         let none = Markers::new(&[WatchSettings {
             marker: vec![],
             ..watch(Path::new("/w"))
-        }]);
+        }])
+        .unwrap();
         assert!(!none.is_marker(0, Path::new("_SUCCESS")));
+        // Patterns that cannot be compiled are refused, naming the setting
+        // (they were dropped: markers sent first).
+        let bad = |marker: Vec<String>| {
+            Markers::new(&[
+                watch(Path::new("/v")),
+                WatchSettings {
+                    marker,
+                    ..watch(Path::new("/w"))
+                },
+            ])
+            .unwrap_err()
+            .to_string()
+        };
+        let e = bad(vec!["ok".into(), "a[".into()]);
+        assert!(e.starts_with("watch[1].marker: "), "{e}");
+        let e = bad(vec!["?".repeat(1_000_000)]);
+        assert!(
+            e.starts_with("watch[1].marker: the patterns cannot be compiled"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -735,6 +735,17 @@ fn resolve_watch(
             ));
         }
     }
+    // A set that cannot be built (too large a pattern) would be a watch
+    // without markers: its markers sent first.
+    if !marker.is_empty() {
+        crate::batches::marker_set(&marker).map_err(|e| {
+            ConfigError::invalid(
+                &name("marker"),
+                format!("the patterns cannot be compiled: {e}"),
+                crate::batches::MARKER_FIX,
+            )
+        })?;
+    }
     // A marker excluded would never be taken: its batch would never end.
     let excluded = {
         let mut b = globset::GlobSetBuilder::new();
@@ -1755,6 +1766,16 @@ mod tests {
             let err = resolve(&format!("{AGENT}[[watch]]\n{watch}")).unwrap_err();
             assert!(err.starts_with(setting), "{watch:?}: {err}");
         }
+        // Each pattern a glob, the set of them too large to compile.
+        let huge = "?".repeat(1_000_000);
+        let err = resolve(&format!(
+            "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/\"\nmarker = \"{huge}\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("watch[0].marker: the patterns cannot be compiled"),
+            "{err}"
+        );
         let no_watch = resolve(AGENT).unwrap();
         assert!(
             no_watch
