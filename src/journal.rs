@@ -645,7 +645,19 @@ impl Journal {
             .conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut conn).map_err(|source| sqlite_error(&self.path, source))
+        let result = f(&mut conn);
+        if let Err(e) = &result
+            && e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+        {
+            // The write-ahead log is copied into the database and cut back
+            // only once it holds 1,000 pages (4 MiB): on a disk with less
+            // room than that it would stay full for good. Copied back and
+            // truncated now, the next write reuses its room. (Best effort:
+            // if it fails, the error above stands and the write is retried.)
+            let truncated = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            tracing::debug!(?truncated, "journal full: write-ahead log checkpointed");
+        }
+        result.map_err(|source| sqlite_error(&self.path, source))
     }
 
     /// Looks a file version up, recording it as pending if it is new. Older
