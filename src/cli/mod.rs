@@ -629,6 +629,22 @@ pub fn init_logging(cli: &Cli) {
 
 /// Runs the parsed command line; the exit status follows [`EXIT_OK`],
 /// [`EXIT_FAILED`] and [`EXIT_USAGE`].
+/// A journal `status` or `receipts` cannot open: the error, and, when
+/// there is none yet, whether the agent has run with this configuration.
+pub(crate) fn unreadable_journal(
+    e: &crate::journal::JournalError,
+    config: &std::path::Path,
+) -> ExitCode {
+    report_error(e);
+    if e.is_missing() {
+        eprintln!(
+            "putonly: has the agent run with this configuration yet? (putonly run --config {})",
+            config.display()
+        );
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Push(args) => push::run(*args).await,

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use super::{EXIT_OK, EXIT_USAGE, ReceiptsArgs, report_error};
+use super::{EXIT_OK, EXIT_USAGE, ReceiptsArgs, report_error, unreadable_journal};
 use crate::journal::Journal;
 use crate::receipts::{HEADER, parse_since};
 
@@ -31,14 +31,7 @@ pub fn run(args: ReceiptsArgs) -> ExitCode {
     let journal = match Journal::open_read_only(&state.dir) {
         Ok(j) => j,
         Err(e) => {
-            report_error(&e);
-            if e.is_missing() {
-                eprintln!(
-                    "putonly: has the agent run with this configuration yet? (putonly run --config {})",
-                    args.agent.config.display()
-                );
-            }
-            return ExitCode::from(EXIT_USAGE);
+            return unreadable_journal(&e, &args.agent.config);
         }
     };
     let mut out = std::io::stdout().lock();

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{EXIT_OK, EXIT_USAGE, StatusArgs, report_error};
+use super::{EXIT_OK, StatusArgs, unreadable_journal};
 use crate::journal::{Journal, Status, now};
 use crate::printable::printable;
 
@@ -17,14 +17,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
     let status = match Journal::open_read_only(&state.dir).and_then(|j| j.status()) {
         Ok(s) => s,
         Err(e) => {
-            report_error(&e);
-            if e.is_missing() {
-                eprintln!(
-                    "putonly: has the agent run with this configuration yet? (putonly run --config {})",
-                    args.agent.config.display()
-                );
-            }
-            return ExitCode::from(EXIT_USAGE);
+            return unreadable_journal(&e, &args.agent.config);
         }
     };
     if args.json {
