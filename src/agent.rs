@@ -42,8 +42,9 @@ use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
 use crate::retry::Backoff;
 use crate::s3::{ObjectWriter, PartDone, WriteOnlyBucket};
+use crate::stream::Streams;
 use crate::upload::{Checkpoint, Engine, Job, UploadError};
-use crate::watch::{Candidate, Requeue, Rule, Watch, Writers};
+use crate::watch::{Candidate, Growing, Requeue, Rule, Watch, Writers};
 use crate::writers::{Mode, Support};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,8 @@ struct Ctx {
     claims_running: Mutex<HashSet<i64>>,
     /// Which files are batch markers, per watch.
     markers: Arc<Markers>,
+    /// Files being written whose parts go out already (`stream = true`).
+    streams: Arc<Streams<WriteOnlyBucket>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -168,6 +171,22 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     ));
     settings.upload.max_attempts = settings.upload.max_attempts.or(Some(10));
     let engine = Engine::new(bucket.clone(), settings.upload.clone());
+    let streams = Arc::new(Streams::new(
+        engine.clone(),
+        journal.clone(),
+        settings.upload.part_size,
+        settings.upload.checksum,
+    ));
+    match streams.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            uploads = n,
+            "aborted the uploads of files that were being written when the agent last stopped; those files are sent afresh once finished"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "journal: cannot read the uploads of files that were being written")
+        }
+    }
     // Files in flight: as many as requests may be. The engine's budget
     // bounds their memory (bytes in flight), so small files go many at once.
     let files_at_once = settings.upload.requests_in_flight;
@@ -183,13 +202,15 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
 
     let (ready_tx, mut ready_rx) = mpsc::channel::<Candidate>(files_at_once * 2);
     let (requeue_tx, requeue_rx) = mpsc::unbounded_channel();
+    let (growing_tx, mut growing_rx) = mpsc::channel::<Growing>(256);
     let watch = Watch::new(
         settings.watches.clone(),
         settings.agent.rescan_interval,
         support.clone(),
         ready_tx,
         requeue_rx,
-    );
+    )
+    .telling_growing(growing_tx, streams.part_size());
     let mut watcher = tokio::spawn(async move {
         debug_panic("watcher");
         watch.run().await
@@ -213,6 +234,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         after_failures: Mutex::new(std::collections::HashMap::new()),
         claims_running: Mutex::new(HashSet::new()),
         markers: Arc::new(Markers::new(&settings_watches)?),
+        streams,
     });
     let mut housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
     let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention, keep_receipts));
@@ -244,6 +266,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
             joined = &mut watcher => { failure = Some(task_ended("the watcher", joined)); break; }
             joined = &mut housekeeping => { failure = Some(task_ended("housekeeping", joined)); break; }
             joined = &mut maintenance => { failure = Some(task_ended("journal maintenance", joined)); break; }
+            Some(growing) = growing_rx.recv() => ctx.growing(&growing),
             _ = buffer_trim.tick() => {
                 let freed = ctx.engine.release_idle_buffers(Duration::from_secs(30));
                 if freed > 0 {
@@ -687,6 +710,24 @@ impl Checkpoint for JournalCheckpoint {
 }
 
 impl Ctx {
+    /// A file being written in a watch with `stream = true` holds a full
+    /// part: it is followed, its parts sent as they come, unless its key is
+    /// refused (the finished file is then failed with the reason) or it is
+    /// a batch marker.
+    fn growing(&self, g: &Growing) {
+        let watch = &self.settings.watches[g.watch];
+        if self.markers.is_marker(g.watch, &g.rel) {
+            return;
+        }
+        let Ok(key) = key_for(&watch.prefix, &g.rel) else {
+            return;
+        };
+        if self.settings.bucket.guard.check(&key).is_err() {
+            return;
+        }
+        self.streams.start(&watch.path, &g.rel, &g.path, key);
+    }
+
     fn requeue(&self, path: PathBuf, after: Duration, writers: Writers) {
         // Fails only once the watcher has stopped, at shutdown.
         if self
@@ -1149,15 +1190,21 @@ impl Ctx {
         let Some((seen, key)) = self.record(cand, watch, version) else {
             return;
         };
+        // Not sent now: a stream of it (an earlier version, or one that
+        // began just after it was finished) is abandoned.
         let (id, attempts, resume) = match seen {
             Seen::Done { id, keep } => {
+                self.stop_stream(watch, path).await;
                 if !keep {
                     self.after_upload(watch, cand, id, file, lease, version)
                         .await;
                 }
                 return;
             }
-            Seen::Failed { .. } => return,
+            Seen::Failed { .. } => {
+                self.stop_stream(watch, path).await;
+                return;
+            }
             Seen::Upload {
                 id,
                 attempts,
@@ -1169,6 +1216,7 @@ impl Ctx {
         let key = match checked {
             Ok(k) => k,
             Err(e) => {
+                self.stop_stream(watch, path).await;
                 self.fail(id, "refused", &format!("{path:?}: {e}"));
                 return;
             }
@@ -1194,7 +1242,26 @@ impl Ctx {
             resume,
         });
         let started = Instant::now();
-        let upload = self.engine.upload_with(&job, Arc::new(|_| {}), checkpoint);
+        // Parts sent while it was written are checked and completed.
+        let streamed = match watch.stream {
+            true => self.streams.take(path, version.dev, version.ino).await,
+            false => None,
+        };
+        let streamed_id = streamed.as_ref().map(|s| s.upload_id.clone());
+        let upload = async {
+            match streamed {
+                Some(sent) => {
+                    self.engine
+                        .finish_streamed(&job, Arc::new(|_| {}), checkpoint, sent)
+                        .await
+                }
+                None => {
+                    self.engine
+                        .upload_with(&job, Arc::new(|_| {}), checkpoint)
+                        .await
+                }
+            }
+        };
         let result = match &lease {
             // A break wins over an upload that noticed the writer's bytes.
             Some(lease) => tokio::select! {
@@ -1204,6 +1271,14 @@ impl Ctx {
             },
             None => Some(upload.await),
         };
+        if let Some(upload_id) = &streamed_id {
+            if result.is_none() {
+                // Its file is being written again: that upload is over.
+                self.engine.abort_upload(&key, upload_id).await;
+            }
+            // On the file's record now (or completed, or aborted).
+            self.streams.handed_over(upload_id);
+        }
         let Some(result) = result else {
             // The lease is already released: the writer goes on at once.
             failure("writer");
@@ -1279,6 +1354,13 @@ impl Ctx {
                 self.requeue(path.clone(), delay, cand.writers);
             }
             Err(e) => self.fail(id, permanent_reason(&e), &e.to_string()),
+        }
+    }
+
+    /// Stops following `path` if its watch streams (see [`Streams::stop`]).
+    async fn stop_stream(&self, watch: &WatchSettings, path: &Path) {
+        if watch.stream {
+            self.streams.stop(path).await;
         }
     }
 
@@ -1510,6 +1592,7 @@ mod tests {
             after_upload: crate::config::AfterUpload::Keep,
             marker: vec![],
             manifest: false,
+            stream: false,
         }];
         // The same answers beneath a watch (no link followed) and, for a
         // path in no watch, by path.

@@ -1229,6 +1229,7 @@ mod tests {
             after_upload: AfterUpload::Keep,
             marker: vec!["_SUCCESS".into(), "*.done".into()],
             manifest: true,
+            stream: false,
         }
     }
 

@@ -140,6 +140,7 @@ pub struct RawWatch {
     pub move_to: Option<PathBuf>,
     pub marker: Option<OneOrMany>,
     pub manifest: Option<bool>,
+    pub stream: Option<bool>,
 }
 
 /// A setting given as one string or a list of them.
@@ -455,6 +456,9 @@ pub struct WatchSettings {
     pub marker: Vec<String>,
     /// With markers: a manifest of the batch is written before each one.
     pub manifest: bool,
+    /// Full parts of a file are sent while it is still being written
+    /// ([`crate::stream`]), for append-only producers.
+    pub stream: bool,
 }
 
 /// How the agent runs.
@@ -785,6 +789,7 @@ fn resolve_watch(
         after_upload,
         marker,
         manifest,
+        stream: w.stream.unwrap_or(false),
     })
 }
 

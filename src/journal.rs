@@ -137,6 +137,10 @@ pub struct Status {
     pub held_markers: Vec<crate::batches::HeldMarker>,
     /// The latest files whose key already held an object (at most 10).
     pub last_exists: Vec<Exists>,
+    /// Files being written whose parts are being sent already
+    /// ([`crate::stream`]; at most 20).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub streaming: Vec<crate::stream::Streaming>,
 }
 
 /// A file not sent because its key already held an object.
@@ -633,6 +637,7 @@ impl Journal {
             conn.execute_batch(SCHEMA).map_err(err)?;
             crate::batches::create(&conn).map_err(err)?;
             conn.execute_batch(crate::receipts::SCHEMA).map_err(err)?;
+            conn.execute_batch(crate::stream::SCHEMA).map_err(err)?;
         }
         Ok(conn)
     }
@@ -1236,6 +1241,7 @@ impl Journal {
             s.credentials_expire_at = meta("credentials_expire_at")?;
             s.agent_heartbeat_at = meta("agent_heartbeat_at")?;
             s.held_markers = crate::batches::held(conn)?;
+            s.streaming = crate::stream::listed(conn)?;
             Ok(s)
         })
     }

@@ -38,6 +38,7 @@ pub mod printable;
 pub mod receipts;
 pub mod retry;
 pub mod s3;
+pub mod stream;
 pub mod throttle;
 pub mod upload;
 pub mod walk;

@@ -44,6 +44,8 @@ pub const OLDEST_PENDING: &str = "putonly_oldest_pending_age_seconds";
 pub const CREDENTIALS_EXPIRY: &str = "putonly_credentials_expiry_seconds";
 pub const LAST_SUCCESS: &str = "putonly_last_success_timestamp_seconds";
 pub const FAILED_FILES: &str = "putonly_failed_files";
+pub const STREAM_PARTS: &str = "putonly_stream_parts_total";
+pub const STREAMS_ABANDONED: &str = "putonly_streams_abandoned_total";
 
 /// Upload durations worth telling apart: small files to big multipart ones.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -172,6 +174,14 @@ fn describe() {
     );
     metrics::describe_gauge!(LAST_SUCCESS, "Unix time of the last successful upload.");
     metrics::describe_gauge!(FAILED_FILES, "Files marked failed (see putonly status).");
+    metrics::describe_counter!(
+        STREAM_PARTS,
+        "Parts sent while their file was still being written ([[watch]] stream = true)."
+    );
+    metrics::describe_counter!(
+        STREAMS_ABANDONED,
+        "Uploads of files being written that were abandoned (the file sent afresh once finished), by reason."
+    );
 }
 
 /// Connections served at once, at most; a quarter of the descriptor limit

@@ -338,29 +338,9 @@ impl Source {
         len: usize,
         kind: ChecksumKind,
     ) -> Result<(Bytes, Crc), UploadError> {
-        // A used buffer keeps its (initialized) bytes: the read overwrites
-        // them, and only a longer part zeroes its new tail.
-        let mut buf = buf.into_inner();
-        if buf.len() >= len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0);
-        }
-        self.file
-            .read_exact_at(&mut buf[..], offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => UploadError::Changed {
-                    path: self.path.clone(),
-                    what: "it became shorter".into(),
-                },
-                _ => UploadError::Read {
-                    path: self.path.clone(),
-                    source: e,
-                },
-            })?;
+        let read = read_at(&self.file, &self.path, buf, offset, len, kind)?;
         self.check_handle()?;
-        let crc = Crc::of(kind, &buf);
-        Ok((buf.freeze(), crc))
+        Ok(read)
     }
 
     fn changed(&self, what: String) -> UploadError {
@@ -392,6 +372,40 @@ impl Source {
             None => Ok(()),
         }
     }
+}
+
+/// Reads `len` bytes of `file` at `offset` into `buf` (a part buffer used
+/// before, or a new one) and checksums them. Whether they are still the
+/// bytes of the version wanted is for the caller to check.
+fn read_at(
+    file: &File,
+    path: &Path,
+    buf: Buffer,
+    offset: u64,
+    len: usize,
+    kind: ChecksumKind,
+) -> Result<(Bytes, Crc), UploadError> {
+    // A used buffer keeps its (initialized) bytes: the read overwrites
+    // them, and only a longer part zeroes its new tail.
+    let mut buf = buf.into_inner();
+    if buf.len() >= len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
+    file.read_exact_at(&mut buf[..], offset)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => UploadError::Changed {
+                path: path.to_path_buf(),
+                what: "it became shorter".into(),
+            },
+            _ => UploadError::Read {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+    let crc = Crc::of(kind, &buf);
+    Ok((buf.freeze(), crc))
 }
 
 fn join_error(path: &Path, e: tokio::task::JoinError) -> UploadError {
@@ -475,41 +489,233 @@ impl<W: ObjectWriter> Engine<W> {
         if size <= inner.settings.multipart_threshold {
             self.put_whole(job, source, progress).await
         } else {
-            let _turn = inner
-                .multipart_files
-                .acquire()
-                .await
-                .map_err(|_| closed(&job.path))?;
             let resume = checkpoint.resume();
-            match self
-                .put_multipart(
-                    job,
-                    source.clone(),
-                    progress.clone(),
-                    &checkpoint,
-                    resume.clone(),
-                )
+            self.multipart(job, source, progress, &checkpoint, resume)
                 .await
+        }
+    }
+
+    /// A multipart upload, in its turn among those under way: `resume`
+    /// continued if it still fits, else a new one. A lost or conflicting
+    /// upload is started over once.
+    async fn multipart(
+        &self,
+        job: &Job,
+        source: Arc<Source>,
+        progress: ProgressFn,
+        checkpoint: &Arc<dyn Checkpoint>,
+        resume: Option<Resume>,
+    ) -> Result<Uploaded, UploadError> {
+        let _turn = self
+            .inner
+            .multipart_files
+            .acquire()
+            .await
+            .map_err(|_| closed(&job.path))?;
+        let resumed = resume.is_some();
+        match self
+            .put_multipart(job, source.clone(), progress.clone(), checkpoint, resume)
+            .await
+        {
+            // The server lost the upload (a lifecycle rule aborted it, or
+            // the one remembered is gone), or a concurrent conditional
+            // write made it one that cannot complete: start over, once.
+            Err(UploadError::S3 { source: e, .. })
+                if matches!(*e, S3Error::NoSuchUpload { .. } | S3Error::Conflict { .. }) =>
             {
-                // The server lost the upload (a lifecycle rule aborted it, or
-                // the one remembered is gone), or a concurrent conditional
-                // write made it one that cannot complete: start over, once.
-                Err(UploadError::S3 { source: e, .. })
-                    if matches!(*e, S3Error::NoSuchUpload { .. } | S3Error::Conflict { .. }) =>
+                tracing::info!(key = ?job.key, resumed, reason = %e, "the multipart upload cannot be completed; starting over with a new one");
+                checkpoint
+                    .forget()
+                    .map_err(|reason| UploadError::Checkpoint {
+                        path: job.path.clone(),
+                        reason,
+                    })?;
+                self.put_multipart(job, source, progress, checkpoint, None)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Starts a multipart upload for a file still being written (see
+    /// [`crate::stream`]); the caller has checked the key.
+    pub async fn create_upload(&self, path: &Path, key: &str) -> Result<String, UploadError> {
+        let inner = &self.inner;
+        inner
+            .retry(|| inner.writer.create_multipart(key, inner.settings.checksum))
+            .await
+            .map_err(|source| UploadError::S3 {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Sends bytes `offset..offset + len` of a file still being written as
+    /// part `number` of `upload_id`: read once, within the budget, and sent
+    /// with retries. No version is checked here: whether these are still
+    /// the file's bytes is decided when it is finished
+    /// ([`Engine::finish_streamed`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_part(
+        &self,
+        file: &Arc<File>,
+        path: &Path,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        offset: u64,
+        len: u64,
+    ) -> Result<PartDone, UploadError> {
+        let inner = &self.inner;
+        let _admission = inner
+            .budget
+            .admit(inner.budget.charge(len))
+            .await
+            .map_err(|_| closed(path))?;
+        if let Some(t) = &inner.throttle {
+            t.take(len).await;
+        }
+        let (f, p, kind, buf) = (
+            file.clone(),
+            path.to_path_buf(),
+            inner.settings.checksum,
+            inner.budget.buffer(len),
+        );
+        let (body, crc) =
+            tokio::task::spawn_blocking(move || read_at(&f, &p, buf, offset, len as usize, kind))
+                .await
+                .map_err(|e| join_error(path, e))??;
+        let done = inner
+            .retry(|| {
+                inner
+                    .writer
+                    .upload_part(key, upload_id, number, body.clone(), crc)
+            })
+            .await
+            .map_err(|source| UploadError::S3 {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        inner.budget.give_back(body);
+        Ok(done)
+    }
+
+    /// Aborts a multipart upload that will never be completed (best effort).
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) {
+        self.inner.writer.abort_multipart(key, upload_id).await;
+    }
+
+    /// Completes an upload whose first parts (`sent`, all full) went out
+    /// while the file was being written. Every part sent is read again from
+    /// the finished file, as the version the caller judged finished, and
+    /// must have the checksum it was sent with; then the upload is on
+    /// record in `checkpoint` and goes on as any resumed one (the rest of
+    /// the parts, the path checked unchanged, Complete with the whole
+    /// file's CRC). If the file is not what was sent (truncated, rewritten
+    /// in place, grown past 10,000 parts), that upload is aborted and the
+    /// file sent afresh: never an object of mixed bytes.
+    pub async fn finish_streamed(
+        &self,
+        job: &Job,
+        progress: ProgressFn,
+        checkpoint: Arc<dyn Checkpoint>,
+        sent: Resume,
+    ) -> Result<Uploaded, UploadError> {
+        let (path, expected, opened) = (job.path.clone(), job.expected, job.opened.clone());
+        let looked = async {
+            let source = tokio::task::spawn_blocking(move || Source::open(&path, expected, opened))
+                .await
+                .map_err(|e| join_error(&job.path, e))??;
+            let source = Arc::new(source);
+            let differs = self.differs(&source, &sent).await?;
+            Ok::<_, UploadError>((source, differs))
+        };
+        let cp_err = |reason| UploadError::Checkpoint {
+            path: job.path.clone(),
+            reason,
+        };
+        // Until the upload is on the file's record, no later attempt knows
+        // of it: it is aborted on the way out.
+        let (source, differs) = match looked.await {
+            Ok(l) => l,
+            Err(e) => {
+                self.abort_upload(&job.key, &sent.upload_id).await;
+                return Err(e);
+            }
+        };
+        match differs {
+            None => {
+                if let Err(reason) =
+                    checkpoint.started(&sent.upload_id, sent.part_size, sent.checksum)
                 {
-                    tracing::info!(key = ?job.key, resumed = resume.is_some(), reason = %e, "the multipart upload cannot be completed; starting over with a new one");
-                    checkpoint
-                        .forget()
-                        .map_err(|reason| UploadError::Checkpoint {
-                            path: job.path.clone(),
-                            reason,
-                        })?;
-                    self.put_multipart(job, source, progress, &checkpoint, None)
-                        .await
+                    self.abort_upload(&job.key, &sent.upload_id).await;
+                    return Err(cp_err(reason));
                 }
-                other => other,
+                for part in &sent.parts {
+                    checkpoint.part_done(part).map_err(cp_err)?;
+                }
+                tracing::debug!(key = ?job.key, upload_id = %sent.upload_id, parts = sent.parts.len(), "the parts sent while the file was written are its bytes; finishing that upload");
+                self.multipart(job, source, progress, &checkpoint, Some(sent))
+                    .await
+            }
+            Some(why) => {
+                tracing::info!(path = ?job.path, key = ?job.key, upload_id = %sent.upload_id, reason = %why, "the parts sent while the file was written are not its bytes now; that upload is abandoned and the file is sent afresh");
+                ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => "differs")
+                    .increment(1);
+                self.abort_upload(&job.key, &sent.upload_id).await;
+                self.upload_with(job, progress, checkpoint).await
             }
         }
+    }
+
+    /// How the finished file differs from the parts `sent` while it was
+    /// written; `None` when each of them is its bytes.
+    async fn differs(
+        &self,
+        source: &Arc<Source>,
+        sent: &Resume,
+    ) -> Result<Option<String>, UploadError> {
+        let inner = &self.inner;
+        let size = source.version.size;
+        if sent.checksum != inner.settings.checksum {
+            return Ok(Some("the checksum setting changed".into()));
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&sent.part_size)
+            || size.div_ceil(sent.part_size) > MAX_PARTS
+        {
+            return Ok(Some(format!(
+                "it is {size} bytes, more than 10,000 parts of {} bytes",
+                sent.part_size
+            )));
+        }
+        let mut parts: Vec<&PartDone> = sent.parts.iter().collect();
+        parts.sort_by_key(|p| p.number);
+        for part in parts {
+            let offset = u64::try_from(part.number - 1)
+                .unwrap_or(u64::MAX)
+                .saturating_mul(sent.part_size);
+            let len = part.crc.len;
+            if part.number < 1 || len != sent.part_size || offset.saturating_add(len) > size {
+                return Ok(Some(format!(
+                    "it is {size} bytes, shorter than the parts sent"
+                )));
+            }
+            let _admission = inner
+                .budget
+                .admit(inner.budget.charge(len))
+                .await
+                .map_err(|_| closed(&source.path))?;
+            let (body, crc) = inner.read_part(source, offset, len).await?;
+            inner.budget.give_back(body);
+            if crc != part.crc {
+                return Ok(Some(format!(
+                    "part {} (bytes {offset}..{}) no longer has the checksum it was sent with",
+                    part.number,
+                    offset + len
+                )));
+            }
+        }
+        Ok(None)
     }
 
     async fn put_whole(

@@ -197,6 +197,7 @@ mod tests {
             after_upload: crate::config::AfterUpload::Keep,
             marker: vec![],
             manifest: false,
+            stream: false,
         };
         Arc::new(vec![Tree {
             root: root.to_path_buf(),

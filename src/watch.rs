@@ -147,6 +147,8 @@ struct Pending {
     /// News of it came since the last look: a change the last look did not
     /// see has a local time (the news), not only its own timestamps.
     news: bool,
+    /// When the agent was last told it is growing (`stream = true`).
+    growing_told: Option<Instant>,
 }
 
 impl Pending {
@@ -160,6 +162,7 @@ impl Pending {
             requeued: false,
             due: None,
             news: false,
+            growing_told: None,
         }
     }
 
@@ -374,6 +377,21 @@ impl State {
     }
 }
 
+/// A file of a watch with `stream = true` that is being written and holds
+/// at least one full part: the agent may send its parts now
+/// ([`crate::stream`]).
+#[derive(Debug, Clone)]
+pub struct Growing {
+    pub watch: usize,
+    pub path: PathBuf,
+    pub rel: PathBuf,
+}
+
+/// How often the agent is told again that a file still waiting is growing
+/// (it follows each file once; a file it stopped following is taken up
+/// again).
+const GROWING_AGAIN: Duration = Duration::from_secs(10);
+
 /// The watcher; [`Watch::run`] runs until the task is dropped.
 pub struct Watch {
     watches: Vec<WatchSettings>,
@@ -382,6 +400,8 @@ pub struct Watch {
     support: Arc<Support>,
     ready_tx: mpsc::Sender<Candidate>,
     requeue_rx: mpsc::UnboundedReceiver<Requeue>,
+    /// Where growing files are told, and the size from which they are.
+    growing: Option<(mpsc::Sender<Growing>, u64)>,
 }
 
 impl Watch {
@@ -400,6 +420,44 @@ impl Watch {
             support,
             ready_tx,
             requeue_rx,
+            growing: None,
+        }
+    }
+
+    /// Tells `tx` of files in watches with `stream = true` that are still
+    /// waiting (being written) and hold at least `from_size` bytes.
+    pub fn telling_growing(mut self, tx: mpsc::Sender<Growing>, from_size: u64) -> Self {
+        self.growing = Some((tx, from_size));
+        self
+    }
+
+    /// After a look that found `path` not finished: if its watch streams
+    /// and it holds a full part, the agent is told (again after
+    /// [`GROWING_AGAIN`]).
+    fn tell_growing(&self, path: &Path, p: &mut Pending, verdict: &Verdict, now: Instant) {
+        let Some((tx, from_size)) = &self.growing else {
+            return;
+        };
+        if !matches!(verdict, Verdict::Wait(_))
+            || !self.watches[p.watch].stream
+            || p.last.is_none_or(|v| v.size < *from_size)
+            || p.growing_told.is_some_and(|t| now < t + GROWING_AGAIN)
+        {
+            return;
+        }
+        let Some((watch, rel)) = self.locate(path) else {
+            return;
+        };
+        // Full: told at a later look.
+        if tx
+            .try_send(Growing {
+                watch,
+                path: path.to_path_buf(),
+                rel,
+            })
+            .is_ok()
+        {
+            p.growing_told = Some(now);
         }
     }
 
@@ -810,6 +868,7 @@ impl Watch {
                 break; // the rest stay tracked and are judged at a later pass
             }
             let verdict = self.judge(path, p, now, &mut pass, &mut st.links);
+            self.tell_growing(path, p, &verdict, now);
             pass.apply(path, p, verdict, &mut st.due);
         }
         pass.end(st);
@@ -832,6 +891,7 @@ impl Watch {
                 continue;
             };
             let verdict = self.judge(&path, p, now, &mut pass, &mut st.links);
+            self.tell_growing(&path, p, &verdict, now);
             pass.apply(&path, p, verdict, &mut st.due);
         }
         pass.end(st);
@@ -1149,6 +1209,7 @@ mod tests {
             after_upload: AfterUpload::Keep,
             marker: vec![],
             manifest: false,
+            stream: false,
         }
     }
 

@@ -103,6 +103,17 @@ fn render(s: &Status) -> String {
             ));
         }
     }
+    if !s.streaming.is_empty() {
+        out.push_str("being written, parts sent as they come (stream = true):\n");
+        for f in &s.streaming {
+            out.push_str(&format!(
+                "  {} -> {} (since {})\n",
+                printable(&f.path),
+                printable(&f.key),
+                ago(f.since)
+            ));
+        }
+    }
     if !s.last_exists.is_empty() {
         out.push_str("already in the bucket, left as it was (the files are kept):\n");
         for e in &s.last_exists {

@@ -19,4 +19,5 @@ mod receipts;
 mod resources;
 mod shapes;
 mod siege;
+mod stream;
 mod support;

@@ -1,0 +1,521 @@
+//! Streaming: in a watch with `stream = true`, a file still being written
+//! has its full parts sent as they are written, so that once it is finished
+//! only its last part is left to send (for append-only producers: logs,
+//! exports, captures).
+//!
+//! This module owns the multipart uploads of files that are not finished:
+//! one task per growing file follows it through a descriptor of its own,
+//! sends each full part once the file holds it, and keeps the upload id in
+//! the journal's `streams` table, so that an upload a crash leaves behind
+//! is aborted at the next start ([`Streams::recover`]). It never completes
+//! an upload and never decides that a file is finished: the agent does, by
+//! the same rule as for any file, then takes the parts sent
+//! ([`Streams::take`]) and hands them to
+//! [`Engine::finish_streamed`](crate::upload::Engine::finish_streamed),
+//! which reads each of them again and sends the file afresh if they are not
+//! its bytes. It never sends a part that is not full or bytes past what the
+//! file held, never starts an upload for a file it has not seen grow, and
+//! abandons (aborts) an upload whose file shrank, was replaced, renamed away
+//! or removed, or outgrew 10,000 parts: the finished file is then sent the
+//! ordinary way. At most [`MAX_STREAMS`] files are followed at once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use tokio::sync::watch;
+
+use crate::config::{ChecksumKind, MAX_PARTS};
+use crate::files;
+use crate::journal::{Journal, JournalError, Resume, now};
+use crate::s3::{ObjectWriter, PartDone};
+use crate::upload::Engine;
+
+/// The uploads of files being written: created before their first part is
+/// sent, removed once the agent has the upload on its file's record (or it
+/// was abandoned).
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS streams (
+    upload_id  TEXT    PRIMARY KEY,
+    key        TEXT    NOT NULL,
+    path       BLOB    NOT NULL,
+    started_at INTEGER NOT NULL
+);
+";
+
+/// How often a followed file is looked at (`fstat`, and its path checked).
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// A file followed that has not grown for this long, and had nothing sent,
+/// is no longer followed (the watcher asks again if it is still waiting).
+const IDLE: Duration = Duration::from_secs(60);
+
+/// How long [`Streams::take`] waits for a part being sent to arrive before
+/// it stops the task anyway (that part is then sent again with the rest).
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Files followed at once, at most: each holds a descriptor and a task.
+pub const MAX_STREAMS: usize = 128;
+
+/// What a followed file's task has sent so far.
+#[derive(Default)]
+struct Sent {
+    /// The file followed (known once opened).
+    dev: u64,
+    ino: u64,
+    key: String,
+    upload_id: Option<String>,
+    parts: Vec<PartDone>,
+}
+
+struct Follow {
+    generation: u64,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+    sent: Arc<Mutex<Sent>>,
+}
+
+/// How a task ended.
+enum End {
+    /// Stopped by [`Streams::take`]: what it sent is taken over.
+    Stopped,
+    /// Nothing sent, and the file is not growing (or cannot be opened).
+    Quiet,
+    /// The upload will never make the file's object: aborted.
+    Abandon(String),
+}
+
+/// The files followed; one per agent, shared by its tasks.
+pub struct Streams<W> {
+    engine: Engine<W>,
+    journal: Arc<Journal>,
+    part_size: u64,
+    checksum: ChecksumKind,
+    running: Mutex<HashMap<PathBuf, Follow>>,
+    generation: std::sync::atomic::AtomicU64,
+    full_warned: std::sync::atomic::AtomicBool,
+}
+
+impl<W: ObjectWriter + 'static> Streams<W> {
+    pub fn new(
+        engine: Engine<W>,
+        journal: Arc<Journal>,
+        part_size: u64,
+        checksum: ChecksumKind,
+    ) -> Self {
+        Streams {
+            engine,
+            journal,
+            part_size,
+            checksum,
+            running: Mutex::new(HashMap::new()),
+            generation: Default::default(),
+            full_warned: Default::default(),
+        }
+    }
+
+    /// The smallest file worth following: one full part.
+    pub fn part_size(&self) -> u64 {
+        self.part_size
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Follow>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Files followed right now.
+    pub fn count(&self) -> usize {
+        self.running().len()
+    }
+
+    /// Follows the file `rel` beneath `root` (at `path`), to be sent as
+    /// `key` (already checked against the allowed prefixes), unless it is
+    /// followed already.
+    pub fn start(self: &Arc<Self>, root: &Path, rel: &Path, path: &Path, key: String) {
+        let mut running = self.running();
+        if running.contains_key(path) {
+            return;
+        }
+        if running.len() >= MAX_STREAMS {
+            if !self
+                .full_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    max = MAX_STREAMS,
+                    path = ?path,
+                    "too many files being written at once to stream them all; the others are sent once finished"
+                );
+            }
+            return;
+        }
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (stop, stopped) = watch::channel(false);
+        let sent = Arc::new(Mutex::new(Sent {
+            key: key.clone(),
+            ..Sent::default()
+        }));
+        let task = Task {
+            streams: self.clone(),
+            root: root.to_path_buf(),
+            rel: rel.to_path_buf(),
+            path: path.to_path_buf(),
+            key,
+            sent: sent.clone(),
+            stopped,
+        };
+        let handle = tokio::spawn(task.run(generation));
+        running.insert(
+            path.to_path_buf(),
+            Follow {
+                generation,
+                stop,
+                handle,
+                sent,
+            },
+        );
+    }
+
+    /// Stops following `path` and takes over what was sent of it, if that
+    /// is the file `dev`/`ino` and any part of it went out: the agent then
+    /// finishes that upload (or it is abandoned there). Whatever cannot be
+    /// taken over is aborted here.
+    pub async fn take(&self, path: &Path, dev: u64, ino: u64) -> Option<Resume> {
+        let sent = self.halt(path).await?;
+        let upload_id = sent.upload_id?;
+        if (sent.dev, sent.ino) != (dev, ino) || sent.parts.is_empty() {
+            // Another file at that path now, or nothing of it went out.
+            self.abandon_upload(
+                path,
+                &sent.key,
+                &upload_id,
+                "the finished file is not the one followed",
+            )
+            .await;
+            return None;
+        }
+        Some(Resume {
+            upload_id,
+            part_size: self.part_size,
+            checksum: self.checksum,
+            parts: sent.parts,
+        })
+    }
+
+    /// Stops following `path` (the agent will not send it: done already,
+    /// failed, refused), aborting its upload if one was started.
+    pub async fn stop(&self, path: &Path) {
+        if let Some(Sent {
+            key,
+            upload_id: Some(upload_id),
+            ..
+        }) = self.halt(path).await
+        {
+            self.abandon_upload(path, &key, &upload_id, "the file is not to be sent")
+                .await;
+        }
+    }
+
+    /// Stops the task following `path`, letting a part on its way arrive
+    /// (up to [`STOP_WAIT`]); what it sent.
+    async fn halt(&self, path: &Path) -> Option<Sent> {
+        let follow = self.running().remove(path)?;
+        let _ = follow.stop.send(true);
+        let mut handle = follow.handle;
+        if tokio::time::timeout(STOP_WAIT, &mut handle).await.is_err() {
+            tracing::warn!(path = ?path, "a part sent while the file was written did not arrive in time; it is sent again with the rest");
+            handle.abort();
+            let _ = handle.await;
+        }
+        let sent = std::mem::take(&mut *follow.sent.lock().unwrap_or_else(|p| p.into_inner()));
+        Some(sent)
+    }
+
+    /// The upload `upload_id` is on its file's record now (or finished, or
+    /// aborted): its row goes.
+    pub fn handed_over(&self, upload_id: &str) {
+        if let Err(e) = forget(&self.journal, upload_id) {
+            tracing::warn!(error = %e, "journal: cannot remove the record of a streamed upload (it is aborted at the next start)");
+        }
+    }
+
+    async fn abandon_upload(&self, path: &Path, key: &str, upload_id: &str, why: &str) {
+        tracing::info!(path = ?path, upload_id, reason = why, "the upload of a file being written is abandoned; the file is sent afresh once finished");
+        ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => reason_label(why))
+            .increment(1);
+        self.engine.abort_upload(key, upload_id).await;
+        self.handed_over(upload_id);
+    }
+
+    /// Aborts the uploads a previous run left unfinished while their files
+    /// were being written (their files are sent afresh once finished);
+    /// returns how many there were.
+    pub async fn recover(&self) -> Result<usize, JournalError> {
+        let left = self.journal.with(|c| {
+            let mut st = c.prepare("SELECT upload_id, key FROM streams")?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        for (upload_id, key) in &left {
+            tracing::info!(key = ?key, upload_id = %upload_id, "aborting an upload left while its file was being written (the file is sent afresh once finished)");
+            self.engine.abort_upload(key, upload_id).await;
+            forget(&self.journal, upload_id)?;
+        }
+        Ok(left.len())
+    }
+
+    /// A task ended on its own: its entry goes, unless a newer one took the
+    /// path meanwhile.
+    fn ended(&self, path: &Path, generation: u64) {
+        let mut running = self.running();
+        if running
+            .get(path)
+            .is_some_and(|f| f.generation == generation)
+        {
+            running.remove(path);
+        }
+    }
+}
+
+/// A short label for the metric, from the reason given.
+fn reason_label(why: &str) -> &'static str {
+    if why.contains("shorter") {
+        "shrank"
+    } else if why.contains("renamed") || why.contains("replaced") {
+        "moved"
+    } else if why.contains("10,000") {
+        "too_large"
+    } else if why.contains("not the one") || why.contains("not to be sent") {
+        "not_sent"
+    } else {
+        "failed"
+    }
+}
+
+fn record(journal: &Journal, upload_id: &str, key: &str, path: &Path) -> Result<(), JournalError> {
+    use std::os::unix::ffi::OsStrExt;
+    journal.with(|c| {
+        c.execute(
+            "INSERT OR REPLACE INTO streams (upload_id, key, path, started_at) VALUES (?1, ?2, ?3, ?4)",
+            params![upload_id, key, path.as_os_str().as_bytes(), now()],
+        )
+        .map(|_| ())
+    })
+}
+
+fn forget(journal: &Journal, upload_id: &str) -> Result<(), JournalError> {
+    journal.with(|c| {
+        c.execute("DELETE FROM streams WHERE upload_id = ?1", [upload_id])
+            .map(|_| ())
+    })
+}
+
+/// A file being written whose parts are being sent, as `putonly status`
+/// shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Streaming {
+    pub path: String,
+    pub key: String,
+    pub since: i64,
+}
+
+/// The files being streamed (at most 20, oldest first; none in a journal
+/// from before streaming).
+pub fn listed(conn: &Connection) -> rusqlite::Result<Vec<Streaming>> {
+    use std::os::unix::ffi::OsStrExt;
+    let present: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'streams'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !present {
+        return Ok(Vec::new());
+    }
+    let mut st =
+        conn.prepare("SELECT path, key, started_at FROM streams ORDER BY started_at LIMIT 20")?;
+    let rows = st.query_map([], |r| {
+        let path: Vec<u8> = r.get(0)?;
+        Ok(Streaming {
+            path: Path::new(std::ffi::OsStr::from_bytes(&path))
+                .to_string_lossy()
+                .into_owned(),
+            key: r.get(1)?,
+            since: r.get(2)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// One followed file.
+struct Task<W> {
+    streams: Arc<Streams<W>>,
+    root: PathBuf,
+    rel: PathBuf,
+    path: PathBuf,
+    key: String,
+    sent: Arc<Mutex<Sent>>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl<W: ObjectWriter + 'static> Task<W> {
+    async fn run(mut self, generation: u64) {
+        let end = self.follow().await;
+        if let End::Abandon(why) = &end {
+            let upload_id = self.sent().upload_id.take();
+            match upload_id {
+                Some(id) => {
+                    self.streams
+                        .abandon_upload(&self.path, &self.key, &id, why)
+                        .await
+                }
+                None => tracing::debug!(path = ?self.path, reason = %why, "no longer followed"),
+            }
+        }
+        if !matches!(end, End::Stopped) {
+            self.streams.ended(&self.path, generation);
+        }
+    }
+
+    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits `d`; `true` when asked to stop meanwhile.
+    async fn stop_within(&mut self, d: Duration) -> bool {
+        if *self.stopped.borrow() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(d) => *self.stopped.borrow(),
+            _ = self.stopped.changed() => true,
+        }
+    }
+
+    async fn follow(&mut self) -> End {
+        let part_size = self.streams.part_size;
+        let (root, rel) = (self.root.clone(), self.rel.clone());
+        let opened =
+            match tokio::task::spawn_blocking(move || files::open_beneath(&root, &rel)).await {
+                Ok(Ok(o)) => o,
+                _ => return End::Quiet,
+            };
+        let file = Arc::new(opened.file);
+        let (dev, ino) = {
+            use std::os::unix::fs::MetadataExt;
+            (opened.meta.dev(), opened.meta.ino())
+        };
+        {
+            let mut sent = self.sent();
+            sent.dev = dev;
+            sent.ino = ino;
+        }
+        let mut size = opened.meta.len();
+        let mut grew = false;
+        let mut changed_at = Instant::now();
+        // Bytes sent: whole parts, from the start.
+        let mut sent_to: u64 = 0;
+        loop {
+            if self.stop_within(POLL).await {
+                return End::Stopped;
+            }
+            let (f, root, rel) = (file.clone(), self.root.clone(), self.rel.clone());
+            let looked = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::MetadataExt;
+                let now = f.metadata()?;
+                let here = files::lstat_beneath(&root, &rel)
+                    .map(|m| (m.dev(), m.ino()))
+                    .ok();
+                Ok::<_, std::io::Error>((now.len(), here))
+            })
+            .await;
+            let (now_size, here) = match looked {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) => return End::Abandon(format!("it cannot be looked at: {e}")),
+                Err(e) => return End::Abandon(format!("a worker task failed: {e}")),
+            };
+            if here != Some((dev, ino)) {
+                return End::Abandon("it was renamed away, replaced or removed".into());
+            }
+            if now_size < sent_to {
+                return End::Abandon(format!(
+                    "it became shorter ({now_size} bytes) than what was sent ({sent_to} bytes)"
+                ));
+            }
+            if now_size != size {
+                grew = true;
+                size = now_size;
+                changed_at = Instant::now();
+            } else if sent_to == 0 && changed_at.elapsed() >= IDLE {
+                return End::Quiet;
+            }
+            // A file not seen to grow may be finished already: no upload
+            // is started for it here.
+            if !grew {
+                continue;
+            }
+            if size.div_ceil(part_size) > MAX_PARTS {
+                return End::Abandon(format!(
+                    "it outgrew 10,000 parts of {part_size} bytes (part_size)"
+                ));
+            }
+            while sent_to + part_size <= size {
+                let known = self.sent().upload_id.clone();
+                let upload_id = match known {
+                    Some(id) => id,
+                    None => match self.begin().await {
+                        Ok(id) => id,
+                        Err(end) => return end,
+                    },
+                };
+                let number = i32::try_from(sent_to / part_size + 1).unwrap_or(i32::MAX);
+                let engine = self.streams.engine.clone();
+                let send = engine.send_part(
+                    &file, &self.path, &self.key, &upload_id, number, sent_to, part_size,
+                );
+                let part = tokio::select! {
+                    r = send => r,
+                    _ = self.stopped.changed() => return End::Stopped,
+                };
+                match part {
+                    Ok(part) => {
+                        tracing::debug!(path = ?self.path, number, "part sent while the file is written");
+                        ::metrics::counter!(crate::metrics::STREAM_PARTS).increment(1);
+                        self.sent().parts.push(part);
+                        sent_to += part_size;
+                    }
+                    Err(e) => return End::Abandon(format!("a part could not be sent: {e}")),
+                }
+                if *self.stopped.borrow() {
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Starts the upload and puts it on record before any part is sent.
+    async fn begin(&mut self) -> Result<String, End> {
+        let upload_id = self
+            .streams
+            .engine
+            .create_upload(&self.path, &self.key)
+            .await
+            .map_err(|e| End::Abandon(format!("its upload cannot be started: {e}")))?;
+        if let Err(e) = record(&self.streams.journal, &upload_id, &self.key, &self.path) {
+            self.streams
+                .engine
+                .abort_upload(&self.key, &upload_id)
+                .await;
+            return Err(End::Abandon(format!(
+                "the journal cannot record its upload: {e}"
+            )));
+        }
+        tracing::info!(path = ?self.path, key = ?self.key, upload_id = %upload_id, "streaming: the file is being written; its full parts are sent as they come");
+        self.sent().upload_id = Some(upload_id.clone());
+        Ok(upload_id)
+    }
+}
