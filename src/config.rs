@@ -1667,8 +1667,19 @@ mod tests {
         assert_eq!(w.settle, Duration::from_secs(2));
         assert_eq!(w.after_upload, AfterUpload::Keep);
         assert!(w.exclude.contains(&"*.tmp".to_string()));
-        assert!(w.marker.is_empty() && !w.manifest);
+        assert!(w.marker.is_empty() && !w.manifest && !w.stream);
         s.require_agent().unwrap();
+        let s = resolve(&format!(
+            "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/x\"\nstream = true\n"
+        ))
+        .unwrap();
+        assert!(s.watches[0].stream);
+        let e = resolve(&format!(
+            "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/x\"\nstream = \"yes\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 9") && e.contains("boolean"), "{e}");
         // A marker is one glob or a list of them.
         for (form, expected) in [
             ("marker = \"_SUCCESS\"\n", vec!["_SUCCESS"]),

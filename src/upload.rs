@@ -1637,4 +1637,138 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, UploadError::NotAFile { .. }), "{err}");
     }
+
+    /// Remembers what the engine put on record.
+    #[derive(Default)]
+    struct Remembered {
+        started: Mutex<Option<String>>,
+        parts: Mutex<Vec<i32>>,
+    }
+
+    impl Checkpoint for Remembered {
+        fn resume(&self) -> Option<Resume> {
+            None
+        }
+        fn started(&self, upload_id: &str, _: u64, _: ChecksumKind) -> Result<(), String> {
+            *self.started.lock().unwrap() = Some(upload_id.into());
+            Ok(())
+        }
+        fn part_done(&self, part: &PartDone) -> Result<(), String> {
+            self.parts.lock().unwrap().push(part.number);
+            Ok(())
+        }
+        fn forget(&self) -> Result<(), String> {
+            *self.started.lock().unwrap() = None;
+            Ok(())
+        }
+    }
+
+    /// Sends the first `parts` full parts of `path` as a stream would.
+    async fn stream_parts(engine: &Engine<Fake>, path: &Path, key: &str, parts: u64) -> Resume {
+        let file = Arc::new(File::open(path).unwrap());
+        let upload_id = engine.create_upload(path, key).await.unwrap();
+        let mut done = Vec::new();
+        for n in 0..parts {
+            let part = engine
+                .send_part(
+                    &file,
+                    path,
+                    key,
+                    &upload_id,
+                    n as i32 + 1,
+                    n * 5 * MIB,
+                    5 * MIB,
+                )
+                .await
+                .unwrap();
+            done.push(part);
+        }
+        Resume {
+            upload_id,
+            part_size: 5 * MIB,
+            checksum: settings().checksum,
+            parts: done,
+        }
+    }
+
+    fn job_for(path: &Path, key: &str) -> Job {
+        Job {
+            path: path.to_path_buf(),
+            key: key.into(),
+            expected: None,
+            opened: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn parts_sent_while_written_are_kept_when_they_are_the_finished_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "s", (12 * MIB + 5) as usize);
+        let fake = Arc::new(Fake::default());
+        let engine = Engine::new(fake.clone(), settings());
+        let sent = stream_parts(&engine, &path, "foo/s", 2).await;
+        let cp = Arc::new(Remembered::default());
+        let up = engine
+            .finish_streamed(&job_for(&path, "foo/s"), no_progress(), cp.clone(), sent)
+            .await
+            .unwrap();
+        assert_eq!(up.parts, 3);
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+        // Parts 1 and 2 went once (while written), only part 3 after.
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            vec![
+                "create foo/s",
+                "part 1",
+                "part 2",
+                "part 3",
+                "complete foo/s"
+            ]
+        );
+        assert_eq!(cp.started.lock().unwrap().as_deref(), Some("up-1"));
+        assert_eq!(*cp.parts.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn parts_sent_while_written_that_are_not_the_finished_bytes_are_abandoned() {
+        for change in ["rewritten in place", "truncated and written shorter"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, _) = file_of(dir.path(), "s", (12 * MIB + 5) as usize);
+            let fake = Arc::new(Fake::default());
+            let engine = Engine::new(fake.clone(), settings());
+            let sent = stream_parts(&engine, &path, "foo/s", 2).await;
+            let finished: Vec<u8> = match change {
+                "rewritten in place" => {
+                    let mut d = std::fs::read(&path).unwrap();
+                    d[(5 * MIB + 3) as usize] ^= 0xff;
+                    d
+                }
+                _ => vec![9u8; (7 * MIB) as usize],
+            };
+            std::fs::write(&path, &finished).unwrap();
+            let cp = Arc::new(Remembered::default());
+            engine
+                .finish_streamed(&job_for(&path, "foo/s"), no_progress(), cp, sent)
+                .await
+                .unwrap();
+            let objects = fake.objects.lock().unwrap();
+            assert_eq!(objects.len(), 1, "{change}");
+            assert!(
+                objects[0].1 == finished,
+                "{change}: the object is the finished bytes"
+            );
+            let calls = fake.calls.lock().unwrap();
+            let abort = calls.iter().position(|c| c == "abort foo/s");
+            let created: Vec<usize> = calls
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| *c == "create foo/s")
+                .map(|(i, _)| i)
+                .collect();
+            assert!(
+                abort.is_some_and(|a| created.len() == 2 && a < created[1]),
+                "{change}: the streamed upload is aborted before a new one: {calls:?}"
+            );
+        }
+    }
 }
