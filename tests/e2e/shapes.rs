@@ -35,6 +35,8 @@ struct World {
     work: tempfile::TempDir,
     keep: PathBuf,
     del: PathBuf,
+    /// Watched with `stream = true`.
+    stream: PathBuf,
     src: PathBuf,
     config: PathBuf,
     creds: PathBuf,
@@ -51,8 +53,8 @@ impl World {
         shape::chmod(work.path(), 0o755);
         let writer = shape::user(WRITER_USER);
         let out = work.path().join("out");
-        let (keep, del) = (out.join("keep"), out.join("del"));
-        for d in [&keep, &del] {
+        let (keep, del, stream) = (out.join("keep"), out.join("del"), out.join("stream"));
+        for d in [&keep, &del, &stream] {
             std::fs::create_dir_all(d).unwrap();
             shape::chown(d, writer);
             // The agent may rename and delete in them (after_upload).
@@ -71,11 +73,13 @@ impl World {
                  [state]\ndir = \"{state}\"\n\
                  [[watch]]\npath = \"{keep}\"\nprefix = \"fighters/keep/\"\nsettle = \"1s\"\n\
                  [[watch]]\npath = \"{del}\"\nprefix = \"fighters/del/\"\nsettle = \"1s\"\nafter_upload = \"delete\"\n\
+                 [[watch]]\npath = \"{stream}\"\nprefix = \"fighters/stream/\"\nsettle = \"1s\"\nstream = true\n\
                  [agent]\nrescan_interval = \"1h\"\nshutdown_timeout = \"10s\"\n\
                  [upload]\nconcurrency = 2\npart_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nbandwidth_limit = \"6MiB/s\"\n",
                 state = state.display(),
                 keep = keep.display(),
                 del = del.display(),
+                stream = stream.display(),
             ),
             shape,
         );
@@ -86,6 +90,7 @@ impl World {
             proxy,
             keep,
             del,
+            stream,
             src,
             creds: agent_dir,
             config,
@@ -496,6 +501,48 @@ async fn each_case_in(shape: Shape) {
     w.wait_object("fighters/keep/same.txt", &sb_data, Duration::from_secs(30))
         .await;
     finals.insert("fighters/keep/same.txt".into(), sb_data);
+
+    // Written over about 6 s where stream = true: parts go during the
+    // write, and the upload they went to is the one completed.
+    let mut pieces = Vec::new();
+    let mut streamed_data = Vec::new();
+    for (i, len) in [5 * MIB, 5 * MIB, 5 * MIB, 5 * MIB, MIB + 7]
+        .into_iter()
+        .enumerate()
+    {
+        let (op, data) = w.source(&format!("stream-{i}"), len, 20 + i as u64);
+        pieces.push(op);
+        streamed_data.extend(data);
+    }
+    let mut ops: Vec<&str> = vec!["open:trunc"];
+    for op in &pieces {
+        ops.extend([op.as_str(), "sleep:1.5"]);
+    }
+    ops.extend(["mark:written", "close"]);
+    let mut st = w.write(&w.stream.join("log.bin"), &ops);
+    st.until("written").await;
+    let written_at = std::time::SystemTime::now();
+    st.finish().await;
+    let stream_key = "fighters/stream/log.bin";
+    w.wait_object(stream_key, &streamed_data, Duration::from_secs(60))
+        .await;
+    let records = w.proxy.records();
+    let parts: Vec<_> = records
+        .iter()
+        .filter(|r| r.op == "UploadPart" && r.status == 200 && r.key.as_deref() == Some(stream_key))
+        .collect();
+    let during = parts.iter().filter(|r| r.at < written_at).count();
+    let completed = records.iter().find(|r| {
+        r.op == "CompleteMultipartUpload" && r.status == 200 && r.key.as_deref() == Some(stream_key)
+    });
+    w.check(during >= 2, || {
+        format!("only {during} parts of {stream_key} were sent while it was written")
+    });
+    w.check(
+        completed.is_some_and(|c| parts.first().is_some_and(|p| p.upload_id == c.upload_id)),
+        || format!("{stream_key} was not completed as the upload its parts streamed to"),
+    );
+    finals.insert(stream_key.into(), streamed_data);
 
     // Everything written arrived, and no write of a file ever announced
     // another size than its final one (same.txt and backlog.txt had other
