@@ -680,11 +680,24 @@ fn resolve_watch(
         }
         Ok(())
     };
+    // Each pattern, then the set of them as the watcher builds it (a set
+    // too large to compile would otherwise take nothing, or exclude nothing).
+    let check_set = |key: &str, globs: &[String]| -> Result<(), ConfigError> {
+        crate::watch::glob_set(globs).map(|_| ()).map_err(|e| {
+            ConfigError::invalid(
+                &name(key),
+                format!("the patterns cannot be compiled: {e}"),
+                "use fewer or simpler patterns",
+            )
+        })
+    };
     let include = w.include.clone().unwrap_or_default();
     check_globs("include", &include)?;
+    check_set("include", &include)?;
     let mut exclude = w.exclude.clone().unwrap_or_default();
     check_globs("exclude", &exclude)?;
     exclude.extend(DEFAULT_EXCLUDES.iter().map(|s| s.to_string()));
+    check_set("exclude", &exclude)?;
     let settle = match &w.settle {
         Some(s) => parse_duration(&name("settle"), s)?,
         None => Duration::from_secs(2),
@@ -751,15 +764,7 @@ fn resolve_watch(
         })?;
     }
     // A marker excluded would never be taken: its batch would never end.
-    let excluded = {
-        let mut b = globset::GlobSetBuilder::new();
-        for g in &exclude {
-            if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
-                b.add(g);
-            }
-        }
-        b.build().unwrap_or_else(|_| globset::GlobSet::empty())
-    };
+    let excluded = crate::watch::glob_set(&exclude).unwrap_or_else(|_| globset::GlobSet::empty());
     if let Some(m) = marker.iter().find(|m| excluded.is_match(m.as_str())) {
         return Err(ConfigError::invalid(
             &name("marker"),
@@ -1784,6 +1789,16 @@ mod tests {
         }
         // Each pattern a glob, the set of them too large to compile.
         let huge = "?".repeat(1_000_000);
+        for key in ["include", "exclude"] {
+            let err = resolve(&format!(
+                "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/\"\n{key} = [\"{huge}\"]\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.starts_with(&format!("watch[0].{key}: the patterns cannot be compiled")),
+                "{err}"
+            );
+        }
         let err = resolve(&format!(
             "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/\"\nmarker = \"{huge}\"\n"
         ))

@@ -97,31 +97,43 @@ pub struct Requeue {
 pub struct Filter {
     include: Option<GlobSet>,
     exclude: GlobSet,
+    /// A set could not be built (the configuration check prevents it):
+    /// nothing is taken, rather than what `exclude` keeps out.
+    broken: bool,
 }
 
-fn glob_set(patterns: &[String]) -> GlobSet {
+/// The set of `patterns` as the watcher matches them (`*` stops at `/`);
+/// the configuration is checked with it, so every set it accepted builds.
+pub fn glob_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        // Patterns were checked when the configuration was resolved.
-        if let Ok(g) = GlobBuilder::new(p).literal_separator(true).build() {
-            b.add(g);
-        }
+        b.add(GlobBuilder::new(p).literal_separator(true).build()?);
     }
-    b.build().unwrap_or_else(|_| GlobSet::empty())
+    b.build()
 }
 
 impl Filter {
     pub fn new(w: &WatchSettings) -> Self {
+        let include = (!w.include.is_empty()).then(|| glob_set(&w.include));
+        let exclude = glob_set(&w.exclude);
+        let broken = exclude.is_err() || include.as_ref().is_some_and(|i| i.is_err());
+        if broken {
+            tracing::error!(folder = ?w.path, "the include or exclude patterns cannot be compiled; nothing in this folder is taken");
+        }
         Filter {
-            include: (!w.include.is_empty()).then(|| glob_set(&w.include)),
-            exclude: glob_set(&w.exclude),
+            include: include.and_then(Result::ok),
+            exclude: exclude.unwrap_or_else(|_| GlobSet::empty()),
+            broken,
         }
     }
 
     /// Whether a file at `rel` (relative to the watched folder) is taken:
     /// no component is excluded, and it matches an include pattern if any.
     pub fn accepts(&self, rel: &Path) -> bool {
-        if self.exclude.is_match(rel) || rel.iter().any(|c| self.exclude.is_match(Path::new(c))) {
+        if self.broken
+            || self.exclude.is_match(rel)
+            || rel.iter().any(|c| self.exclude.is_match(Path::new(c)))
+        {
             return false;
         }
         self.include.as_ref().is_none_or(|inc| inc.is_match(rel))
