@@ -177,15 +177,22 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         settings.upload.part_size,
         settings.upload.checksum,
     ));
-    match streams.recover().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            uploads = n,
-            "aborted the uploads of files that were being written when the agent last stopped; those files are sent afresh once finished"
-        ),
+    // Read before any stream starts; aborted in the background (each abort
+    // may wait on the network: start-up does not).
+    let left_over = match streams.left_over() {
+        Ok(left) => left,
         Err(e) => {
-            tracing::warn!(error = %e, "journal: cannot read the uploads of files that were being written")
+            tracing::warn!(error = %e, "journal: cannot read the uploads of files that were being written");
+            Vec::new()
         }
+    };
+    if !left_over.is_empty() {
+        tracing::info!(
+            uploads = left_over.len(),
+            "aborting the uploads of files that were being written when the agent last stopped; those files are sent afresh once finished"
+        );
+        let streams = streams.clone();
+        tokio::spawn(async move { streams.abort_left_over(left_over).await });
     }
     // Files in flight: as many as requests may be. The engine's budget
     // bounds their memory (bytes in flight), so small files go many at once.
@@ -255,7 +262,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
             _ = recv(&mut term) => { tracing::info!("SIGTERM: stopping"); break; }
             _ = recv(&mut int) => { tracing::info!("SIGINT: stopping"); break; }
             _ = recv(&mut hup) => {
-                tracing::warn!("SIGHUP: the configuration is not reloaded in place; restart the agent to apply changes (safe at any time: the journal resumes every upload)");
+                tracing::warn!("SIGHUP: the configuration is not reloaded in place; restart the agent to apply changes (safe at any time: the journal resumes every upload of a finished file; files being streamed are sent again from their first part)");
             }
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if joined.is_err() {
@@ -299,6 +306,8 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     // Stop intake, then give in-flight uploads their deadline.
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     watcher.abort();
+    // No part of a file being written is started from now on.
+    ctx.streams.stop_all();
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -705,6 +714,17 @@ impl Checkpoint for JournalCheckpoint {
     fn forget(&self) -> Result<(), String> {
         self.journal
             .multipart_forgotten(self.id)
+            .map_err(|e| e.to_string())
+    }
+    fn adopt(
+        &self,
+        upload_id: &str,
+        part_size: u64,
+        kind: crate::config::ChecksumKind,
+        parts: &[PartDone],
+    ) -> Result<(), String> {
+        self.journal
+            .multipart_adopted(self.id, upload_id, part_size, kind, parts)
             .map_err(|e| e.to_string())
     }
 }
@@ -1242,15 +1262,19 @@ impl Ctx {
             resume,
         });
         let started = Instant::now();
-        // Parts sent while it was written are checked and completed.
-        let streamed = match watch.stream {
-            true => self.streams.take(path, version.dev, version.ino).await,
-            false => None,
-        };
-        let streamed_id = streamed.as_ref().map(|s| s.upload_id.clone());
+        // Parts sent while it was written are checked and completed; the
+        // hand-over itself gives way to a lease break too (the stream's
+        // task then abandons its upload).
+        let streamed_id: Mutex<Option<String>> = Mutex::new(None);
         let upload = async {
+            let streamed = match watch.stream {
+                true => self.streams.take(path, version.dev, version.ino).await,
+                false => None,
+            };
             match streamed {
                 Some(sent) => {
+                    *streamed_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(sent.upload_id.clone());
                     self.engine
                         .finish_streamed(&job, Arc::new(|_| {}), checkpoint, sent)
                         .await
@@ -1271,6 +1295,7 @@ impl Ctx {
             },
             None => Some(upload.await),
         };
+        let streamed_id = streamed_id.into_inner().unwrap_or_else(|p| p.into_inner());
         if let Some(upload_id) = &streamed_id {
             if result.is_none() {
                 // Its file is being written again: that upload is over.

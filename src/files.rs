@@ -178,15 +178,20 @@ pub fn open_folder_beneath(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, 
 /// symbolic link below `root` and opening nothing but a regular file. The
 /// root itself is the configuration's choice and is taken as it is.
 pub fn open_beneath(root: &Path, rel: &Path) -> Result<Opened, OpenError> {
-    let root_fd = open_root(root)?;
-    let handle = beneath(root_fd.as_fd(), rel, OFlags::PATH)?;
+    open_beneath_at(open_root(root)?.as_fd(), rel)
+}
+
+/// [`open_beneath`] with the folder already open (a handle from
+/// [`open_root`]).
+pub fn open_beneath_at(root_fd: BorrowedFd<'_>, rel: &Path) -> Result<Opened, OpenError> {
+    let handle = beneath(root_fd, rel, OFlags::PATH)?;
     let st = rustix::fs::fstat(&handle).map_err(|e| OpenError::Io(io(e)))?;
     match rustix::fs::FileType::from_raw_mode(st.st_mode) {
         rustix::fs::FileType::RegularFile => {}
         rustix::fs::FileType::Symlink => return Err(OpenError::Link),
         _ => return Err(OpenError::NotAFile),
     }
-    let file = reopen_for_reading(&handle, root_fd.as_fd(), rel)?;
+    let file = reopen_for_reading(&handle, root_fd, rel)?;
     let meta = file.metadata().map_err(OpenError::Io)?;
     // The handle and the file must be the same inode, a regular file.
     use std::os::unix::fs::MetadataExt;

@@ -781,6 +781,44 @@ impl Journal {
         })
     }
 
+    /// Records an upload whose `parts` were sent while the file was being
+    /// written as this record's, and takes it off the streams table
+    /// ([`crate::stream`]), in one transaction: a crash leaves it either
+    /// for the next start to abort or on this record to resume, never both.
+    pub fn multipart_adopted(
+        &self,
+        id: i64,
+        upload_id: &str,
+        part_size: u64,
+        checksum: ChecksumKind,
+        parts: &[PartDone],
+    ) -> Result<(), JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE files SET upload_id = ?2, part_size = ?3, checksum = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id, upload_id, part_size as i64, checksum_name(checksum), now()],
+            )?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT OR REPLACE INTO parts (file_id, number, etag, crc, len) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for part in parts {
+                    insert.execute(params![
+                        id,
+                        part.number,
+                        part.etag,
+                        part.crc.value as i64,
+                        part.crc.len as i64
+                    ])?;
+                }
+            }
+            tx.execute("DELETE FROM streams WHERE upload_id = ?1", params![upload_id])?;
+            tx.commit()
+        })
+    }
+
     /// Records a part the server accepted.
     pub fn part_done(&self, id: i64, part: &PartDone) -> Result<(), JournalError> {
         self.with(|conn| {

@@ -46,6 +46,7 @@ pub const LAST_SUCCESS: &str = "putonly_last_success_timestamp_seconds";
 pub const FAILED_FILES: &str = "putonly_failed_files";
 pub const STREAM_PARTS: &str = "putonly_stream_parts_total";
 pub const STREAMS_ABANDONED: &str = "putonly_streams_abandoned_total";
+pub const STREAMS: &str = "putonly_streams";
 
 /// Upload durations worth telling apart: small files to big multipart ones.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -177,6 +178,10 @@ fn describe() {
     metrics::describe_counter!(
         STREAM_PARTS,
         "Parts sent while their file was still being written ([[watch]] stream = true)."
+    );
+    metrics::describe_gauge!(
+        STREAMS,
+        "Files being written that are followed, their parts sent as they come."
     );
     metrics::describe_counter!(
         STREAMS_ABANDONED,

@@ -13,25 +13,31 @@
 //! ([`Streams::take`]) and hands them to
 //! [`Engine::finish_streamed`](crate::upload::Engine::finish_streamed),
 //! which reads each of them again and sends the file afresh if they are not
-//! its bytes. It never sends a part that is not full or bytes past what the
-//! file held, never starts an upload for a file it has not seen grow, and
-//! abandons (aborts) an upload whose file shrank, was replaced, renamed away
-//! or removed, or outgrew 10,000 parts: the finished file is then sent the
-//! ordinary way. At most [`MAX_STREAMS`] files are followed at once.
+//! its bytes (checksum and a 128-bit hash of each part). A part on its way
+//! when the file is finished arrives before the hand-over (the hand-over
+//! waits up to [`STOP_WAIT`], else the task keeps the upload and abandons
+//! it): no part of an upload is ever being sent by two hands. It never
+//! sends a part that is not full or bytes past what the file held, never
+//! starts an upload for a file it has not seen grow, and abandons (aborts)
+//! an upload whose file shrank, was replaced, renamed away or removed,
+//! outgrew 10,000 parts, or did not grow for [`IDLE_SENT`]: the finished
+//! file is then sent the ordinary way. At most [`MAX_STREAMS`] files are
+//! followed at once.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::config::{ChecksumKind, MAX_PARTS};
-use crate::files;
-use crate::journal::{Journal, JournalError, Resume, now};
-use crate::s3::{ObjectWriter, PartDone};
-use crate::upload::Engine;
+use crate::files::{self, OpenError};
+use crate::journal::{Journal, JournalError, now};
+use crate::s3::ObjectWriter;
+use crate::upload::{Engine, Streamed, StreamedPart};
 
 /// The uploads of files being written: created before their first part is
 /// sent, removed once the agent has the upload on its file's record (or it
@@ -52,9 +58,15 @@ pub const POLL: Duration = Duration::from_millis(250);
 /// is no longer followed (the watcher asks again if it is still waiting).
 const IDLE: Duration = Duration::from_secs(60);
 
-/// How long [`Streams::take`] waits for a part being sent to arrive before
-/// it stops the task anyway (that part is then sent again with the rest).
-const STOP_WAIT: Duration = Duration::from_secs(30);
+/// A file that had parts sent and then did not grow for this long (its
+/// writer idle, the file held open) has its upload abandoned: the slot and
+/// the descriptor are freed, and it is sent whole once finished.
+pub const IDLE_SENT: Duration = Duration::from_secs(1800);
+
+/// How long [`Streams::take`] waits for a part on its way to arrive; past
+/// it, the task keeps its upload and abandons it once the part is answered,
+/// and the file is sent afresh.
+pub const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// Files followed at once, at most: each holds a descriptor and a task.
 pub const MAX_STREAMS: usize = 128;
@@ -67,14 +79,17 @@ struct Sent {
     ino: u64,
     key: String,
     upload_id: Option<String>,
-    parts: Vec<PartDone>,
+    parts: Vec<StreamedPart>,
 }
+
+/// Where a stopped task hands what it sent; empty until a taker waits.
+type Reply = Arc<Mutex<Option<oneshot::Sender<Sent>>>>;
 
 struct Follow {
     generation: u64,
     stop: watch::Sender<bool>,
+    reply: Reply,
     handle: tokio::task::JoinHandle<()>,
-    sent: Arc<Mutex<Sent>>,
 }
 
 /// How a task ended.
@@ -95,7 +110,8 @@ pub struct Streams<W> {
     checksum: ChecksumKind,
     running: Mutex<HashMap<PathBuf, Follow>>,
     generation: std::sync::atomic::AtomicU64,
-    full_warned: std::sync::atomic::AtomicBool,
+    /// When "too many files" was last said (at most once a minute).
+    full_said: Mutex<Option<Instant>>,
 }
 
 impl<W: ObjectWriter + 'static> Streams<W> {
@@ -112,7 +128,7 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             checksum,
             running: Mutex::new(HashMap::new()),
             generation: Default::default(),
-            full_warned: Default::default(),
+            full_said: Mutex::new(None),
         }
     }
 
@@ -130,6 +146,10 @@ impl<W: ObjectWriter + 'static> Streams<W> {
         self.running().len()
     }
 
+    fn gauge(running: &HashMap<PathBuf, Follow>) {
+        ::metrics::gauge!(crate::metrics::STREAMS).set(running.len() as f64);
+    }
+
     /// Follows the file `rel` beneath `root` (at `path`), to be sent as
     /// `key` (already checked against the allowed prefixes), unless it is
     /// followed already.
@@ -139,10 +159,9 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             return;
         }
         if running.len() >= MAX_STREAMS {
-            if !self
-                .full_warned
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
+            let mut said = self.full_said.lock().unwrap_or_else(|p| p.into_inner());
+            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                *said = Some(Instant::now());
                 tracing::warn!(
                     max = MAX_STREAMS,
                     path = ?path,
@@ -155,17 +174,17 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (stop, stopped) = watch::channel(false);
-        let sent = Arc::new(Mutex::new(Sent {
-            key: key.clone(),
-            ..Sent::default()
-        }));
+        let reply: Reply = Arc::default();
         let task = Task {
             streams: self.clone(),
             root: root.to_path_buf(),
             rel: rel.to_path_buf(),
             path: path.to_path_buf(),
-            key,
-            sent: sent.clone(),
+            sent: Sent {
+                key,
+                ..Sent::default()
+            },
+            reply: reply.clone(),
             stopped,
         };
         let handle = tokio::spawn(task.run(generation));
@@ -174,17 +193,19 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             Follow {
                 generation,
                 stop,
+                reply,
                 handle,
-                sent,
             },
         );
+        Self::gauge(&running);
     }
 
     /// Stops following `path` and takes over what was sent of it, if that
     /// is the file `dev`/`ino` and any part of it went out: the agent then
     /// finishes that upload (or it is abandoned there). Whatever cannot be
-    /// taken over is aborted here.
-    pub async fn take(&self, path: &Path, dev: u64, ino: u64) -> Option<Resume> {
+    /// taken over is aborted. Dropping this future (a lease broken
+    /// meanwhile) leaves the upload to its task, which abandons it.
+    pub async fn take(&self, path: &Path, dev: u64, ino: u64) -> Option<Streamed> {
         let sent = self.halt(path).await?;
         let upload_id = sent.upload_id?;
         if (sent.dev, sent.ino) != (dev, ino) || sent.parts.is_empty() {
@@ -198,7 +219,7 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             .await;
             return None;
         }
-        Some(Resume {
+        Some(Streamed {
             upload_id,
             part_size: self.part_size,
             checksum: self.checksum,
@@ -220,19 +241,47 @@ impl<W: ObjectWriter + 'static> Streams<W> {
         }
     }
 
+    /// Asks every task to stop (the agent is stopping): no part is started
+    /// after this; each task abandons its upload once its part on the way
+    /// is answered (or the next start aborts it, from the journal).
+    pub fn stop_all(&self) {
+        let mut running = self.running();
+        for (_, follow) in running.drain() {
+            let _ = follow.stop.send(true);
+        }
+        Self::gauge(&running);
+    }
+
     /// Stops the task following `path`, letting a part on its way arrive
-    /// (up to [`STOP_WAIT`]); what it sent.
+    /// (up to [`STOP_WAIT`]), and takes what it sent. `None` when it ended
+    /// on its own meanwhile, or did not stop in time: the task keeps its
+    /// upload then, and abandons it.
     async fn halt(&self, path: &Path) -> Option<Sent> {
-        let follow = self.running().remove(path)?;
+        let follow = {
+            let mut running = self.running();
+            let follow = running.remove(path)?;
+            Self::gauge(&running);
+            follow
+        };
+        let (tx, mut rx) = oneshot::channel();
+        *follow.reply.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let _ = follow.stop.send(true);
         let mut handle = follow.handle;
-        if tokio::time::timeout(STOP_WAIT, &mut handle).await.is_err() {
-            tracing::warn!(path = ?path, "a part sent while the file was written did not arrive in time; it is sent again with the rest");
-            handle.abort();
-            let _ = handle.await;
+        let got = tokio::time::timeout(STOP_WAIT, async {
+            tokio::select! {
+                sent = &mut rx => sent.ok(),
+                // Ended: what it handed over, if anything, is there now.
+                _ = &mut handle => rx.try_recv().ok(),
+            }
+        })
+        .await;
+        match got {
+            Ok(sent) => sent,
+            Err(_) => {
+                tracing::warn!(path = ?path, wait = ?STOP_WAIT, "a part sent while the file was written was not answered in time; that upload is abandoned once it is, and the file sent afresh");
+                None
+            }
         }
-        let sent = std::mem::take(&mut *follow.sent.lock().unwrap_or_else(|p| p.into_inner()));
-        Some(sent)
     }
 
     /// The upload `upload_id` is on its file's record now (or finished, or
@@ -251,22 +300,25 @@ impl<W: ObjectWriter + 'static> Streams<W> {
         self.handed_over(upload_id);
     }
 
-    /// Aborts the uploads a previous run left unfinished while their files
-    /// were being written (their files are sent afresh once finished);
-    /// returns how many there were.
-    pub async fn recover(&self) -> Result<usize, JournalError> {
-        let left = self.journal.with(|c| {
+    /// The uploads a previous run left unfinished while their files were
+    /// being written (read before any stream starts).
+    pub fn left_over(&self) -> Result<Vec<(String, String)>, JournalError> {
+        self.journal.with(|c| {
             let mut st = c.prepare("SELECT upload_id, key FROM streams")?;
             let rows =
                 st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
-        })?;
+        })
+    }
+
+    /// Aborts the uploads [`Streams::left_over`] found (their files are
+    /// sent afresh once finished); best effort, in the background.
+    pub async fn abort_left_over(&self, left: Vec<(String, String)>) {
         for (upload_id, key) in &left {
             tracing::info!(key = ?key, upload_id = %upload_id, "aborting an upload left while its file was being written (the file is sent afresh once finished)");
             self.engine.abort_upload(key, upload_id).await;
-            forget(&self.journal, upload_id)?;
+            self.handed_over(upload_id);
         }
-        Ok(left.len())
     }
 
     /// A task ended on its own: its entry goes, unless a newer one took the
@@ -292,6 +344,10 @@ fn reason_label(why: &str) -> &'static str {
         "too_large"
     } else if why.contains("not the one") || why.contains("not to be sent") {
         "not_sent"
+    } else if why.contains("did not grow") {
+        "idle"
+    } else if why.contains("stopping") || why.contains("in time") {
+        "stopped"
     } else {
         "failed"
     }
@@ -357,41 +413,57 @@ struct Task<W> {
     root: PathBuf,
     rel: PathBuf,
     path: PathBuf,
-    key: String,
-    sent: Arc<Mutex<Sent>>,
+    sent: Sent,
+    reply: Reply,
     stopped: watch::Receiver<bool>,
 }
 
 impl<W: ObjectWriter + 'static> Task<W> {
     async fn run(mut self, generation: u64) {
         let end = self.follow().await;
-        if let End::Abandon(why) = &end {
-            let upload_id = self.sent().upload_id.take();
-            match upload_id {
-                Some(id) => {
-                    self.streams
-                        .abandon_upload(&self.path, &self.key, &id, why)
-                        .await
-                }
-                None => tracing::debug!(path = ?self.path, reason = %why, "no longer followed"),
+        let reply = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let why = match end {
+            // Handed over to the agent, who finishes the upload (or not).
+            End::Stopped => match reply {
+                Some(tx) => match tx.send(std::mem::take(&mut self.sent)) {
+                    Ok(()) => return,
+                    // The taker gave up waiting or was dropped (a lease
+                    // broken): this task abandons the upload.
+                    Err(sent) => {
+                        self.sent = sent;
+                        "no one took it over in time".to_string()
+                    }
+                },
+                None => "the agent is stopping".to_string(),
+            },
+            End::Quiet => {
+                self.streams.ended(&self.path, generation);
+                return;
             }
+            End::Abandon(why) => why,
+        };
+        match self.sent.upload_id.take() {
+            Some(id) => {
+                self.streams
+                    .abandon_upload(&self.path, &self.sent.key, &id, &why)
+                    .await
+            }
+            None => tracing::debug!(path = ?self.path, reason = %why, "no longer followed"),
         }
-        if !matches!(end, End::Stopped) {
-            self.streams.ended(&self.path, generation);
-        }
+        self.streams.ended(&self.path, generation);
     }
 
-    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
-        self.sent.lock().unwrap_or_else(|p| p.into_inner())
+    fn stop_asked(&self) -> bool {
+        *self.stopped.borrow()
     }
 
     /// Waits `d`; `true` when asked to stop meanwhile.
     async fn stop_within(&mut self, d: Duration) -> bool {
-        if *self.stopped.borrow() {
+        if self.stop_asked() {
             return true;
         }
         tokio::select! {
-            () = tokio::time::sleep(d) => *self.stopped.borrow(),
+            () = tokio::time::sleep(d) => self.stop_asked(),
             _ = self.stopped.changed() => true,
         }
     }
@@ -399,21 +471,22 @@ impl<W: ObjectWriter + 'static> Task<W> {
     async fn follow(&mut self) -> End {
         let part_size = self.streams.part_size;
         let (root, rel) = (self.root.clone(), self.rel.clone());
-        let opened =
-            match tokio::task::spawn_blocking(move || files::open_beneath(&root, &rel)).await {
-                Ok(Ok(o)) => o,
-                _ => return End::Quiet,
-            };
-        let file = Arc::new(opened.file);
+        let opened = tokio::task::spawn_blocking(move || {
+            let root = files::open_root(&root)?;
+            let opened = files::open_beneath_at(root.as_fd(), &rel)?;
+            Ok::<_, OpenError>((root, opened))
+        })
+        .await;
+        let Ok(Ok((root, opened))) = opened else {
+            return End::Quiet;
+        };
+        let (root, file) = (Arc::new(root), Arc::new(opened.file));
         let (dev, ino) = {
             use std::os::unix::fs::MetadataExt;
             (opened.meta.dev(), opened.meta.ino())
         };
-        {
-            let mut sent = self.sent();
-            sent.dev = dev;
-            sent.ino = ino;
-        }
+        self.sent.dev = dev;
+        self.sent.ino = ino;
         let mut size = opened.meta.len();
         let mut grew = false;
         let mut changed_at = Instant::now();
@@ -423,14 +496,12 @@ impl<W: ObjectWriter + 'static> Task<W> {
             if self.stop_within(POLL).await {
                 return End::Stopped;
             }
-            let (f, root, rel) = (file.clone(), self.root.clone(), self.rel.clone());
+            let (f, root, rel) = (file.clone(), root.clone(), self.rel.clone());
             let looked = tokio::task::spawn_blocking(move || {
                 use std::os::unix::fs::MetadataExt;
-                let now = f.metadata()?;
-                let here = files::lstat_beneath(&root, &rel)
-                    .map(|m| (m.dev(), m.ino()))
-                    .ok();
-                Ok::<_, std::io::Error>((now.len(), here))
+                let now = f.metadata().map_err(OpenError::Io)?;
+                let here = files::lstat_at(root.as_fd(), &rel).map(|m| (m.dev(), m.ino()));
+                Ok::<_, OpenError>((now.len(), here))
             })
             .await;
             let (now_size, here) = match looked {
@@ -438,8 +509,16 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 Ok(Err(e)) => return End::Abandon(format!("it cannot be looked at: {e}")),
                 Err(e) => return End::Abandon(format!("a worker task failed: {e}")),
             };
-            if here != Some((dev, ino)) {
-                return End::Abandon("it was renamed away, replaced or removed".into());
+            match here {
+                Ok(here) if here == (dev, ino) => {}
+                Ok(_) | Err(OpenError::Gone | OpenError::Link | OpenError::NotAFile) => {
+                    return End::Abandon("it was renamed away, replaced or removed".into());
+                }
+                // Out of descriptors, or a passing error: look again.
+                Err(OpenError::Io(e)) => {
+                    tracing::debug!(path = ?self.path, error = %e, "cannot look at a file being streamed; looking again");
+                    continue;
+                }
             }
             if now_size < sent_to {
                 return End::Abandon(format!(
@@ -452,6 +531,11 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 changed_at = Instant::now();
             } else if sent_to == 0 && changed_at.elapsed() >= IDLE {
                 return End::Quiet;
+            } else if sent_to > 0 && changed_at.elapsed() >= IDLE_SENT {
+                return End::Abandon(format!(
+                    "it did not grow for {}",
+                    humantime::format_duration(IDLE_SENT)
+                ));
             }
             // A file not seen to grow may be finished already: no upload
             // is started for it here.
@@ -464,8 +548,7 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 ));
             }
             while sent_to + part_size <= size {
-                let known = self.sent().upload_id.clone();
-                let upload_id = match known {
+                let upload_id = match self.sent.upload_id.clone() {
                     Some(id) => id,
                     None => match self.begin().await {
                         Ok(id) => id,
@@ -473,24 +556,31 @@ impl<W: ObjectWriter + 'static> Task<W> {
                     },
                 };
                 let number = i32::try_from(sent_to / part_size + 1).unwrap_or(i32::MAX);
-                let engine = self.streams.engine.clone();
-                let send = engine.send_part(
-                    &file, &self.path, &self.key, &upload_id, number, sent_to, part_size,
-                );
-                let part = tokio::select! {
-                    r = send => r,
-                    _ = self.stopped.changed() => return End::Stopped,
-                };
+                // Not raced against a stop: a part is answered before the
+                // hand-over, so no two hands ever send one part number.
+                let part = self
+                    .streams
+                    .engine
+                    .send_part(
+                        &file,
+                        &self.path,
+                        &self.sent.key,
+                        &upload_id,
+                        number,
+                        sent_to,
+                        part_size,
+                    )
+                    .await;
                 match part {
                     Ok(part) => {
                         tracing::debug!(path = ?self.path, number, "part sent while the file is written");
                         ::metrics::counter!(crate::metrics::STREAM_PARTS).increment(1);
-                        self.sent().parts.push(part);
+                        self.sent.parts.push(part);
                         sent_to += part_size;
                     }
                     Err(e) => return End::Abandon(format!("a part could not be sent: {e}")),
                 }
-                if *self.stopped.borrow() {
+                if self.stop_asked() {
                     return End::Stopped;
                 }
             }
@@ -502,20 +592,25 @@ impl<W: ObjectWriter + 'static> Task<W> {
         let upload_id = self
             .streams
             .engine
-            .create_upload(&self.path, &self.key)
+            .create_upload(&self.path, &self.sent.key)
             .await
             .map_err(|e| End::Abandon(format!("its upload cannot be started: {e}")))?;
-        if let Err(e) = record(&self.streams.journal, &upload_id, &self.key, &self.path) {
+        if let Err(e) = record(
+            &self.streams.journal,
+            &upload_id,
+            &self.sent.key,
+            &self.path,
+        ) {
             self.streams
                 .engine
-                .abort_upload(&self.key, &upload_id)
+                .abort_upload(&self.sent.key, &upload_id)
                 .await;
             return Err(End::Abandon(format!(
                 "the journal cannot record its upload: {e}"
             )));
         }
-        tracing::info!(path = ?self.path, key = ?self.key, upload_id = %upload_id, "streaming: the file is being written; its full parts are sent as they come");
-        self.sent().upload_id = Some(upload_id.clone());
+        tracing::info!(path = ?self.path, key = ?self.sent.key, upload_id = %upload_id, "streaming: the file is being written; its full parts are sent as they come");
+        self.sent.upload_id = Some(upload_id.clone());
         Ok(upload_id)
     }
 }

@@ -102,6 +102,25 @@ impl UploadError {
     }
 }
 
+/// A part sent while its file was being written ([`crate::stream`]): its
+/// record, and a 128-bit hash (XXH3) of its bytes, so that the finished
+/// file is compared with what was sent by more than the part's CRC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamedPart {
+    pub part: PartDone,
+    pub hash: u128,
+}
+
+/// What was sent of a file while it was being written: the upload and its
+/// full parts, handed to [`Engine::finish_streamed`] once it is finished.
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub upload_id: String,
+    pub part_size: u64,
+    pub checksum: ChecksumKind,
+    pub parts: Vec<StreamedPart>,
+}
+
 /// Receives byte counts as data is accepted by the server.
 pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -117,6 +136,19 @@ pub trait Checkpoint: Send + Sync {
     fn part_done(&self, part: &PartDone) -> Result<(), String>;
     /// The server no longer knows the upload; the next run starts over.
     fn forget(&self) -> Result<(), String>;
+    /// An upload whose `parts` were sent while the file was written is
+    /// this file's now (the journal takes it over from the streams table
+    /// in the same transaction).
+    fn adopt(
+        &self,
+        upload_id: &str,
+        part_size: u64,
+        kind: ChecksumKind,
+        parts: &[PartDone],
+    ) -> Result<(), String> {
+        self.started(upload_id, part_size, kind)?;
+        parts.iter().try_for_each(|p| self.part_done(p))
+    }
     /// Whether a later run can continue what this one leaves unfinished.
     fn remembers(&self) -> bool {
         true
@@ -565,7 +597,7 @@ impl<W: ObjectWriter> Engine<W> {
         number: i32,
         offset: u64,
         len: u64,
-    ) -> Result<PartDone, UploadError> {
+    ) -> Result<StreamedPart, UploadError> {
         let inner = &self.inner;
         let _admission = inner
             .budget
@@ -581,11 +613,14 @@ impl<W: ObjectWriter> Engine<W> {
             inner.settings.checksum,
             inner.budget.buffer(len),
         );
-        let (body, crc) =
-            tokio::task::spawn_blocking(move || read_at(&f, &p, buf, offset, len as usize, kind))
-                .await
-                .map_err(|e| join_error(path, e))??;
-        let done = inner
+        let (body, crc, hash) = tokio::task::spawn_blocking(move || {
+            let (body, crc) = read_at(&f, &p, buf, offset, len as usize, kind)?;
+            let hash = xxhash_rust::xxh3::xxh3_128(&body);
+            Ok::<_, UploadError>((body, crc, hash))
+        })
+        .await
+        .map_err(|e| join_error(path, e))??;
+        let part = inner
             .retry(|| {
                 inner
                     .writer
@@ -597,7 +632,7 @@ impl<W: ObjectWriter> Engine<W> {
                 source: Box::new(source),
             })?;
         inner.budget.give_back(body);
-        Ok(done)
+        Ok(StreamedPart { part, hash })
     }
 
     /// Aborts a multipart upload that will never be completed (best effort).
@@ -608,18 +643,19 @@ impl<W: ObjectWriter> Engine<W> {
     /// Completes an upload whose first parts (`sent`, all full) went out
     /// while the file was being written. Every part sent is read again from
     /// the finished file, as the version the caller judged finished, and
-    /// must have the checksum it was sent with; then the upload is on
-    /// record in `checkpoint` and goes on as any resumed one (the rest of
-    /// the parts, the path checked unchanged, Complete with the whole
-    /// file's CRC). If the file is not what was sent (truncated, rewritten
-    /// in place, grown past 10,000 parts), that upload is aborted and the
-    /// file sent afresh: never an object of mixed bytes.
+    /// must have the checksum and the hash it was sent with; then the
+    /// upload is on record in `checkpoint` and goes on as any resumed one
+    /// (the rest of the parts, the file's version checked unchanged,
+    /// Complete with the whole file's CRC). If the file is not what was
+    /// sent (truncated, rewritten in place, grown past 10,000 parts), that
+    /// upload is aborted and the file sent afresh: never an object of mixed
+    /// bytes.
     pub async fn finish_streamed(
         &self,
         job: &Job,
         progress: ProgressFn,
         checkpoint: Arc<dyn Checkpoint>,
-        sent: Resume,
+        sent: Streamed,
     ) -> Result<Uploaded, UploadError> {
         let (path, expected, opened) = (job.path.clone(), job.expected, job.opened.clone());
         let looked = async {
@@ -630,10 +666,6 @@ impl<W: ObjectWriter> Engine<W> {
             let differs = self.differs(&source, &sent).await?;
             Ok::<_, UploadError>((source, differs))
         };
-        let cp_err = |reason| UploadError::Checkpoint {
-            path: job.path.clone(),
-            reason,
-        };
         // Until the upload is on the file's record, no later attempt knows
         // of it: it is aborted on the way out.
         let (source, differs) = match looked.await {
@@ -643,37 +675,49 @@ impl<W: ObjectWriter> Engine<W> {
                 return Err(e);
             }
         };
-        match differs {
-            None => {
-                if let Err(reason) =
-                    checkpoint.started(&sent.upload_id, sent.part_size, sent.checksum)
-                {
-                    self.abort_upload(&job.key, &sent.upload_id).await;
-                    return Err(cp_err(reason));
-                }
-                for part in &sent.parts {
-                    checkpoint.part_done(part).map_err(cp_err)?;
-                }
-                tracing::debug!(key = ?job.key, upload_id = %sent.upload_id, parts = sent.parts.len(), "the parts sent while the file was written are its bytes; finishing that upload");
-                self.multipart(job, source, progress, &checkpoint, Some(sent))
-                    .await
-            }
-            Some(why) => {
-                tracing::info!(path = ?job.path, key = ?job.key, upload_id = %sent.upload_id, reason = %why, "the parts sent while the file was written are not its bytes now; that upload is abandoned and the file is sent afresh");
-                ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => "differs")
-                    .increment(1);
-                self.abort_upload(&job.key, &sent.upload_id).await;
-                self.upload_with(job, progress, checkpoint).await
-            }
+        if let Some(why) = differs {
+            tracing::info!(path = ?job.path, key = ?job.key, upload_id = %sent.upload_id, reason = %why, "the parts sent while the file was written are not its bytes now; that upload is abandoned and the file is sent afresh");
+            ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => "differs")
+                .increment(1);
+            self.abort_upload(&job.key, &sent.upload_id).await;
+            return self.upload_with(job, progress, checkpoint).await;
         }
+        // An upload an earlier attempt at this version left on its record
+        // is replaced: it will never be completed.
+        if let Some(old) = checkpoint.resume()
+            && old.upload_id != sent.upload_id
+        {
+            self.abort_upload(&job.key, &old.upload_id).await;
+        }
+        let parts: Vec<PartDone> = sent.parts.into_iter().map(|p| p.part).collect();
+        if let Err(reason) =
+            checkpoint.adopt(&sent.upload_id, sent.part_size, sent.checksum, &parts)
+        {
+            self.abort_upload(&job.key, &sent.upload_id).await;
+            return Err(UploadError::Checkpoint {
+                path: job.path.clone(),
+                reason,
+            });
+        }
+        tracing::debug!(key = ?job.key, upload_id = %sent.upload_id, parts = parts.len(), "the parts sent while the file was written are its bytes; finishing that upload");
+        let resume = Resume {
+            upload_id: sent.upload_id,
+            part_size: sent.part_size,
+            checksum: sent.checksum,
+            parts,
+        };
+        self.multipart(job, source, progress, &checkpoint, Some(resume))
+            .await
     }
 
     /// How the finished file differs from the parts `sent` while it was
-    /// written; `None` when each of them is its bytes.
+    /// written; `None` when each of them is its bytes. The parts are read
+    /// again `concurrency` at a time, within the memory budget and not
+    /// paced by `bandwidth_limit` (nothing is sent).
     async fn differs(
         &self,
         source: &Arc<Source>,
-        sent: &Resume,
+        sent: &Streamed,
     ) -> Result<Option<String>, UploadError> {
         let inner = &self.inner;
         let size = source.version.size;
@@ -688,31 +732,55 @@ impl<W: ObjectWriter> Engine<W> {
                 sent.part_size
             )));
         }
-        let mut parts: Vec<&PartDone> = sent.parts.iter().collect();
-        parts.sort_by_key(|p| p.number);
-        for part in parts {
-            let offset = u64::try_from(part.number - 1)
+        let mut checks: JoinSet<Result<Option<String>, UploadError>> = JoinSet::new();
+        for p in &sent.parts {
+            let offset = u64::try_from(p.part.number - 1)
                 .unwrap_or(u64::MAX)
                 .saturating_mul(sent.part_size);
-            let len = part.crc.len;
-            if part.number < 1 || len != sent.part_size || offset.saturating_add(len) > size {
+            let len = p.part.crc.len;
+            if p.part.number < 1 || len != sent.part_size || offset.saturating_add(len) > size {
                 return Ok(Some(format!(
                     "it is {size} bytes, shorter than the parts sent"
                 )));
             }
-            let _admission = inner
-                .budget
-                .admit(inner.budget.charge(len))
+            while checks.len() >= inner.settings.concurrency.max(1) {
+                if let Some(found) = next_check(&mut checks, &source.path).await? {
+                    return Ok(Some(found));
+                }
+            }
+            let (engine, source, p) = (self.clone(), source.clone(), p.clone());
+            checks.spawn(async move {
+                let inner = &engine.inner;
+                let _admission = inner
+                    .budget
+                    .admit(inner.budget.charge(len))
+                    .await
+                    .map_err(|_| closed(&source.path))?;
+                let (s, buf, kind) = (
+                    source.clone(),
+                    inner.budget.buffer(len),
+                    inner.settings.checksum,
+                );
+                let (body, crc, hash) = tokio::task::spawn_blocking(move || {
+                    let (body, crc) = s.read(buf, offset, len as usize, kind)?;
+                    let hash = xxhash_rust::xxh3::xxh3_128(&body);
+                    Ok::<_, UploadError>((body, crc, hash))
+                })
                 .await
-                .map_err(|_| closed(&source.path))?;
-            let (body, crc) = inner.read_part(source, offset, len).await?;
-            inner.budget.give_back(body);
-            if crc != part.crc {
-                return Ok(Some(format!(
-                    "part {} (bytes {offset}..{}) no longer has the checksum it was sent with",
-                    part.number,
-                    offset + len
-                )));
+                .map_err(|e| join_error(&source.path, e))??;
+                inner.budget.give_back(body);
+                Ok((crc != p.part.crc || hash != p.hash).then(|| {
+                    format!(
+                        "part {} (bytes {offset}..{}) is no longer what was sent",
+                        p.part.number,
+                        offset + len
+                    )
+                }))
+            });
+        }
+        while !checks.is_empty() {
+            if let Some(found) = next_check(&mut checks, &source.path).await? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
@@ -940,6 +1008,19 @@ impl<W: ObjectWriter> Engine<W> {
             version_id: written.version_id,
             request_id: written.request_id,
         })
+    }
+}
+
+/// The next part check of [`Engine::differs`] to end: what differs, if
+/// anything (the others are dropped with the set).
+async fn next_check(
+    checks: &mut JoinSet<Result<Option<String>, UploadError>>,
+    path: &Path,
+) -> Result<Option<String>, UploadError> {
+    match checks.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(join_error(path, e)),
+        None => Ok(None),
     }
 }
 
@@ -1664,7 +1745,7 @@ mod tests {
     }
 
     /// Sends the first `parts` full parts of `path` as a stream would.
-    async fn stream_parts(engine: &Engine<Fake>, path: &Path, key: &str, parts: u64) -> Resume {
+    async fn stream_parts(engine: &Engine<Fake>, path: &Path, key: &str, parts: u64) -> Streamed {
         let file = Arc::new(File::open(path).unwrap());
         let upload_id = engine.create_upload(path, key).await.unwrap();
         let mut done = Vec::new();
@@ -1683,7 +1764,7 @@ mod tests {
                 .unwrap();
             done.push(part);
         }
-        Resume {
+        Streamed {
             upload_id,
             part_size: 5 * MIB,
             checksum: settings().checksum,
@@ -1770,5 +1851,25 @@ mod tests {
                 "{change}: the streamed upload is aborted before a new one: {calls:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_part_whose_crc_still_matches_but_whose_bytes_differ_is_not_kept() {
+        // As if a rewrite kept the part's CRC (a collision): its hash tells.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = file_of(dir.path(), "s", (12 * MIB + 5) as usize);
+        let fake = Arc::new(Fake::default());
+        let engine = Engine::new(fake.clone(), settings());
+        let mut sent = stream_parts(&engine, &path, "foo/s", 2).await;
+        sent.parts[1].hash ^= 1;
+        let cp = Arc::new(Remembered::default());
+        engine
+            .finish_streamed(&job_for(&path, "foo/s"), no_progress(), cp, sent)
+            .await
+            .unwrap();
+        assert_eq!(fake.objects.lock().unwrap()[0].1, data);
+        let calls = fake.calls.lock().unwrap();
+        assert!(calls.contains(&"abort foo/s".to_string()), "{calls:?}");
+        assert_eq!(calls.iter().filter(|c| *c == "create foo/s").count(), 2);
     }
 }
