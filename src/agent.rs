@@ -1296,13 +1296,15 @@ impl Ctx {
             None => Some(upload.await),
         };
         let streamed_id = streamed_id.into_inner().unwrap_or_else(|p| p.into_inner());
-        if let Some(upload_id) = &streamed_id {
-            if result.is_none() {
-                // Its file is being written again: that upload is over.
-                self.engine.abort_upload(&key, upload_id).await;
-            }
-            // On the file's record now (or completed, or aborted).
-            self.streams.handed_over(upload_id);
+        // The upload streamed is on the file's record now (adopted: it is
+        // resumed, or aborted when a newer version supersedes it), or was
+        // completed or aborted; if a lease break cut the finishing short
+        // before it was adopted, it is aborted here.
+        if let Some(upload_id) = &streamed_id
+            && self.streams.release(upload_id)
+            && result.is_none()
+        {
+            self.engine.abort_upload(&key, upload_id).await;
         }
         let Some(result) = result else {
             // The lease is already released: the writer goes on at once.

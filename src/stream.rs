@@ -210,13 +210,16 @@ impl<W: ObjectWriter + 'static> Streams<W> {
         let upload_id = sent.upload_id?;
         if (sent.dev, sent.ino) != (dev, ino) || sent.parts.is_empty() {
             // Another file at that path now, or nothing of it went out.
-            self.abandon_upload(
+            // In the background: this future may be dropped (a lease
+            // broken) before an abort would end.
+            spawn_abandon(
+                self.engine.clone(),
+                self.journal.clone(),
                 path,
-                &sent.key,
-                &upload_id,
+                sent.key,
+                upload_id,
                 "the finished file is not the one followed",
-            )
-            .await;
+            );
             return None;
         }
         Some(Streamed {
@@ -263,41 +266,64 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             Self::gauge(&running);
             follow
         };
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         *follow.reply.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let _ = follow.stop.send(true);
         let mut handle = follow.handle;
-        let got = tokio::time::timeout(STOP_WAIT, async {
+        // Whatever the task hands over after this future is gone (dropped,
+        // or past STOP_WAIT) is abandoned by the guard, not lost.
+        let mut rx = Receiving {
+            rx: Some(rx),
+            engine: self.engine.clone(),
+            journal: self.journal.clone(),
+            path: path.to_path_buf(),
+        };
+        let waited = tokio::time::timeout(STOP_WAIT, async {
+            let r = rx.rx.as_mut()?;
             tokio::select! {
-                sent = &mut rx => sent.ok(),
+                sent = &mut *r => sent.ok(),
                 // Ended: what it handed over, if anything, is there now.
-                _ = &mut handle => rx.try_recv().ok(),
+                _ = &mut handle => r.try_recv().ok(),
             }
         })
         .await;
-        match got {
-            Ok(sent) => sent,
+        match waited {
+            Ok(sent) => {
+                rx.rx = None;
+                sent
+            }
             Err(_) => {
-                tracing::warn!(path = ?path, wait = ?STOP_WAIT, "a part sent while the file was written was not answered in time; that upload is abandoned once it is, and the file sent afresh");
-                None
+                // Closed: the task keeps its upload from now on, unless it
+                // handed it over in the meantime.
+                let sent = rx.rx.take().and_then(|mut r| {
+                    r.close();
+                    r.try_recv().ok()
+                });
+                if sent.is_none() {
+                    tracing::warn!(path = ?path, wait = ?STOP_WAIT, "a part of a file being written was not answered in time; that upload is abandoned once it is, and the file sent afresh");
+                }
+                sent
             }
         }
     }
 
-    /// The upload `upload_id` is on its file's record now (or finished, or
-    /// aborted): its row goes.
-    pub fn handed_over(&self, upload_id: &str) {
-        if let Err(e) = forget(&self.journal, upload_id) {
-            tracing::warn!(error = %e, "journal: cannot remove the record of a streamed upload (it is aborted at the next start)");
+    /// Takes `upload_id` off the streams table; whether it was there (not
+    /// adopted by its file's record, nor abandoned already).
+    pub fn release(&self, upload_id: &str) -> bool {
+        match self
+            .journal
+            .with(|c| c.execute("DELETE FROM streams WHERE upload_id = ?1", [upload_id]))
+        {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "journal: cannot remove the record of a streamed upload (it is aborted at the next start)");
+                false
+            }
         }
     }
 
     async fn abandon_upload(&self, path: &Path, key: &str, upload_id: &str, why: &str) {
-        tracing::info!(path = ?path, upload_id, reason = why, "the upload of a file being written is abandoned; the file is sent afresh once finished");
-        ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => reason_label(why))
-            .increment(1);
-        self.engine.abort_upload(key, upload_id).await;
-        self.handed_over(upload_id);
+        abandon(&self.engine, &self.journal, path, key, upload_id, why).await;
     }
 
     /// The uploads a previous run left unfinished while their files were
@@ -317,7 +343,9 @@ impl<W: ObjectWriter + 'static> Streams<W> {
         for (upload_id, key) in &left {
             tracing::info!(key = ?key, upload_id = %upload_id, "aborting an upload left while its file was being written (the file is sent afresh once finished)");
             self.engine.abort_upload(key, upload_id).await;
-            self.handed_over(upload_id);
+            if let Err(e) = forget(&self.journal, upload_id) {
+                tracing::warn!(error = %e, "journal: cannot remove the record of an upload left by a previous run");
+            }
         }
     }
 
@@ -330,7 +358,81 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             .is_some_and(|f| f.generation == generation)
         {
             running.remove(path);
+            Self::gauge(&running);
         }
+    }
+}
+
+/// The taker's end of a hand-over: dropped while the task may still hand
+/// its upload over, it closes the channel and abandons whatever was
+/// handed over already.
+struct Receiving<W: ObjectWriter + 'static> {
+    rx: Option<oneshot::Receiver<Sent>>,
+    engine: Engine<W>,
+    journal: Arc<Journal>,
+    path: PathBuf,
+}
+
+impl<W: ObjectWriter + 'static> Drop for Receiving<W> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        rx.close();
+        if let Ok(Sent {
+            key,
+            upload_id: Some(upload_id),
+            ..
+        }) = rx.try_recv()
+        {
+            spawn_abandon(
+                self.engine.clone(),
+                self.journal.clone(),
+                &self.path,
+                key,
+                upload_id,
+                "its hand-over was cut short",
+            );
+        }
+    }
+}
+
+/// Abandons an upload in the background (the caller may be dropped before
+/// an abort ends); without a runtime (the agent ending), the next start
+/// aborts it from the journal.
+fn spawn_abandon<W: ObjectWriter + 'static>(
+    engine: Engine<W>,
+    journal: Arc<Journal>,
+    path: &Path,
+    key: String,
+    upload_id: String,
+    why: &'static str,
+) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let path = path.to_path_buf();
+    rt.spawn(async move {
+        abandon(&engine, &journal, &path, &key, &upload_id, why).await;
+    });
+}
+
+/// Aborts an upload that will never be completed (best effort) and takes
+/// it off the streams table.
+async fn abandon<W: ObjectWriter>(
+    engine: &Engine<W>,
+    journal: &Journal,
+    path: &Path,
+    key: &str,
+    upload_id: &str,
+    why: &str,
+) {
+    tracing::info!(path = ?path, upload_id, reason = why, "the upload of a file being written is abandoned; the file is sent afresh once finished");
+    ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => reason_label(why))
+        .increment(1);
+    engine.abort_upload(key, upload_id).await;
+    if let Err(e) = forget(journal, upload_id) {
+        tracing::warn!(error = %e, "journal: cannot remove the record of a streamed upload (it is aborted at the next start)");
     }
 }
 
@@ -346,7 +448,7 @@ fn reason_label(why: &str) -> &'static str {
         "not_sent"
     } else if why.contains("did not grow") {
         "idle"
-    } else if why.contains("stopping") || why.contains("in time") {
+    } else if why.contains("stopping") || why.contains("in time") || why.contains("cut short") {
         "stopped"
     } else {
         "failed"
@@ -492,6 +594,9 @@ impl<W: ObjectWriter + 'static> Task<W> {
         let mut changed_at = Instant::now();
         // Bytes sent: whole parts, from the start.
         let mut sent_to: u64 = 0;
+        // Since when its path cannot be looked at (an error other than
+        // "gone"), if it cannot.
+        let mut unreachable_since: Option<Instant> = None;
         loop {
             if self.stop_within(POLL).await {
                 return End::Stopped;
@@ -510,14 +615,19 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 Err(e) => return End::Abandon(format!("a worker task failed: {e}")),
             };
             match here {
-                Ok(here) if here == (dev, ino) => {}
+                Ok(here) if here == (dev, ino) => unreachable_since = None,
                 Ok(_) | Err(OpenError::Gone | OpenError::Link | OpenError::NotAFile) => {
                     return End::Abandon("it was renamed away, replaced or removed".into());
                 }
-                // Out of descriptors, or a passing error: look again.
+                // Out of descriptors, or a passing error: the size still
+                // counts, and the path is looked at again (for `IDLE` at
+                // most: a file its path cannot reach is not followed).
                 Err(OpenError::Io(e)) => {
-                    tracing::debug!(path = ?self.path, error = %e, "cannot look at a file being streamed; looking again");
-                    continue;
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= IDLE {
+                        return End::Abandon(format!("its path cannot be looked at: {e}"));
+                    }
+                    tracing::debug!(path = ?self.path, error = %e, "cannot look at the path of a file being streamed; looking again");
                 }
             }
             if now_size < sent_to {
@@ -555,22 +665,29 @@ impl<W: ObjectWriter + 'static> Task<W> {
                         Err(end) => return end,
                     },
                 };
+                if self.stop_asked() {
+                    return End::Stopped;
+                }
                 let number = i32::try_from(sent_to / part_size + 1).unwrap_or(i32::MAX);
                 // Not raced against a stop: a part is answered before the
                 // hand-over, so no two hands ever send one part number.
-                let part = self
-                    .streams
-                    .engine
-                    .send_part(
-                        &file,
-                        &self.path,
-                        &self.sent.key,
-                        &upload_id,
-                        number,
-                        sent_to,
-                        part_size,
-                    )
-                    .await;
+                // The wait for memory and for `bandwidth_limit`, and the
+                // read, give way to a stop (nothing is sent yet); the send
+                // does not: a part is answered before the hand-over, so no
+                // two hands ever send one part number.
+                let engine = self.streams.engine.clone();
+                let read = tokio::select! {
+                    read = engine.read_streamed_part(&file, &self.path, number, sent_to, part_size) => read,
+                    _ = self.stopped.changed() => return End::Stopped,
+                };
+                let part = match read {
+                    Ok(read) => {
+                        engine
+                            .send_streamed_part(&self.path, &self.sent.key, &upload_id, read)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 match part {
                     Ok(part) => {
                         tracing::debug!(path = ?self.path, number, "part sent while the file is written");
@@ -612,5 +729,202 @@ impl<W: ObjectWriter + 'static> Task<W> {
         tracing::info!(path = ?self.path, key = ?self.sent.key, upload_id = %upload_id, "streaming: the file is being written; its full parts are sent as they come");
         self.sent.upload_id = Some(upload_id.clone());
         Ok(upload_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checksum::Crc;
+    use crate::config::UploadSettings;
+    use crate::s3::{PartDone, S3Error, Written};
+    use bytes::Bytes;
+    use std::io::Write;
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// Holds every part at a gate until the test opens it.
+    struct Gated {
+        calls: Mutex<Vec<String>>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Default for Gated {
+        fn default() -> Self {
+            Gated {
+                calls: Mutex::default(),
+                gate: tokio::sync::Semaphore::new(0),
+            }
+        }
+    }
+
+    impl Gated {
+        fn log(&self, s: String) {
+            self.calls.lock().unwrap().push(s);
+        }
+        fn saw(&self, what: &str) -> bool {
+            self.calls.lock().unwrap().iter().any(|c| c == what)
+        }
+    }
+
+    impl ObjectWriter for Gated {
+        async fn put_object(&self, _: &str, _: Bytes, _: Crc) -> Result<Written, S3Error> {
+            unreachable!("no whole object is sent here")
+        }
+        async fn create_multipart(&self, key: &str, _: ChecksumKind) -> Result<String, S3Error> {
+            self.log(format!("create {key}"));
+            Ok("up-1".into())
+        }
+        async fn upload_part(
+            &self,
+            _: &str,
+            _: &str,
+            number: i32,
+            _: Bytes,
+            crc: Crc,
+        ) -> Result<PartDone, S3Error> {
+            self.log(format!("part {number} sent"));
+            self.gate.acquire().await.unwrap().forget();
+            self.log(format!("part {number} answered"));
+            Ok(PartDone {
+                number,
+                etag: format!("e{number}"),
+                crc,
+            })
+        }
+        async fn complete_multipart(
+            &self,
+            _: &str,
+            _: &str,
+            _: &[PartDone],
+            _: Crc,
+        ) -> Result<Written, S3Error> {
+            unreachable!("streams never complete")
+        }
+        async fn abort_multipart(&self, key: &str, _: &str) {
+            self.log(format!("abort {key}"));
+        }
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        path: PathBuf,
+        file: std::fs::File,
+        fake: Arc<Gated>,
+        journal: Arc<Journal>,
+        streams: Arc<Streams<Gated>>,
+    }
+
+    /// A file of 6 MiB being written, followed, grown to 11 MiB: its first
+    /// part is sent and held at the gate.
+    async fn part_on_its_way() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        std::fs::create_dir_all(&root).unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let path = root.join("f");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&vec![1u8; (6 * MIB) as usize]).unwrap();
+        let fake = Arc::new(Gated::default());
+        let settings = UploadSettings {
+            part_size: 5 * MIB,
+            ..UploadSettings::default()
+        };
+        let journal = Arc::new(Journal::open(&state).unwrap());
+        let streams = Arc::new(Streams::new(
+            Engine::new(fake.clone(), settings.clone()),
+            journal.clone(),
+            5 * MIB,
+            settings.checksum,
+        ));
+        streams.start(&root, Path::new("f"), &path, "foo/f".into());
+        tokio::time::sleep(POLL * 2).await;
+        file.write_all(&vec![2u8; (5 * MIB) as usize]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fake.saw("part 1 sent") {
+            assert!(Instant::now() < deadline, "no part sent: {:?}", fake.calls);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        World {
+            _dir: dir,
+            root,
+            path,
+            file,
+            fake,
+            journal,
+            streams,
+        }
+    }
+
+    fn rows(journal: &Journal) -> usize {
+        journal.with(|c| listed(c)).unwrap().len()
+    }
+
+    fn id(path: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_part_on_its_way_is_answered_before_the_hand_over_and_kept() {
+        let w = part_on_its_way().await;
+        let (dev, ino) = id(&w.path);
+        let streams = w.streams.clone();
+        let path = w.path.clone();
+        let take = tokio::spawn(async move { streams.take(&path, dev, ino).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!take.is_finished(), "the hand-over waits for the part");
+        w.fake.gate.add_permits(10);
+        let sent = take.await.unwrap().expect("the upload is handed over");
+        assert_eq!(sent.upload_id, "up-1");
+        let numbers: Vec<i32> = sent.parts.iter().map(|p| p.part.number).collect();
+        assert_eq!(numbers, vec![1], "the part on its way is in, none after");
+        assert!(!w.fake.saw("part 2 sent"));
+        assert!(!w.fake.saw("abort foo/f"));
+        // Still on the streams table until the file's record adopts it.
+        assert_eq!(rows(&w.journal), 1);
+        assert_eq!(w.streams.count(), 0);
+        let _ = (&w.root, &w.file);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_hand_over_cut_short_leaves_the_upload_to_be_abandoned_not_lost() {
+        let w = part_on_its_way().await;
+        let (dev, ino) = id(&w.path);
+        let streams = w.streams.clone();
+        let path = w.path.clone();
+        // The taker goes away (a lease broken) while the part is on its way.
+        let take = tokio::spawn(async move { streams.take(&path, dev, ino).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        take.abort();
+        let _ = take.await;
+        w.fake.gate.add_permits(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(w.fake.saw("abort foo/f") && rows(&w.journal) == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "the upload was neither handed over nor abandoned: {:?}",
+                w.fake.calls
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!w.fake.saw("part 2 sent"));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_file_that_shrinks_below_what_was_sent_has_its_upload_abandoned() {
+        let w = part_on_its_way().await;
+        w.fake.gate.add_permits(10);
+        w.file.set_len(MIB).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(w.fake.saw("abort foo/f") && rows(&w.journal) == 0 && w.streams.count() == 0) {
+            assert!(Instant::now() < deadline, "{:?}", w.fake.calls);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (dev, ino) = id(&w.path);
+        assert!(w.streams.take(&w.path, dev, ino).await.is_none());
     }
 }

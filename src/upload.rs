@@ -111,6 +111,16 @@ pub struct StreamedPart {
     pub hash: u128,
 }
 
+/// A part of a file being written, read and hashed, holding its share of
+/// the budget until it is sent or dropped.
+pub struct ReadPart {
+    _admission: crate::budget::Admission,
+    number: i32,
+    body: Bytes,
+    crc: Crc,
+    hash: u128,
+}
+
 /// What was sent of a file while it was being written: the upload and its
 /// full parts, handed to [`Engine::finish_streamed`] once it is finished.
 #[derive(Debug, Clone)]
@@ -583,10 +593,8 @@ impl<W: ObjectWriter> Engine<W> {
     }
 
     /// Sends bytes `offset..offset + len` of a file still being written as
-    /// part `number` of `upload_id`: read once, within the budget, and sent
-    /// with retries. No version is checked here: whether these are still
-    /// the file's bytes is decided when it is finished
-    /// ([`Engine::finish_streamed`]).
+    /// part `number` of `upload_id` ([`Engine::read_streamed_part`], then
+    /// [`Engine::send_streamed_part`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn send_part(
         &self,
@@ -598,8 +606,28 @@ impl<W: ObjectWriter> Engine<W> {
         offset: u64,
         len: u64,
     ) -> Result<StreamedPart, UploadError> {
+        let read = self
+            .read_streamed_part(file, path, number, offset, len)
+            .await?;
+        self.send_streamed_part(path, key, upload_id, read).await
+    }
+
+    /// Reads bytes `offset..offset + len` of a file still being written,
+    /// within the budget and paced by `bandwidth_limit`, as part `number`.
+    /// No version is checked here: whether these are still the file's bytes
+    /// is decided when it is finished ([`Engine::finish_streamed`]).
+    /// Nothing is sent yet: dropping this future (or its result) sends
+    /// nothing.
+    pub async fn read_streamed_part(
+        &self,
+        file: &Arc<File>,
+        path: &Path,
+        number: i32,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadPart, UploadError> {
         let inner = &self.inner;
-        let _admission = inner
+        let admission = inner
             .budget
             .admit(inner.budget.charge(len))
             .await
@@ -620,18 +648,38 @@ impl<W: ObjectWriter> Engine<W> {
         })
         .await
         .map_err(|e| join_error(path, e))??;
+        Ok(ReadPart {
+            _admission: admission,
+            number,
+            body,
+            crc,
+            hash,
+        })
+    }
+
+    /// Sends a part read by [`Engine::read_streamed_part`], with retries.
+    pub async fn send_streamed_part(
+        &self,
+        path: &Path,
+        key: &str,
+        upload_id: &str,
+        read: ReadPart,
+    ) -> Result<StreamedPart, UploadError> {
+        let inner = &self.inner;
+        let (number, crc) = (read.number, read.crc);
         let part = inner
             .retry(|| {
                 inner
                     .writer
-                    .upload_part(key, upload_id, number, body.clone(), crc)
+                    .upload_part(key, upload_id, number, read.body.clone(), crc)
             })
             .await
             .map_err(|source| UploadError::S3 {
                 path: path.to_path_buf(),
                 source: Box::new(source),
             })?;
-        inner.budget.give_back(body);
+        let hash = read.hash;
+        inner.budget.give_back(read.body);
         Ok(StreamedPart { part, hash })
     }
 
