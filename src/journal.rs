@@ -392,6 +392,13 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
+/// Pages of write-ahead log between checkpoints: SQLite's 1,000 (4 MiB)
+/// where the disk has room, fewer (at least 16) where a sixteenth of its
+/// free space is less than that.
+fn wal_pages(free_bytes: Option<u64>) -> u64 {
+    free_bytes.map_or(1000, |f| (f / 16 / 4096).clamp(16, 1000))
+}
+
 /// A journal from before ctime was part of a version: the files table is
 /// rebuilt with the column (NULL in old records) and the wider uniqueness,
 /// in one transaction (SQLite cannot alter a constraint in place).
@@ -626,6 +633,19 @@ impl Journal {
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(err)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(err)?;
+            // The write-ahead log is copied into the database every
+            // `wal_pages` pages, and cut back to 4 MiB after: on a small
+            // disk a log left to grow to SQLite's 1,000 pages could fill it
+            // with the whole database, which then can never be copied out
+            // (the database file would need the room the log holds).
+            let free = path
+                .parent()
+                .and_then(|d| rustix::fs::statvfs(d).ok())
+                .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
+            conn.pragma_update(None, "wal_autocheckpoint", wal_pages(free) as i64)
+                .map_err(err)?;
+            conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)
                 .map_err(err)?;
             // Off while the files table may be rebuilt, so parts stay.
             conn.pragma_update(None, "foreign_keys", "OFF")
@@ -1309,6 +1329,16 @@ fn load_parts(conn: &Connection, id: i64, kind: ChecksumKind) -> rusqlite::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_ahead_log_is_kept_small_on_a_small_disk() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(wal_pages(Some(MIB)), 16, "a 1 MiB disk: 64 KiB of log");
+        assert_eq!(wal_pages(Some(8 * MIB)), 128);
+        assert_eq!(wal_pages(Some(64 * MIB)), 1000);
+        assert_eq!(wal_pages(Some(0)), 16);
+        assert_eq!(wal_pages(None), 1000);
+    }
 
     fn proof(key: &str, etag: &str) -> Proof {
         Proof {
