@@ -37,7 +37,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::checksum::Crc;
 use crate::config::{AfterUpload, ConfigError, WatchSettings};
 use crate::files::{self, OpenError};
-use crate::journal::{FileVersion, Journal, JournalError, now};
+use crate::journal::{FileVersion, Journal, JournalError, cached, now};
 use crate::walk::{self, Found, Tree};
 use crate::watch::Filter;
 
@@ -964,7 +964,8 @@ pub fn clean_manifests(state_dir: &Path) {
 /// object now in the bucket) until their batch's manifest is sent; a
 /// marker's own batch is over.
 pub(crate) fn on_done(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
-    tx.execute(
+    cached(
+        tx,
         "UPDATE batch_members SET sent_id = f.id, key = f.key, sent_size = f.size,
                 crc_kind = (SELECT kind FROM sent_checksums WHERE file_id = f.id),
                 crc = (SELECT value FROM sent_checksums WHERE file_id = f.id)
@@ -975,7 +976,8 @@ pub(crate) fn on_done(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
                        WHERE b.marker_id = batch_members.marker_id AND b.manifest_sent = 0)",
         [id],
     )?;
-    tx.execute(
+    cached(
+        tx,
         "UPDATE batch_members SET state = 'done', sent_id = f.id, key = f.key, sent_size = f.size,
                 crc_kind = (SELECT kind FROM sent_checksums WHERE file_id = f.id),
                 crc = (SELECT value FROM sent_checksums WHERE file_id = f.id)
@@ -987,7 +989,7 @@ pub(crate) fn on_done(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
                     AND (f.ctime_ns IS NULL OR batch_members.ctime_ns = f.ctime_ns)))",
         [id],
     )?;
-    tx.execute("DELETE FROM batches WHERE marker_id = ?1", [id])?;
+    cached(tx, "DELETE FROM batches WHERE marker_id = ?1", [id])?;
     Ok(())
 }
 

@@ -157,7 +157,8 @@ pub const HEADER: &str =
 /// Records the receipt of file record `file_id` (its path is taken from
 /// it), inside the transaction that marks it done.
 pub fn insert(tx: &Connection, file_id: i64, proof: &Proof, at: i64) -> rusqlite::Result<()> {
-    tx.execute(
+    crate::journal::cached(
+        tx,
         "INSERT INTO receipts (at, path, bucket, key, size, checksum_algorithm, checksum, etag, version_id, request_id)
          SELECT ?2, path, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 FROM files WHERE id = ?1",
         params![
