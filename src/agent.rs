@@ -294,10 +294,15 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
                 };
                 let permit = slot.take();
                 let ctx = ctx.clone();
+                // Boxed: the file's future is large (the whole upload, the
+                // SDK's included), and a task's future is copied whole
+                // when spawned and at each change of its stage; a box is
+                // copied once.
+                let file = Box::pin(async move { ctx.process(cand).await });
                 tasks.spawn(async move {
                     let _permit = permit;
                     debug_panic("upload");
-                    ctx.process(cand).await;
+                    file.await;
                 });
             }
         }
