@@ -1101,7 +1101,7 @@ impl Ctx {
             }
             Err(OpenError::Io(e)) => {
                 let reason = format!("{path:?}: cannot read: {e}");
-                if let Some((Seen::Upload { id, .. }, _)) = self.record(cand, watch, judged) {
+                if let Some((Seen::Upload { id, .. }, _)) = self.record(cand, watch, judged).await {
                     self.fail(id, "unreadable", &reason);
                 }
                 return None;
@@ -1153,9 +1153,10 @@ impl Ctx {
     }
 
     /// Records the version in the journal (aborting uploads it supersedes);
-    /// returns what the journal knows of it and its key. `None` when the
-    /// journal is unavailable (the file is handed back).
-    fn record(
+    /// returns what the journal knows of it and its key, once the record is
+    /// committed (through the group commit, with other files' marks).
+    /// `None` when the journal is unavailable (the file is handed back).
+    async fn record(
         &self,
         cand: &Candidate,
         watch: &WatchSettings,
@@ -1170,8 +1171,9 @@ impl Ctx {
         };
         let watch_name = watch.path.to_string_lossy().into_owned();
         match self
-            .journal
+            .commits
             .observe(&watch_name, &cand.path, version, &recorded_key)
+            .await
         {
             Ok((seen, stale)) => {
                 self.abort_all(stale);
@@ -1212,7 +1214,7 @@ impl Ctx {
             return;
         };
         let version = judged;
-        let Some((seen, key)) = self.record(cand, watch, version) else {
+        let Some((seen, key)) = self.record(cand, watch, version).await else {
             return;
         };
         // Not sent now: a stream of it (an earlier version, or one that

@@ -470,6 +470,127 @@ fn migrate_add_ctime(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// What the journal knows of a file version, and the (key, upload id) of
+/// the unfinished uploads of its path it supersedes ([`Journal::observe`]).
+pub type Observed = (Seen, Vec<(String, String)>);
+
+/// A file version to look up and record ([`Journal::observe`]).
+#[derive(Debug, Clone)]
+struct Observation {
+    watch: String,
+    path: PathBuf,
+    version: FileVersion,
+    key: String,
+}
+
+/// [`Journal::observe`] within a transaction.
+fn observe_in(tx: &rusqlite::Transaction<'_>, o: &Observation) -> rusqlite::Result<Observed> {
+    let (watch, path, v, key) = (
+        o.watch.as_str(),
+        o.path.as_path(),
+        o.version,
+        o.key.as_str(),
+    );
+    let p = path.as_os_str().as_bytes();
+    let t = now();
+    let row = tx
+        .prepare_cached(
+            "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum, keep_file
+             FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
+               AND mtime_ns = ?5 AND key = ?6 AND (ctime_ns = ?7 OR ctime_ns IS NULL)
+             ORDER BY ctime_ns IS NULL LIMIT 1",
+        )?
+        .query_row(
+            params![p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key, v.ctime_ns],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Option<i64>>(8)?.is_some_and(|k| k != 0),
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((id, ..)) = &row {
+        // A record from before ctime was kept: it is this version.
+        cached(
+            tx,
+            "UPDATE files SET ctime_ns = ?2 WHERE id = ?1 AND ctime_ns IS NULL",
+            params![id, v.ctime_ns],
+        )?;
+    }
+    let seen = match row {
+        Some((id, state, .., keep)) if state == "done" => Seen::Done { id, keep },
+        Some((_, state, _, retry_at, err, ..))
+            if state == "failed" && retry_at.unwrap_or(0) > t =>
+        {
+            Seen::Failed {
+                retry_at: retry_at.unwrap_or(0),
+                reason: err.unwrap_or_default(),
+            }
+        }
+        Some((id, _, attempts, _, _, upload_id, part_size, checksum, _)) => {
+            cached(
+                tx,
+                "UPDATE files SET state = 'pending', updated_at = ?2 WHERE id = ?1",
+                params![id, t],
+            )?;
+            let resume = match (
+                upload_id,
+                part_size,
+                checksum.as_deref().and_then(checksum_kind),
+            ) {
+                (Some(upload_id), Some(part_size), Some(kind)) => Some(Resume {
+                    upload_id,
+                    part_size: part_size as u64,
+                    checksum: kind,
+                    parts: load_parts(tx, id, kind)?,
+                }),
+                _ => None,
+            };
+            Seen::Upload {
+                id,
+                attempts,
+                resume,
+            }
+        }
+        None => {
+            cached(
+                tx,
+                "INSERT INTO files (watch, path, dev, ino, size, mtime_ns, ctime_ns, key, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9)",
+                params![watch, p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, v.ctime_ns, key, t],
+            )?;
+            Seen::Upload {
+                id: tx.last_insert_rowid(),
+                attempts: 0,
+                resume: None,
+            }
+        }
+    };
+    // Older unfinished versions of this path will never be completed.
+    let current = match &seen {
+        Seen::Upload { id, .. } => *id,
+        _ => -1,
+    };
+    let stale = supersede_unfinished(tx, p, current, t, None)?;
+    Ok((seen, stale))
+}
+
+/// The answer to an observation made through [`Journal::commit`].
+fn observed(r: Result<Option<Observed>, JournalError>) -> Result<Observed, JournalError> {
+    r?.ok_or_else(|| JournalError::Folder {
+        path: PathBuf::new(),
+        source: std::io::Error::other("the journal gave no answer to an observation"),
+    })
+}
+
 /// A transition that may be committed with others (see
 /// [`Journal::group_commit`]).
 #[derive(Debug, Clone)]
@@ -478,10 +599,13 @@ enum Mark {
     Done { id: i64, proof: Box<Proof> },
     /// An after-upload action is about to rename the file to `name`.
     Claim { id: i64, name: String },
+    /// A file version is looked up, and recorded if new: its answer is
+    /// the mark's outcome.
+    Observe(Box<Observation>),
 }
 
 impl Mark {
-    fn apply(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    fn apply(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Option<Observed>> {
         match self {
             Mark::Done { id, proof } => {
                 let t = now();
@@ -502,8 +626,9 @@ impl Mark {
                     params![id, now(), name],
                 )?;
             }
+            Mark::Observe(o) => return observe_in(tx, o).map(Some),
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -512,7 +637,7 @@ const GROUP_MAX: usize = 512;
 
 struct Queued {
     mark: Mark,
-    reply: tokio::sync::oneshot::Sender<Result<(), JournalError>>,
+    reply: tokio::sync::oneshot::Sender<Result<Option<Observed>, JournalError>>,
 }
 
 /// How many transactions the group commit ran, for how many marks.
@@ -522,12 +647,13 @@ pub struct GroupStats {
     pub marks: AtomicU64,
 }
 
-/// Group commit (see [`Journal::group_commit`]): many files' done marks
-/// and claims committed in one transaction, and one sync for the claims
-/// among them, instead of one each. Each caller's future ends only once
-/// its own mark is committed (or failed), so nothing is deleted or moved
-/// before its done is on record; a mark is never acknowledged from a
-/// transaction that did not commit.
+/// Group commit (see [`Journal::group_commit`]): many files' done marks,
+/// claims and observations committed in one transaction, and one sync for
+/// the claims among them, instead of one each. Each caller's future ends
+/// only once its own mark is committed (or failed), so nothing is deleted
+/// or moved before its done is on record, and nothing is sent before its
+/// pending record is; a mark is never acknowledged from a transaction that
+/// did not commit.
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
     journal: Arc<Journal>,
@@ -545,6 +671,7 @@ impl GroupCommit {
             proof: Box::new(proof.clone()),
         })
         .await
+        .map(|_| ())
     }
 
     /// [`Journal::claim`] (a full sync), committed with whatever else is
@@ -555,13 +682,34 @@ impl GroupCommit {
             name: name.to_string(),
         })
         .await
+        .map(|_| ())
+    }
+
+    /// [`Journal::observe`], committed with whatever else is queued: the
+    /// answer comes once the version's record is committed.
+    pub async fn observe(
+        &self,
+        watch: &str,
+        path: &Path,
+        v: FileVersion,
+        key: &str,
+    ) -> Result<Observed, JournalError> {
+        observed(
+            self.commit(Mark::Observe(Box::new(Observation {
+                watch: watch.to_string(),
+                path: path.to_path_buf(),
+                version: v,
+                key: key.to_string(),
+            })))
+            .await,
+        )
     }
 
     pub fn stats(&self) -> &GroupStats {
         &self.stats
     }
 
-    async fn commit(&self, mark: Mark) -> Result<(), JournalError> {
+    async fn commit(&self, mark: Mark) -> Result<Option<Observed>, JournalError> {
         if let Some(queue) = &self.queue {
             let (reply, answer) = tokio::sync::oneshot::channel();
             if queue
@@ -579,14 +727,18 @@ impl GroupCommit {
             // harmless.
         }
         let journal = self.journal.clone();
-        tokio::task::spawn_blocking(move || journal.commit(std::slice::from_ref(&mark)))
-            .await
-            .unwrap_or_else(|e| {
-                Err(JournalError::Folder {
-                    path: PathBuf::new(),
-                    source: std::io::Error::other(e.to_string()),
-                })
+        tokio::task::spawn_blocking(move || {
+            journal
+                .commit(std::slice::from_ref(&mark))
+                .map(|mut r| r.pop().flatten())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(JournalError::Folder {
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
             })
+        })
     }
 }
 
@@ -726,97 +878,17 @@ impl Journal {
         path: &Path,
         v: FileVersion,
         key: &str,
-    ) -> Result<(Seen, Vec<(String, String)>), JournalError> {
-        let p = path.as_os_str().as_bytes();
-        let t = now();
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let row = tx
-                .prepare_cached(
-                    "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum, keep_file
-                     FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
-                       AND mtime_ns = ?5 AND key = ?6 AND (ctime_ns = ?7 OR ctime_ns IS NULL)
-                     ORDER BY ctime_ns IS NULL LIMIT 1",
-                )?
-                .query_row(
-                    params![p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key, v.ctime_ns],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, u32>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                            r.get::<_, Option<i64>>(6)?,
-                            r.get::<_, Option<String>>(7)?,
-                            r.get::<_, Option<i64>>(8)?.is_some_and(|k| k != 0),
-                        ))
-                    },
-                )
-                .optional()?;
-            if let Some((id, ..)) = &row {
-                // A record from before ctime was kept: it is this version.
-                cached(
-                    &tx,
-                    "UPDATE files SET ctime_ns = ?2 WHERE id = ?1 AND ctime_ns IS NULL",
-                    params![id, v.ctime_ns],
-                )?;
-            }
-            let seen = match row {
-                Some((id, state, .., keep)) if state == "done" => Seen::Done { id, keep },
-                Some((_, state, _, retry_at, err, ..))
-                    if state == "failed" && retry_at.unwrap_or(0) > t =>
-                {
-                    Seen::Failed {
-                        retry_at: retry_at.unwrap_or(0),
-                        reason: err.unwrap_or_default(),
-                    }
-                }
-                Some((id, _, attempts, _, _, upload_id, part_size, checksum, _)) => {
-                    cached(
-                        &tx,
-                        "UPDATE files SET state = 'pending', updated_at = ?2 WHERE id = ?1",
-                        params![id, t],
-                    )?;
-                    let resume = match (upload_id, part_size, checksum.as_deref().and_then(checksum_kind)) {
-                        (Some(upload_id), Some(part_size), Some(kind)) => Some(Resume {
-                            upload_id,
-                            part_size: part_size as u64,
-                            checksum: kind,
-                            parts: load_parts(&tx, id, kind)?,
-                        }),
-                        _ => None,
-                    };
-                    Seen::Upload {
-                        id,
-                        attempts,
-                        resume,
-                    }
-                }
-                None => {
-                    cached(
-                        &tx,
-                        "INSERT INTO files (watch, path, dev, ino, size, mtime_ns, ctime_ns, key, state, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9)",
-                        params![watch, p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, v.ctime_ns, key, t],
-                    )?;
-                    Seen::Upload {
-                        id: tx.last_insert_rowid(),
-                        attempts: 0,
-                        resume: None,
-                    }
-                }
-            };
-            // Older unfinished versions of this path will never be completed.
-            let current = match &seen {
-                Seen::Upload { id, .. } => *id,
-                _ => -1,
-            };
-            let stale = supersede_unfinished(&tx, p, current, t, None)?;
-            tx.commit()?;
-            Ok((seen, stale))
-        })
+    ) -> Result<Observed, JournalError> {
+        let mark = Mark::Observe(Box::new(Observation {
+            watch: watch.to_string(),
+            path: path.to_path_buf(),
+            version: v,
+            key: key.to_string(),
+        }));
+        observed(
+            self.commit(std::slice::from_ref(&mark))
+                .map(|mut r| r.pop().flatten()),
+        )
     }
 
     /// Records a new multipart upload; committed before any part is sent.
@@ -907,6 +979,7 @@ impl Journal {
             id,
             proof: Box::new(proof.clone()),
         }])
+        .map(|_| ())
     }
 
     /// Calls `each` with every receipt recorded at or after `since` (unix
@@ -959,11 +1032,13 @@ impl Journal {
             id,
             name: name.to_string(),
         }])
+        .map(|_| ())
     }
 
     /// Commits `marks` in one transaction, with a full sync if one of
-    /// them is a claim.
-    fn commit(&self, marks: &[Mark]) -> Result<(), JournalError> {
+    /// them is a claim; the observations' answers, in order (`None` for
+    /// the other marks).
+    fn commit(&self, marks: &[Mark]) -> Result<Vec<Option<Observed>>, JournalError> {
         let full = marks.iter().any(|m| matches!(m, Mark::Claim { .. }));
         self.with(|conn| {
             if full {
@@ -971,10 +1046,12 @@ impl Journal {
             }
             let committed = (|| {
                 let tx = conn.transaction()?;
-                for mark in marks {
-                    mark.apply(&tx)?;
-                }
-                tx.commit()
+                let answers = marks
+                    .iter()
+                    .map(|mark| mark.apply(&tx))
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                tx.commit()?;
+                Ok(answers)
             })();
             if full {
                 // Should this fail, commits stay fully synced: slower, as safe.
@@ -1007,9 +1084,9 @@ impl Journal {
                         .marks
                         .fetch_add(marks.len() as u64, Ordering::Relaxed);
                     match journal.commit(&marks) {
-                        Ok(()) => {
-                            for q in batch {
-                                let _ = q.reply.send(Ok(()));
+                        Ok(answers) => {
+                            for (q, answer) in batch.into_iter().zip(answers) {
+                                let _ = q.reply.send(Ok(answer));
                             }
                         }
                         // Each on its own then, so each caller has its
@@ -1022,7 +1099,9 @@ impl Journal {
                         Err(_) => {
                             for q in batch {
                                 counts.transactions.fetch_add(1, Ordering::Relaxed);
-                                let r = journal.commit(std::slice::from_ref(&q.mark));
+                                let r = journal
+                                    .commit(std::slice::from_ref(&q.mark))
+                                    .map(|mut r| r.pop().flatten());
                                 let _ = q.reply.send(r);
                             }
                         }
@@ -1711,6 +1790,63 @@ mod tests {
             })
             .unwrap();
         assert_eq!(fk, 0, "foreign keys hold after the migration");
+    }
+
+    /// Observations through the group commit: committed when answered
+    /// (another connection sees them), answered as by `Journal::observe`,
+    /// and committed together with other files' done marks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn observations_go_through_the_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        let group = j.group_commit();
+        let observe = |i: usize| {
+            let group = group.clone();
+            async move {
+                let path = PathBuf::from(format!("/o{i}"));
+                group.observe("w", &path, v(1, 1), "foo/o").await.unwrap()
+            }
+        };
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            match observe(i).await {
+                (
+                    Seen::Upload {
+                        id,
+                        attempts: 0,
+                        resume: None,
+                    },
+                    stale,
+                ) if stale.is_empty() => ids.push(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        let reader = Journal::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.backlog().unwrap().pending, 10);
+        // Done marks and new observations queued together.
+        let mut callers = tokio::task::JoinSet::new();
+        for (i, id) in ids.iter().copied().enumerate() {
+            let group = group.clone();
+            callers.spawn(async move { group.done(id, &proof("k", "e")).await.unwrap() });
+            let next = observe(10 + i);
+            callers.spawn(async move {
+                assert!(matches!(next.await.0, Seen::Upload { .. }));
+            });
+        }
+        while let Some(r) = callers.join_next().await {
+            r.unwrap();
+        }
+        assert_eq!(reader.backlog().unwrap().pending, 10);
+        assert_eq!(reader.status().unwrap().done, 10);
+        // A version done is not sent again; the same answer as observe's.
+        let (seen, _) = observe(0).await;
+        assert_eq!(
+            seen,
+            j.observe("w", Path::new("/o0"), v(1, 1), "foo/o")
+                .unwrap()
+                .0
+        );
+        assert!(matches!(seen, Seen::Done { keep: false, .. }), "{seen:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
