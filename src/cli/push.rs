@@ -285,13 +285,16 @@ async fn send(
         while tasks.len() < files_at_once {
             let Some(job) = pending.next() else { break };
             let (engine, out) = (engine.clone(), out.clone());
-            tasks.spawn(async move {
+            // Boxed: the upload's future is large, and tokio copies a
+            // task's future whole when it is spawned and at each change of
+            // its stage; a box is copied once.
+            tasks.spawn(Box::pin(async move {
                 let progress = out.progress_for(&job);
                 let t = Instant::now();
                 let r = engine.upload(&job, progress).await;
                 out.file_done(&job, &r, t.elapsed());
                 (job, r)
-            });
+            }));
         }
         match tasks.join_next().await {
             None => break,
