@@ -468,6 +468,7 @@ async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, healt
         // writable again.
         let j = journal.clone();
         let beat = tokio::task::spawn_blocking(move || {
+            j.retune()?;
             j.set_meta("agent_heartbeat_at", &now().to_string())?;
             if let Some(exp) = expiry {
                 j.set_meta("credentials_expire_at", &exp.to_string())?;

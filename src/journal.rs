@@ -410,9 +410,37 @@ CREATE TABLE IF NOT EXISTS meta (
 
 /// Pages of write-ahead log between checkpoints: SQLite's 1,000 (4 MiB)
 /// where the disk has room, fewer (at least 16) where a sixteenth of its
-/// free space is less than that.
+/// free space is less than that. On a small disk a log left to grow to
+/// 1,000 pages could hold the whole database and fill the disk, and could
+/// then never be copied out (the database file would need the room the
+/// log holds): the journal would stay unwritable after room was made.
 fn wal_pages(free_bytes: Option<u64>) -> u64 {
     free_bytes.map_or(1000, |f| (f / 16 / 4096).clamp(16, 1000))
+}
+
+/// The room the journal's folder has for this process: the blocks free to
+/// root when it runs as root, else those free to others; `None` where the
+/// filesystem does not tell (a size of 0: an unlimited tmpfs, some network
+/// and FUSE filesystems). Quotas are not seen.
+fn room(journal: &Path) -> Option<u64> {
+    let v = rustix::fs::statvfs(journal.parent()?).ok()?;
+    if v.f_blocks == 0 || v.f_frsize == 0 {
+        return None;
+    }
+    let blocks = if rustix::process::geteuid().is_root() {
+        v.f_bfree
+    } else {
+        v.f_bavail
+    };
+    Some(blocks.saturating_mul(v.f_frsize))
+}
+
+/// Checkpoints every `pages` pages of log, and the log cut back to that
+/// size after each.
+fn tune_wal(conn: &Connection, pages: u64) -> rusqlite::Result<()> {
+    let pages = i64::try_from(pages).unwrap_or(1000);
+    conn.pragma_update(None, "wal_autocheckpoint", pages)?;
+    conn.pragma_update(None, "journal_size_limit", pages * 4096)
 }
 
 /// A journal from before ctime was part of a version: the files table is
@@ -746,6 +774,8 @@ impl GroupCommit {
 pub struct Journal {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Pages of write-ahead log between checkpoints now ([`wal_pages`]).
+    wal_pages: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -772,9 +802,11 @@ impl Journal {
                     .map_err(folder_err)?;
             }
         }
+        let pages = wal_pages(room(&path));
         Ok(Journal {
             path,
             conn: Mutex::new(conn),
+            wal_pages: std::sync::atomic::AtomicU64::new(pages),
         })
     }
 
@@ -782,9 +814,11 @@ impl Journal {
     pub fn open_read_only(state_dir: &Path) -> Result<Self, JournalError> {
         let path = state_dir.join(FILE_NAME);
         let conn = Self::connect(&path, true)?;
+        let pages = wal_pages(room(&path));
         Ok(Journal {
             path,
             conn: Mutex::new(conn),
+            wal_pages: std::sync::atomic::AtomicU64::new(pages),
         })
     }
 
@@ -818,19 +852,8 @@ impl Journal {
                 .map_err(err)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(err)?;
-            // The write-ahead log is copied into the database every
-            // `wal_pages` pages, and cut back to 4 MiB after: on a small
-            // disk a log left to grow to SQLite's 1,000 pages could fill it
-            // with the whole database, which then can never be copied out
-            // (the database file would need the room the log holds).
-            let free = path
-                .parent()
-                .and_then(|d| rustix::fs::statvfs(d).ok())
-                .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
-            conn.pragma_update(None, "wal_autocheckpoint", wal_pages(free) as i64)
-                .map_err(err)?;
-            conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)
-                .map_err(err)?;
+            // See [`wal_pages`]; looked at again by [`Journal::retune`].
+            tune_wal(&conn, wal_pages(room(path))).map_err(err)?;
             // Off while the files table may be rebuilt, so parts stay.
             conn.pragma_update(None, "foreign_keys", "OFF")
                 .map_err(err)?;
@@ -864,9 +887,36 @@ impl Journal {
             // truncated now, the next write reuses its room. (Best effort:
             // if it fails, the error above stands and the write is retried.)
             let truncated = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            // And kept small until there is room again ([`Journal::retune`]).
+            if tune_wal(&conn, 16).is_ok() {
+                self.wal_pages
+                    .store(16, std::sync::atomic::Ordering::Relaxed);
+            }
             tracing::debug!(?truncated, "journal full: write-ahead log checkpointed");
         }
         result.map_err(|source| sqlite_error(&self.path, source))
+    }
+
+    /// Sizes the write-ahead log again from the room on its disk (see
+    /// [`wal_pages`]): the agent calls it every few seconds, so a disk that
+    /// fills while it runs, or gets room back, is followed.
+    pub fn retune(&self) -> Result<(), JournalError> {
+        let pages = wal_pages(room(&self.path));
+        let was = self.wal_pages.load(std::sync::atomic::Ordering::Relaxed);
+        if pages == was {
+            return Ok(());
+        }
+        self.with(|c| tune_wal(c, pages))?;
+        self.wal_pages
+            .store(pages, std::sync::atomic::Ordering::Relaxed);
+        if pages < 1000 || was < 1000 {
+            tracing::info!(
+                pages,
+                "journal: the write-ahead log is copied into the database every {pages} pages ({} KiB), after the room left on its disk",
+                pages * 4
+            );
+        }
+        Ok(())
     }
 
     /// Looks a file version up, recording it as pending if it is new. Older
@@ -1454,6 +1504,16 @@ mod tests {
         assert_eq!(wal_pages(Some(64 * MIB)), 1000);
         assert_eq!(wal_pages(Some(0)), 16);
         assert_eq!(wal_pages(None), 1000);
+        // This machine's state folder has room (or says nothing).
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.retune().unwrap();
+        let pages = j.wal_pages.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(pages, wal_pages(room(&j.path)));
+        let limit: i64 = j
+            .with(|c| c.query_row("PRAGMA journal_size_limit", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(limit, pages as i64 * 4096);
     }
 
     fn proof(key: &str, etag: &str) -> Proof {
