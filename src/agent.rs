@@ -200,7 +200,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
 
     // Which rule tells a finished file, per watch, and why; the SIGIO
     // handler is in place before the first lease is taken.
-    recover_claims(&journal, &settings.watches, &HashSet::new());
+    recover_claims(&journal, &settings.watches, &HashSet::new(), i64::MAX);
     batches::clean_manifests(&state.dir);
     let folders: Vec<&Path> = settings.watches.iter().map(|w| w.path.as_path()).collect();
     let support = Arc::new(Support::probe(&folders));
@@ -527,9 +527,14 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration, keep_receipts: Duration
         hourly.tick().await;
         // Files a failed put-back left under a private name (not those of
         // actions running now).
+        // Only claims made before the snapshot of those running: an action
+        // is in the set before its claim is committed, so a claim older
+        // than the snapshot whose action still runs is in it.
         let (j, watches) = (ctx.journal.clone(), ctx.settings.watches.clone());
+        let before = now().saturating_sub(1);
         let running = ctx.running_claims().clone();
-        let _ = tokio::task::spawn_blocking(move || recover_claims(&j, &watches, &running)).await;
+        let _ = tokio::task::spawn_blocking(move || recover_claims(&j, &watches, &running, before))
+            .await;
         let before = now().saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
         let (mut after, mut removed) = (0, 0);
         loop {
@@ -1459,13 +1464,16 @@ impl Ctx {
         }
         let claim = after_upload::claim_name(id);
         // Recorded (with a full sync, shared with the other marks queued
-        // meanwhile) before the rename; off the runtime.
+        // meanwhile) before the rename; off the runtime. Running from
+        // before its claim is committed, so that the hourly recovery never
+        // takes it for one a crash left.
+        self.running_claims().insert(id);
         if let Err(e) = self.commits.claim(id, &claim).await {
+            self.running_claims().remove(&id);
             tracing::warn!(path = ?cand.path, error = %e, "uploaded; the after_upload action is left for later: the journal cannot record it");
             self.health.journal_write(Err(e.to_string()));
             return;
         }
-        self.running_claims().insert(id);
         let (root, rel) = (watch.path.clone(), cand.rel.clone());
         let acted = tokio::task::spawn_blocking(move || {
             let u = after_upload::Uploaded {
@@ -1556,8 +1564,13 @@ impl Ctx {
 /// an after-upload action that did not end (a crash, or a put-back that
 /// failed); the journal then decides again what to do with them. The
 /// claims of actions running now (`running`) are left alone.
-fn recover_claims(journal: &Journal, watches: &[WatchSettings], running: &HashSet<i64>) {
-    let claims = match journal.claims(i64::MAX) {
+fn recover_claims(
+    journal: &Journal,
+    watches: &[WatchSettings],
+    running: &HashSet<i64>,
+    before: i64,
+) {
+    let claims = match journal.claims(before) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "journal: cannot list unfinished after_upload actions");
