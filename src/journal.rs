@@ -408,6 +408,31 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
+/// Makes `upload_id` record `id`'s multipart upload, with no part yet.
+fn set_upload(
+    conn: &Connection,
+    id: i64,
+    upload_id: &str,
+    part_size: u64,
+    checksum: ChecksumKind,
+) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
+    conn.execute(
+        "UPDATE files SET upload_id = ?2, part_size = ?3, checksum = ?4, updated_at = ?5 WHERE id = ?1",
+        params![id, upload_id, part_size as i64, checksum_name(checksum), now()],
+    )?;
+    Ok(())
+}
+
+/// Records a part of record `id`'s upload (statement cached: one per part).
+fn insert_part(conn: &Connection, id: i64, part: &PartDone) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO parts (file_id, number, etag, crc, len) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![id, part.number, part.etag, part.crc.value as i64, part.crc.len as i64])
+    .map(|_| ())
+}
+
 /// Pages of write-ahead log between checkpoints: SQLite's 1,000 (4 MiB)
 /// where the disk has room, fewer (at least 16) where a sixteenth of its
 /// free space is less than that. On a small disk a log left to grow to
@@ -951,11 +976,7 @@ impl Journal {
     ) -> Result<(), JournalError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
-            tx.execute(
-                "UPDATE files SET upload_id = ?2, part_size = ?3, checksum = ?4, updated_at = ?5 WHERE id = ?1",
-                params![id, upload_id, part_size as i64, checksum_name(checksum), now()],
-            )?;
+            set_upload(&tx, id, upload_id, part_size, checksum)?;
             tx.commit()
         })
     }
@@ -974,39 +995,21 @@ impl Journal {
     ) -> Result<(), JournalError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM parts WHERE file_id = ?1", params![id])?;
-            tx.execute(
-                "UPDATE files SET upload_id = ?2, part_size = ?3, checksum = ?4, updated_at = ?5 WHERE id = ?1",
-                params![id, upload_id, part_size as i64, checksum_name(checksum), now()],
-            )?;
-            {
-                let mut insert = tx.prepare(
-                    "INSERT OR REPLACE INTO parts (file_id, number, etag, crc, len) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for part in parts {
-                    insert.execute(params![
-                        id,
-                        part.number,
-                        part.etag,
-                        part.crc.value as i64,
-                        part.crc.len as i64
-                    ])?;
-                }
+            set_upload(&tx, id, upload_id, part_size, checksum)?;
+            for part in parts {
+                insert_part(&tx, id, part)?;
             }
-            tx.execute("DELETE FROM streams WHERE upload_id = ?1", params![upload_id])?;
+            tx.execute(
+                "DELETE FROM streams WHERE upload_id = ?1",
+                params![upload_id],
+            )?;
             tx.commit()
         })
     }
 
     /// Records a part the server accepted.
     pub fn part_done(&self, id: i64, part: &PartDone) -> Result<(), JournalError> {
-        self.with(|conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO parts (file_id, number, etag, crc, len) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, part.number, part.etag, part.crc.value as i64, part.crc.len as i64],
-            )
-            .map(|_| ())
-        })
+        self.with(|conn| insert_part(conn, id, part))
     }
 
     /// The server no longer knows the upload: start over next time.

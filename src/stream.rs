@@ -92,6 +92,20 @@ struct Follow {
     handle: tokio::task::JoinHandle<()>,
 }
 
+/// Why an upload is abandoned: a label for the metric, and the words for
+/// the log.
+struct Why {
+    label: &'static str,
+    text: String,
+}
+
+fn why(label: &'static str, text: impl Into<String>) -> Why {
+    Why {
+        label,
+        text: text.into(),
+    }
+}
+
 /// How a task ended.
 enum End {
     /// Stopped by [`Streams::take`]: what it sent is taken over.
@@ -99,7 +113,7 @@ enum End {
     /// Nothing sent, and the file is not growing (or cannot be opened).
     Quiet,
     /// The upload will never make the file's object: aborted.
-    Abandon(String),
+    Abandon(Why),
 }
 
 /// The files followed; one per agent, shared by its tasks.
@@ -218,7 +232,7 @@ impl<W: ObjectWriter + 'static> Streams<W> {
                 path,
                 sent.key,
                 upload_id,
-                "the finished file is not the one followed",
+                why("not_sent", "the finished file is not the one followed"),
             );
             return None;
         }
@@ -239,8 +253,13 @@ impl<W: ObjectWriter + 'static> Streams<W> {
             ..
         }) = self.halt(path).await
         {
-            self.abandon_upload(path, &key, &upload_id, "the file is not to be sent")
-                .await;
+            self.abandon_upload(
+                path,
+                &key,
+                &upload_id,
+                &why("not_sent", "the file is not to be sent"),
+            )
+            .await;
         }
     }
 
@@ -322,7 +341,7 @@ impl<W: ObjectWriter + 'static> Streams<W> {
         }
     }
 
-    async fn abandon_upload(&self, path: &Path, key: &str, upload_id: &str, why: &str) {
+    async fn abandon_upload(&self, path: &Path, key: &str, upload_id: &str, why: &Why) {
         abandon(&self.engine, &self.journal, path, key, upload_id, why).await;
     }
 
@@ -391,7 +410,7 @@ impl<W: ObjectWriter + 'static> Drop for Receiving<W> {
                 &self.path,
                 key,
                 upload_id,
-                "its hand-over was cut short",
+                why("stopped", "its hand-over was cut short"),
             );
         }
     }
@@ -406,14 +425,14 @@ fn spawn_abandon<W: ObjectWriter + 'static>(
     path: &Path,
     key: String,
     upload_id: String,
-    why: &'static str,
+    why: Why,
 ) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     let path = path.to_path_buf();
     rt.spawn(async move {
-        abandon(&engine, &journal, &path, &key, &upload_id, why).await;
+        abandon(&engine, &journal, &path, &key, &upload_id, &why).await;
     });
 }
 
@@ -425,33 +444,13 @@ async fn abandon<W: ObjectWriter>(
     path: &Path,
     key: &str,
     upload_id: &str,
-    why: &str,
+    why: &Why,
 ) {
-    tracing::info!(path = ?path, upload_id, reason = why, "the upload of a file being written is abandoned; the file is sent afresh once finished");
-    ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => reason_label(why))
-        .increment(1);
+    tracing::info!(path = ?path, upload_id, reason = %why.text, "the upload of a file being written is abandoned; the file is sent afresh once finished");
+    ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => why.label).increment(1);
     engine.abort_upload(key, upload_id).await;
     if let Err(e) = forget(journal, upload_id) {
         tracing::warn!(error = %e, "journal: cannot remove the record of a streamed upload (it is aborted at the next start)");
-    }
-}
-
-/// A short label for the metric, from the reason given.
-fn reason_label(why: &str) -> &'static str {
-    if why.contains("shorter") {
-        "shrank"
-    } else if why.contains("renamed") || why.contains("replaced") {
-        "moved"
-    } else if why.contains("10,000") {
-        "too_large"
-    } else if why.contains("not the one") || why.contains("not to be sent") {
-        "not_sent"
-    } else if why.contains("did not grow") {
-        "idle"
-    } else if why.contains("stopping") || why.contains("in time") || why.contains("cut short") {
-        "stopped"
-    } else {
-        "failed"
     }
 }
 
@@ -533,10 +532,10 @@ impl<W: ObjectWriter + 'static> Task<W> {
                     // broken): this task abandons the upload.
                     Err(sent) => {
                         self.sent = sent;
-                        "no one took it over in time".to_string()
+                        why("stopped", "no one took it over in time")
                     }
                 },
-                None => "the agent is stopping".to_string(),
+                None => why("stopped", "the agent is stopping"),
             },
             End::Quiet => {
                 self.streams.ended(&self.path, generation);
@@ -550,7 +549,7 @@ impl<W: ObjectWriter + 'static> Task<W> {
                     .abandon_upload(&self.path, &self.sent.key, &id, &why)
                     .await
             }
-            None => tracing::debug!(path = ?self.path, reason = %why, "no longer followed"),
+            None => tracing::debug!(path = ?self.path, reason = %why.text, "no longer followed"),
         }
         self.streams.ended(&self.path, generation);
     }
@@ -611,13 +610,15 @@ impl<W: ObjectWriter + 'static> Task<W> {
             .await;
             let (now_size, here) = match looked {
                 Ok(Ok(l)) => l,
-                Ok(Err(e)) => return End::Abandon(format!("it cannot be looked at: {e}")),
-                Err(e) => return End::Abandon(format!("a worker task failed: {e}")),
+                Ok(Err(e)) => {
+                    return End::Abandon(why("failed", format!("it cannot be looked at: {e}")));
+                }
+                Err(e) => return End::Abandon(why("failed", format!("a worker task failed: {e}"))),
             };
             match here {
                 Ok(here) if here == (dev, ino) => unreachable_since = None,
                 Ok(_) | Err(OpenError::Gone | OpenError::Link | OpenError::NotAFile) => {
-                    return End::Abandon("it was renamed away, replaced or removed".into());
+                    return End::Abandon(why("moved", "it was renamed away, replaced or removed"));
                 }
                 // Out of descriptors, or a passing error: the size still
                 // counts, and the path is looked at again (for `IDLE` at
@@ -625,14 +626,20 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 Err(OpenError::Io(e)) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= IDLE {
-                        return End::Abandon(format!("its path cannot be looked at: {e}"));
+                        return End::Abandon(why(
+                            "failed",
+                            format!("its path cannot be looked at: {e}"),
+                        ));
                     }
                     tracing::debug!(path = ?self.path, error = %e, "cannot look at the path of a file being streamed; looking again");
                 }
             }
             if now_size < sent_to {
-                return End::Abandon(format!(
-                    "it became shorter ({now_size} bytes) than what was sent ({sent_to} bytes)"
+                return End::Abandon(why(
+                    "shrank",
+                    format!(
+                        "it became shorter ({now_size} bytes) than what was sent ({sent_to} bytes)"
+                    ),
                 ));
             }
             if now_size != size {
@@ -642,9 +649,12 @@ impl<W: ObjectWriter + 'static> Task<W> {
             } else if sent_to == 0 && changed_at.elapsed() >= IDLE {
                 return End::Quiet;
             } else if sent_to > 0 && changed_at.elapsed() >= IDLE_SENT {
-                return End::Abandon(format!(
-                    "it did not grow for {}",
-                    humantime::format_duration(IDLE_SENT)
+                return End::Abandon(why(
+                    "idle",
+                    format!(
+                        "it did not grow for {}",
+                        humantime::format_duration(IDLE_SENT)
+                    ),
                 ));
             }
             // A file not seen to grow may be finished already: no upload
@@ -653,8 +663,9 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 continue;
             }
             if size.div_ceil(part_size) > MAX_PARTS {
-                return End::Abandon(format!(
-                    "it outgrew 10,000 parts of {part_size} bytes (part_size)"
+                return End::Abandon(why(
+                    "too_large",
+                    format!("it outgrew 10,000 parts of {part_size} bytes (part_size)"),
                 ));
             }
             while sent_to + part_size <= size {
@@ -695,7 +706,12 @@ impl<W: ObjectWriter + 'static> Task<W> {
                         self.sent.parts.push(part);
                         sent_to += part_size;
                     }
-                    Err(e) => return End::Abandon(format!("a part could not be sent: {e}")),
+                    Err(e) => {
+                        return End::Abandon(why(
+                            "failed",
+                            format!("a part could not be sent: {e}"),
+                        ));
+                    }
                 }
                 if self.stop_asked() {
                     return End::Stopped;
@@ -711,7 +727,9 @@ impl<W: ObjectWriter + 'static> Task<W> {
             .engine
             .create_upload(&self.path, &self.sent.key)
             .await
-            .map_err(|e| End::Abandon(format!("its upload cannot be started: {e}")))?;
+            .map_err(|e| {
+                End::Abandon(why("failed", format!("its upload cannot be started: {e}")))
+            })?;
         if let Err(e) = record(
             &self.streams.journal,
             &upload_id,
@@ -722,8 +740,9 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 .engine
                 .abort_upload(&self.sent.key, &upload_id)
                 .await;
-            return Err(End::Abandon(format!(
-                "the journal cannot record its upload: {e}"
+            return Err(End::Abandon(why(
+                "failed",
+                format!("the journal cannot record its upload: {e}"),
             )));
         }
         tracing::info!(path = ?self.path, key = ?self.sent.key, upload_id = %upload_id, "streaming: the file is being written; its full parts are sent as they come");

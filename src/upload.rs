@@ -592,26 +592,6 @@ impl<W: ObjectWriter> Engine<W> {
             })
     }
 
-    /// Sends bytes `offset..offset + len` of a file still being written as
-    /// part `number` of `upload_id` ([`Engine::read_streamed_part`], then
-    /// [`Engine::send_streamed_part`]).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn send_part(
-        &self,
-        file: &Arc<File>,
-        path: &Path,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        offset: u64,
-        len: u64,
-    ) -> Result<StreamedPart, UploadError> {
-        let read = self
-            .read_streamed_part(file, path, number, offset, len)
-            .await?;
-        self.send_streamed_part(path, key, upload_id, read).await
-    }
-
     /// Reads bytes `offset..offset + len` of a file still being written,
     /// within the budget and paced by `bandwidth_limit`, as part `number`.
     /// No version is checked here: whether these are still the file's bytes
@@ -1798,16 +1778,12 @@ mod tests {
         let upload_id = engine.create_upload(path, key).await.unwrap();
         let mut done = Vec::new();
         for n in 0..parts {
+            let read = engine
+                .read_streamed_part(&file, path, n as i32 + 1, n * 5 * MIB, 5 * MIB)
+                .await
+                .unwrap();
             let part = engine
-                .send_part(
-                    &file,
-                    path,
-                    key,
-                    &upload_id,
-                    n as i32 + 1,
-                    n * 5 * MIB,
-                    5 * MIB,
-                )
+                .send_streamed_part(path, key, &upload_id, read)
                 .await
                 .unwrap();
             done.push(part);

@@ -879,9 +879,7 @@ impl Watch {
             if pass.full() {
                 break; // the rest stay tracked and are judged at a later pass
             }
-            let verdict = self.judge(path, p, now, &mut pass, &mut st.links);
-            self.tell_growing(path, p, &verdict, now);
-            pass.apply(path, p, verdict, &mut st.due);
+            self.look(path, p, now, &mut pass, &mut st.links, &mut st.due);
         }
         pass.end(st);
     }
@@ -902,11 +900,25 @@ impl Watch {
             let Some(p) = st.waiting.get_mut(&path) else {
                 continue;
             };
-            let verdict = self.judge(&path, p, now, &mut pass, &mut st.links);
-            self.tell_growing(&path, p, &verdict, now);
-            pass.apply(&path, p, verdict, &mut st.due);
+            self.look(&path, p, now, &mut pass, &mut st.links, &mut st.due);
         }
         pass.end(st);
+    }
+
+    /// One look at a waiting file in a pass: judged, the agent told if it
+    /// is growing (`stream = true`), and the verdict applied.
+    fn look(
+        &self,
+        path: &Path,
+        p: &mut Pending,
+        now: Instant,
+        pass: &mut Pass<'_>,
+        links: &mut LinkLog,
+        due: &mut Due,
+    ) {
+        let verdict = self.judge(path, p, now, pass, links);
+        self.tell_growing(path, p, &verdict, now);
+        pass.apply(path, p, verdict, due);
     }
 
     /// Looks at one waiting file (beneath its watched folder, no link
