@@ -420,7 +420,15 @@ async fn kill_9_at_random_moments_loses_nothing_and_resumes_uploads() {
     }
     let files = producer.await.unwrap();
     wait_done(&s, files.len(), Duration::from_secs(1800)).await;
-    assert_eq!(agent.stop().await, Some(0));
+    let code = agent.stop().await;
+    if code != Some(0) {
+        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(25).collect();
+        panic!(
+            "the agent stopped with {code:?}; log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
 
     assert_all_arrived(&s, &files).await;
     s.proxy.assert_only_writes();
