@@ -964,6 +964,20 @@ pub fn clean_manifests(state_dir: &Path) {
 /// object now in the bucket) until their batch's manifest is sent; a
 /// marker's own batch is over.
 pub(crate) fn on_done(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
+    // Most files belong to no batch: two index lookups say so, and the two
+    // updates below (each materializing its FROM) are skipped.
+    let member: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM batch_members m, files f
+                            WHERE f.id = ?1 AND m.path = f.path AND m.state = 'waiting')
+                 OR EXISTS (SELECT 1 FROM batch_members m, files f
+                            WHERE f.id = ?1 AND m.path = f.path AND m.state = 'done')",
+        )?
+        .query_row([id], |r| r.get(0))?;
+    if !member {
+        cached(tx, "DELETE FROM batches WHERE marker_id = ?1", [id])?;
+        return Ok(());
+    }
     cached(
         tx,
         "UPDATE batch_members SET sent_id = f.id, key = f.key, sent_size = f.size,

@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -546,31 +546,50 @@ fn observe_in(tx: &rusqlite::Transaction<'_>, o: &Observation) -> rusqlite::Resu
     );
     let p = path.as_os_str().as_bytes();
     let t = now();
-    let row = tx
-        .prepare_cached(
+    // This version's record, else one from before ctime was kept: two
+    // index lookups (one statement preferring the first would sort).
+    let lookup = |sql: &str, ctime: Option<i64>| {
+        let (dev, ino, size) = (v.dev as i64, v.ino as i64, v.size as i64);
+        let mut q = tx.prepare_cached(sql)?;
+        let found = |r: &rusqlite::Row<'_>| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<i64>>(8)?.is_some_and(|k| k != 0),
+            ))
+        };
+        match ctime {
+            Some(c) => q.query_row(params![p, dev, ino, size, v.mtime_ns, key, c], found),
+            None => q.query_row(params![p, dev, ino, size, v.mtime_ns, key], found),
+        }
+        .optional()
+    };
+    let mut legacy = None;
+    let row = match lookup(
+        "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum, keep_file
+         FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
+           AND mtime_ns = ?5 AND key = ?6 AND ctime_ns = ?7",
+        Some(v.ctime_ns),
+    )? {
+        Some(row) => Some(row),
+        None => lookup(
             "SELECT id, state, attempts, retry_at, last_error, upload_id, part_size, checksum, keep_file
              FROM files WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4
-               AND mtime_ns = ?5 AND key = ?6 AND (ctime_ns = ?7 OR ctime_ns IS NULL)
-             ORDER BY ctime_ns IS NULL LIMIT 1",
+               AND mtime_ns = ?5 AND key = ?6 AND ctime_ns IS NULL
+             LIMIT 1",
+            None,
         )?
-        .query_row(
-            params![p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, key, v.ctime_ns],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, u32>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                    r.get::<_, Option<i64>>(6)?,
-                    r.get::<_, Option<String>>(7)?,
-                    r.get::<_, Option<i64>>(8)?.is_some_and(|k| k != 0),
-                ))
-            },
-        )
-        .optional()?;
-    if let Some((id, ..)) = &row {
+        .inspect(|(id, ..)| {
+            legacy = Some(*id);
+        }),
+    };
+    if let Some(id) = legacy {
         // A record from before ctime was kept: it is this version.
         cached(
             tx,
@@ -687,6 +706,20 @@ impl Mark {
 
 /// At most this many marks in one transaction of the group commit.
 const GROUP_MAX: usize = 512;
+/// Under load, a transaction with fewer marks than this waits
+/// [`GROUP_LINGER`] for more before it commits.
+const GROUP_LINGER_BELOW: usize = 32;
+const GROUP_LINGER: Duration = Duration::from_millis(1);
+
+/// Moves what is queued into `batch`, up to [`GROUP_MAX`] marks.
+fn drain_into(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Queued>, batch: &mut Vec<Queued>) {
+    while batch.len() < GROUP_MAX {
+        match rx.try_recv() {
+            Ok(q) => batch.push(q),
+            Err(_) => break,
+        }
+    }
+}
 
 struct Queued {
     mark: Mark,
@@ -1123,14 +1156,19 @@ impl Journal {
         let started = std::thread::Builder::new()
             .name("putonly-journal".into())
             .spawn(move || {
+                let mut last_len = 0;
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
-                    while batch.len() < GROUP_MAX {
-                        match rx.try_recv() {
-                            Ok(q) => batch.push(q),
-                            Err(_) => break,
-                        }
+                    drain_into(&mut rx, &mut batch);
+                    // Under load (the last transaction held several marks),
+                    // a moment's wait fills this one: fewer, larger
+                    // transactions, each writing its pages to the log once.
+                    // A lone mark at a quiet time is committed at once.
+                    if last_len > 1 && batch.len() < GROUP_LINGER_BELOW {
+                        std::thread::sleep(GROUP_LINGER);
+                        drain_into(&mut rx, &mut batch);
                     }
+                    last_len = batch.len();
                     let marks: Vec<Mark> = batch.iter().map(|q| q.mark.clone()).collect();
                     counts.transactions.fetch_add(1, Ordering::Relaxed);
                     counts
