@@ -26,7 +26,12 @@
 #                bytes with k, m or g (KiB, MiB, GiB): 1g is one file of
 #                1 GiB, 4x1g four of them in one command, 10k-4k 10,000 files
 #                of 4 KiB
-#   --tools      comma-separated subset of putonly,s5cmd,aws,rclone (default all)
+#   --tools      comma-separated subset of putonly,s5cmd,aws,rclone (default
+#                all four), plus sdk-floor if asked: bench/sdk-floor.rs, the
+#                AWS SDK alone sending the workload's PutObjects from memory
+#                as putonly configures it (no files read, no journal), the
+#                floor under putonly's small-file rate; files of up to 8 MiB
+#                only (putonly sends larger ones by multipart)
 #   --timeout    seconds one run may take before it is stopped and counted
 #                as failed (default 1800)
 #   --sink-verify crc (default): the sink checks the CRCs it is sent (all
@@ -38,6 +43,7 @@
 #                all: every checksum, the digests too
 # Environment: PUTONLY_BIN (default: builds target/release/putonly),
 # PUTONLY_SINK_BIN (default: builds target/release/examples/sink),
+# PUTONLY_FLOOR_BIN (default: builds target/release/examples/sdk-floor),
 # PUTONLY_GARAGE_BIN (see scripts/garage-up.sh), TMPDIR (data and Garage
 # live there: the 4x1g workload needs about 9 GiB free on Garage).
 # Exit status: 0 when every run of every tool succeeded, 1 otherwise (the
@@ -48,6 +54,7 @@ set -euo pipefail
 # Paths given relative to the caller's folder stay valid after the cd.
 [ -n "${PUTONLY_BIN:-}" ] && PUTONLY_BIN=$(readlink -f "$PUTONLY_BIN")
 [ -n "${PUTONLY_SINK_BIN:-}" ] && PUTONLY_SINK_BIN=$(readlink -f "$PUTONLY_SINK_BIN")
+[ -n "${PUTONLY_FLOOR_BIN:-}" ] && PUTONLY_FLOOR_BIN=$(readlink -f "$PUTONLY_FLOOR_BIN")
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
@@ -76,7 +83,7 @@ case $target in garage | sink) ;; *) echo "peers.sh: --target garage|sink" >&2; 
 case $sink_verify in all | crc) ;; *) echo "peers.sh: --sink-verify all|crc" >&2; exit 2 ;; esac
 IFS=, read -r -a tool_list <<<"$tools"
 for t in "${tool_list[@]}"; do
-  case $t in putonly | s5cmd | aws | rclone) ;; *) echo "peers.sh: unknown tool $t" >&2; exit 2 ;; esac
+  case $t in putonly | s5cmd | aws | rclone | sdk-floor) ;; *) echo "peers.sh: unknown tool $t" >&2; exit 2 ;; esac
 done
 IFS=, read -r -a workload_list <<<"$workloads"
 
@@ -131,8 +138,15 @@ if [ "$target" = sink ] && [ -z "${PUTONLY_SINK_BIN:-}" ]; then
   cargo build --release --locked --quiet --example sink
   PUTONLY_SINK_BIN=$repo/target/release/examples/sink
 fi
-peers=0
-for t in "${tool_list[@]}"; do [ "$t" = putonly ] || peers=1; done
+peers=0 floor=0
+for t in "${tool_list[@]}"; do
+  case $t in putonly) ;; sdk-floor) floor=1 ;; *) peers=1 ;; esac
+done
+if [ $floor = 1 ] && [ -z "${PUTONLY_FLOOR_BIN:-}" ]; then
+  log "building sdk-floor (release)"
+  cargo build --release --locked --quiet --example sdk-floor
+  PUTONLY_FLOOR_BIN=$repo/target/release/examples/sdk-floor
+fi
 if [ $peers = 1 ] || [ "$target" = garage ]; then
   # The peers, and on Garage s5cmd also counts what arrived.
   scripts/install-peers.sh >&2
@@ -172,6 +186,16 @@ start_sink() {
   printf '[profile garage]\nregion = us-east-1\n' >"$creds/config"
 }
 sink_stats() { curl -sf "$url/__sink/stats?reset=1"; }
+# The server's CPU time so far (user + system, all its threads), in clock
+# ticks: read before and after each run, so the table shows what each
+# tool's requests cost the server on the same two cores.
+clk_tck=$(getconf CLK_TCK)
+server_ticks() {
+  local pid
+  if [ "$target" = garage ]; then pid=$(cat "$work/garage/garage.pid"); else pid=$sink_pid; fi
+  # Fields after the command name, which ends with ") ": utime, stime are 12th and 13th.
+  sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}'
+}
 write_rclone_conf() {
   cat >"$work/rclone.conf" <<CONF
 [target]
@@ -197,6 +221,8 @@ tool_cmd() {
       --only-show-errors "$dir" "s3://$bucket/$prefix") ;;
     rclone) cmd=("$peer_bin/rclone" --config "$work/rclone.conf" copy --s3-no-check-bucket
       --s3-no-head --no-check-dest --multi-thread-streams 0 "$dir" "target:$bucket/$prefix") ;;
+    sdk-floor) cmd=(env AWS_PROFILE=garage "$PUTONLY_FLOOR_BIN" --endpoint-url "$url" --bucket "$bucket"
+      --prefix "$prefix" --count "$count" --size "$size") ;;
   esac
 }
 
@@ -216,6 +242,7 @@ versions() {
       s5cmd) echo "- s5cmd: $("$peer_bin/s5cmd" version)" ;;
       aws) echo "- aws cli: $("$peer_bin/aws" --version 2>&1)" ;;
       rclone) echo "- rclone: $("$peer_bin/rclone" version | head -n 1)" ;;
+      sdk-floor) echo "- sdk-floor: bench/sdk-floor.rs ($(sed -n 's/^aws-sdk-s3 = "\(.*\)"$/aws-sdk-s3 \1/p' "$repo/Cargo.toml"), $PUTONLY_FLOOR_BIN), PutObjects from memory" ;;
     esac
   done
   if [ "$target" = garage ]; then
@@ -252,17 +279,22 @@ PY
   cat "$data"/* >/dev/null
   for r in $(seq 1 "$runs"); do
     for t in "${tool_list[@]}"; do
+      # The floor sends single PutObjects: it stands for putonly's path
+      # only below the multipart threshold.
+      [ "$t" = sdk-floor ] && [ "$size" -gt $((8 << 20)) ] && continue
       prefix=bench/$stamp/$w/$t-r$r/
       if [ "$target" = garage ]; then start_garage; else sink_stats >/dev/null; fi
       write_rclone_conf
       tool_cmd "$t" "$data" "$prefix"
       out=$work/run.log
+      server_before=$(server_ticks)
       set +e
       AWS_SHARED_CREDENTIALS_FILE=$creds/credentials AWS_CONFIG_FILE=$creds/config \
         /usr/bin/time -f '%e %U %S %M' -o "$work/time" \
         timeout -k 10 "$run_timeout" "${cmd[@]}" >"$out" 2>&1
       rc=$?
       set -e
+      server=$(echo "scale=2; ($(server_ticks) - $server_before) / $clk_tck" | bc)
       read -r wall user sys rss < <(tail -n 1 "$work/time")
       verified=- failed=- reads=- skipped=-
       if [ "$target" = garage ]; then
@@ -285,10 +317,10 @@ print(s["objects"], s["checksums_verified"], s["checksum_failures"], s["reads"] 
       [ "$objects" = "$count" ] || { ok=0; why="${why:+$why, }$objects of $count objects arrived"; }
       if [ "$failed" != - ] && [ "$failed" != 0 ]; then ok=0; why="${why:+$why, }$failed checksum failures"; fi
       if [ "$t" = putonly ] && [ "$reads" != - ] && [ "$reads" != 0 ]; then ok=0; why="${why:+$why, }$reads reads"; fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "$ok" "$wall" "$user" "$sys" "$rss" \
-        "$objects" "$count" "$verified" "$failed" "$reads" "$skipped" >>"$results"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "$ok" "$wall" "$user" "$sys" "$rss" \
+        "$objects" "$count" "$verified" "$failed" "$reads" "$skipped" "$server" >>"$results"
       if [ $ok = 1 ]; then
-        log "$w $t run $r: ${wall}s wall, $user+$sys s CPU, ${rss} KB peak RSS"
+        log "$w $t run $r: ${wall}s wall, $user+$sys s CPU, ${rss} KB peak RSS, server ${server}s CPU"
       else
         log "$w $t run $r FAILED: $why; its output ends with:"
         tail -n 5 "$out" | sed 's/^/    /' >&2
@@ -313,11 +345,12 @@ import statistics, sys
 path, target, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 order, runs_of = [], {}
-for w, t, r, ok, wall, user, sys_, rss, objects, count, verified, failed, reads, skipped in rows:
+for w, t, r, ok, wall, user, sys_, rss, objects, count, verified, failed, reads, skipped, server in rows:
     if (w, t) not in runs_of:
         order.append((w, t))
         runs_of[(w, t)] = []
     runs_of[(w, t)].append(dict(ok=ok == "1", wall=float(wall), cpu=float(user) + float(sys_),
+                                server=float(server),
                                 rss=int(rss) / 1024, count=int(count), verified=verified,
                                 failed=failed, reads=reads, skipped=skipped))
 def size_of(w):
@@ -328,13 +361,13 @@ med = {}
 for key, rs in runs_of.items():
     good = [r for r in rs if r["ok"]]
     if good:
-        med[key] = {k: statistics.median(r[k] for r in good) for k in ("wall", "cpu", "rss")}
+        med[key] = {k: statistics.median(r[k] for r in good) for k in ("wall", "cpu", "rss", "server")}
 def rate(w, m, count):
     size = size_of(w)
     if size >= 1 << 20:
         return count * size / m["wall"] / 1e6, "MB/s"
     return count / m["wall"], "files/s"
-head = "| workload | tool | runs ok | wall s | CPU s (user+sys) | peak RSS MB | rate | putonly wall ÷ tool | putonly CPU ÷ tool | putonly rate ÷ tool |"
+head = "| workload | tool | runs ok | wall s | CPU s (user+sys) | server CPU s | peak RSS MB | rate | putonly wall ÷ tool | putonly CPU ÷ tool | putonly rate ÷ tool |"
 if target == "sink":
     head += " checksums verified / failed | reads sent |"
 print(head)
@@ -347,7 +380,7 @@ for w, t in order:
     cells = [w, t, f"{nok}/{len(rs)}"]
     if m:
         r_val, unit = rate(w, m, count)
-        cells += [f"{m['wall']:.2f}", f"{m['cpu']:.2f}", f"{m['rss']:.0f}", f"{r_val:,.0f} {unit}" if r_val >= 100 else f"{r_val:.1f} {unit}"]
+        cells += [f"{m['wall']:.2f}", f"{m['cpu']:.2f}", f"{m['server']:.2f}", f"{m['rss']:.0f}", f"{r_val:,.0f} {unit}" if r_val >= 100 else f"{r_val:.1f} {unit}"]
         p = med.get((w, "putonly"))
         if p and t != "putonly":
             pr, _ = rate(w, p, count)
@@ -355,7 +388,7 @@ for w, t in order:
         else:
             cells += ["-", "-", "-"]
     else:
-        cells += ["FAILED"] + ["-"] * 6
+        cells += ["FAILED"] + ["-"] * 7
     if target == "sink":
         ver = "/".join(str(sum(int(r[k]) for r in rs)) for k in ("verified", "failed"))
         skipped = sum(int(r["skipped"]) for r in rs)
@@ -365,7 +398,8 @@ for w, t in order:
     print("| " + " | ".join(cells) + " |")
 print()
 print(f"Medians of the successful runs ({runs} per tool and workload, alternating). "
-      "CPU is the client's user + system time; ratios below 1 in the wall and CPU "
+      "CPU is the client's user + system time, server CPU the server's (all its "
+      "threads) during the run; ratios below 1 in the wall and CPU "
       "columns and above 1 in the rate column favour putonly.")
 if target == "sink":
     print("The sink's counts are totals over all runs of a row: checksums it verified "

@@ -88,21 +88,25 @@ fn peers_script_sink_round() {
     assert!(stdout.contains("| workload | tool | runs ok |"), "no table");
     assert!(stdout.contains("- machine: Linux "), "no machine line");
     let rows = rows(&stdout);
-    // Columns: workload, tool, runs ok, wall, CPU, RSS, rate, 3 ratios,
-    // checksums verified/failed, reads sent.
+    // Columns: workload, tool, runs ok, wall, CPU, server CPU, RSS, rate,
+    // 3 ratios, checksums verified/failed, reads sent.
     for workload in ["20m", "50-4k"] {
         for tool in tools.split(',') {
             let row = rows
                 .iter()
                 .find(|r| r[0] == workload && r[1] == tool)
                 .unwrap_or_else(|| panic!("no row for {workload} {tool}"));
-            assert_eq!(row.len(), 12, "{row:?}");
+            assert_eq!(row.len(), 13, "{row:?}");
             assert_eq!(row[2], "1/1", "{workload} {tool}: {row:?}");
+            let server: f64 = row[5]
+                .parse()
+                .unwrap_or_else(|_| panic!("server CPU: {row:?}"));
+            assert!(server >= 0.0, "{row:?}");
             if tool == "putonly" {
-                let (verified, failed) = row[10].split_once('/').unwrap();
+                let (verified, failed) = row[11].split_once('/').unwrap();
                 assert!(verified.parse::<u64>().unwrap() > 0, "{row:?}");
                 assert_eq!(failed, "0", "checksum failures: {row:?}");
-                assert_eq!(row[11], "0", "putonly read: {row:?}");
+                assert_eq!(row[12], "0", "putonly read: {row:?}");
             }
         }
     }
