@@ -1,10 +1,11 @@
 //! The floor under putonly's small-file rate: the AWS SDK alone sending
 //! PutObject requests from memory, configured as putonly configures it
 //! (path-style addressing, the SDK's checksums and retries off, a
-//! CRC64NVME header computed beforehand, unsigned payload, the SDK's
-//! connection pool with TCP keepalive), `--in-flight` at once. No file is
-//! opened, no journal written, nothing checked: what is left is the SDK's
-//! request path and the TCP it sends on. It reads nothing from the server.
+//! CRC64NVME header computed per request, unsigned payload, the SDK's
+//! connection pool with TCP keepalive), `--in-flight` at once, each object
+//! with its own random bytes. No file is opened, no journal written,
+//! nothing checked: what is left is the SDK's request path and the TCP it
+//! sends on. It reads nothing from the server.
 //!
 //! `bench/peers.sh --floor` runs it beside the tools against the same
 //! target; alone:
@@ -100,9 +101,13 @@ async fn run(a: Args) -> Result<(), String> {
         .retry_config(RetryConfig::disabled())
         .build();
     let client = aws_sdk_s3::Client::from_conf(conf);
-    let body = Bytes::from(vec![0x5a; a.size]);
-    let crc = base64::engine::general_purpose::STANDARD
-        .encode(crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &body).to_be_bytes());
+    // Every object its own bytes (a store that keeps each distinct block
+    // once, as Garage does, would otherwise write one block in all): body
+    // i is the window of `size` bytes at 8 × i in one random buffer.
+    let stride = 8;
+    let mut noise = vec![0u8; a.size + stride * a.count];
+    fastrand::fill(&mut noise);
+    let noise = Bytes::from(noise);
     let slots = Arc::new(tokio::sync::Semaphore::new(a.in_flight));
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
@@ -112,9 +117,13 @@ async fn run(a: Args) -> Result<(), String> {
             .acquire_owned()
             .await
             .map_err(|e| e.to_string())?;
-        let (client, body, crc) = (client.clone(), body.clone(), crc.clone());
+        let client = client.clone();
+        let body = noise.slice(stride * i..stride * i + a.size);
         let (bucket, key) = (a.bucket.clone(), format!("{}f{i:06}", a.prefix));
         tasks.spawn(async move {
+            // Computed per request, as putonly computes it while reading.
+            let crc = base64::engine::general_purpose::STANDARD
+                .encode(crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &body).to_be_bytes());
             let sent = client
                 .put_object()
                 .bucket(bucket)
