@@ -78,6 +78,23 @@ fn debug_panic(task: &str) {
 #[cfg(not(debug_assertions))]
 fn debug_panic(_task: &str) {}
 
+/// Debug builds only, for the test of a stop asked during start-up: waits
+/// PUTONLY_DEBUG_START_PAUSE_MS right after [`hold_stop_signals`], so that
+/// a SIGTERM sent meanwhile surely lands while the signals are held.
+/// Release builds have no such variable.
+#[cfg(debug_assertions)]
+pub fn debug_start_pause() {
+    if let Some(ms) = std::env::var("PUTONLY_DEBUG_START_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+pub fn debug_start_pause() {}
+
 /// What a background task that should run until shutdown ended with.
 fn task_ended(task: &'static str, joined: Result<(), tokio::task::JoinError>) -> AgentError {
     let detail = match joined {
@@ -123,6 +140,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let mut term = signal(tokio::signal::unix::SignalKind::terminate());
     let mut int = signal(tokio::signal::unix::SignalKind::interrupt());
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
+    release_stop_signals();
     let state = settings.require_agent()?.clone();
     // One agent per state folder: held until the process ends.
     let _lock = AgentLock::take(&state.dir)?;
@@ -385,6 +403,47 @@ fn log_rules(support: &Support, watches: &[WatchSettings]) {
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(kind).ok()
+}
+
+/// SIGTERM, SIGINT and SIGHUP: they stop or reload the agent.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset and sigaddset only write the set they are given,
+    // which is fully initialized by sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// For `putonly run`, first thing in `main`: until [`run`] has its
+/// handlers, SIGTERM, SIGINT and SIGHUP wait (blocked, pending) instead of
+/// ending the process by their default action, so a stop asked during
+/// start-up (systemd, a container runtime, the first milliseconds after
+/// exec) is a clean stop with status 0, and a reload then is not a kill.
+/// Threads started meanwhile inherit the mask; a signal sent to the
+/// process is delivered to the thread that [`release_stop_signals`].
+/// The agent starts no child process that could inherit it.
+pub fn hold_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: changes the calling thread's signal mask only.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Unblocks what [`hold_stop_signals`] held, on the calling thread, once
+/// the handlers are installed: a signal that arrived meanwhile is delivered
+/// now, to them.
+fn release_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: changes the calling thread's signal mask only.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {

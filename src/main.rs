@@ -42,6 +42,11 @@ fn main() -> ExitCode {
     fix_malloc_mmap_threshold();
     raise_descriptor_limit();
     let cli = Cli::parse();
+    if matches!(cli.command, putonly::cli::Command::Run(_)) {
+        // Before any thread starts: a stop during start-up is clean.
+        putonly::agent::hold_stop_signals();
+        putonly::agent::debug_start_pause();
+    }
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

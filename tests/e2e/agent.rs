@@ -844,6 +844,40 @@ async fn a_metrics_address_off_loopback_is_warned_about_at_start_up() {
     assert!(warning.contains(&format!("127.0.0.1:{port}")), "{warning}");
 }
 
+/// A stop asked in the agent's first milliseconds (systemd stopping a
+/// unit that just started, a container runtime, the last agent of the
+/// kill -9 loop above once every file was already done) ends it with 0,
+/// not by SIGTERM's default action: the stop signals wait, blocked, from
+/// `main` until the agent's handlers are in place. Without that, SIGTERM
+/// 10 ms after exec killed it every time on an idle machine. The debug
+/// build pauses right after blocking them (PUTONLY_DEBUG_START_PAUSE_MS),
+/// so the signal surely arrives in that window however loaded the machine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_during_start_up_is_a_clean_stop() {
+    let s = setup("").await;
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        let mut cmd = putonly(Some(s.moto.dir.path()));
+        cmd.env("PUTONLY_DEBUG_START_PAUSE_MS", "1500");
+        let agent = Agent::spawn(cmd, &s.config, &s.log);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(agent.pid(), signal) };
+        let code = if signal == libc::SIGHUP {
+            // A reload during start-up: the agent goes on, then stops.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            agent.stop().await
+        } else {
+            agent.exited(Duration::from_secs(30)).await
+        };
+        if code != Some(0) {
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            panic!(
+                "signal {signal} during start-up: exit {code:?} (None: killed by it); log:\n{log}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_speaks_the_systemd_notify_protocol() {
     let s = setup("concurrency = 2\n").await;
