@@ -16,7 +16,8 @@
 #    even ones (Garage slows as objects pile up).
 #
 # Several binaries can be compared in one run (each rate, and the backlog,
-# alternate between them on the same Garage):
+# alternate between them on the same Garage, in reverse order in even
+# rounds: use an even ROUNDS for a fair comparison):
 #   PUTONLY_BINS="before=/tmp/putonly-main after=target/release/putonly" bench/agent-latency.sh
 # Without PUTONLY_BINS, target/release/putonly is built and measured.
 #
@@ -83,16 +84,23 @@ path, want = sys.argv[1], int(sys.argv[2])
 seen, rest, deadline = 0, b"", time.monotonic() + 600
 with open(path, "rb") as log:
     while seen < want:
+        if time.monotonic() > deadline:
+            sys.exit(f"gave up waiting: {seen} of {want} files done")
         chunk = log.read()
         if chunk:
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             seen += sum(b'"message":"uploaded"' in l for l in lines)
             continue
-        if time.monotonic() > deadline:
-            sys.exit(f"gave up waiting: {seen} of {want} files done")
         time.sleep(0.1)
 PY
+}
+
+# bins_of_round N: the binaries in PUTONLY_BINS order in odd rounds and
+# in reverse order in even ones (Garage slows as objects pile up, so none
+# always meets the fuller store).
+bins_of_round() {
+  if [ $(($1 % 2)) = 1 ]; then echo $PUTONLY_BINS; else echo $PUTONLY_BINS | tr ' ' '\n' | tac | tr '\n' ' '; fi
 }
 
 # start_agent BIN NAME: runs the agent on $work/NAME.toml until it is ready.
@@ -193,7 +201,7 @@ for round in $(seq 1 "$rounds"); do
   for rn in $rates; do
     rate=${rn%%:*}
     n=${rn##*:}
-    for entry in $PUTONLY_BINS; do
+    for entry in $(bins_of_round "$round"); do
       name=${entry%%=*}
       bin=${entry#*=}
       tag=lat-$name-$rate-$round
@@ -231,7 +239,7 @@ PY
 # Old enough that the agent takes them at once (no settle to wait out).
 sleep "$settle_s"
 for round in $(seq 1 "$rounds"); do
-  for entry in $PUTONLY_BINS; do
+  for entry in $(bins_of_round "$round"); do
     name=${entry%%=*}
     bin=${entry#*=}
     tag=backlog-$name-$round

@@ -193,7 +193,9 @@ clk_tck=$(getconf CLK_TCK)
 server_ticks() {
   local pid
   if [ "$target" = garage ]; then pid=$(cat "$work/garage/garage.pid"); else pid=$sink_pid; fi
-  # Fields after the command name, which ends with ") ": utime, stime are 12th and 13th.
+  # Fields after the command name, which ends with ") ": utime, stime are
+  # 12th and 13th. Nothing when the server is gone.
+  [ -r "/proc/$pid/stat" ] || return 0
   sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}'
 }
 write_rclone_conf() {
@@ -221,8 +223,11 @@ tool_cmd() {
       --only-show-errors "$dir" "s3://$bucket/$prefix") ;;
     rclone) cmd=("$peer_bin/rclone" --config "$work/rclone.conf" copy --s3-no-check-bucket
       --s3-no-head --no-check-dest --multi-thread-streams 0 "$dir" "target:$bucket/$prefix") ;;
+    # As many at once as putonly sends: up to 64 requests, and files over
+    # 64 KiB within its default part memory (64 MiB).
     sdk-floor) cmd=(env AWS_PROFILE=garage "$PUTONLY_FLOOR_BIN" --endpoint-url "$url" --bucket "$bucket"
-      --prefix "$prefix" --count "$count" --size "$size") ;;
+      --prefix "$prefix" --count "$count" --size "$size"
+      --in-flight $((size <= 65536 ? 64 : ((64 << 20) / size < 64 ? (64 << 20) / size : 64)))) ;;
   esac
 }
 
@@ -294,7 +299,11 @@ PY
         timeout -k 10 "$run_timeout" "${cmd[@]}" >"$out" 2>&1
       rc=$?
       set -e
-      server=$(echo "scale=2; ($(server_ticks) - $server_before) / $clk_tck" | bc)
+      server_after=$(server_ticks)
+      server=-
+      if [ -n "$server_before" ] && [ -n "$server_after" ]; then
+        server=$(echo "scale=2; ($server_after - $server_before) / $clk_tck" | bc)
+      fi
       read -r wall user sys rss < <(tail -n 1 "$work/time")
       verified=- failed=- reads=- skipped=-
       if [ "$target" = garage ]; then
@@ -350,7 +359,7 @@ for w, t, r, ok, wall, user, sys_, rss, objects, count, verified, failed, reads,
         order.append((w, t))
         runs_of[(w, t)] = []
     runs_of[(w, t)].append(dict(ok=ok == "1", wall=float(wall), cpu=float(user) + float(sys_),
-                                server=float(server),
+                                server=None if server == "-" else float(server),
                                 rss=int(rss) / 1024, count=int(count), verified=verified,
                                 failed=failed, reads=reads, skipped=skipped))
 def size_of(w):
@@ -361,7 +370,9 @@ med = {}
 for key, rs in runs_of.items():
     good = [r for r in rs if r["ok"]]
     if good:
-        med[key] = {k: statistics.median(r[k] for r in good) for k in ("wall", "cpu", "rss", "server")}
+        med[key] = {k: statistics.median(r[k] for r in good) for k in ("wall", "cpu", "rss")}
+        servers = [r["server"] for r in good if r["server"] is not None]
+        med[key]["server"] = statistics.median(servers) if servers else None
 def rate(w, m, count):
     size = size_of(w)
     if size >= 1 << 20:
@@ -380,7 +391,7 @@ for w, t in order:
     cells = [w, t, f"{nok}/{len(rs)}"]
     if m:
         r_val, unit = rate(w, m, count)
-        cells += [f"{m['wall']:.2f}", f"{m['cpu']:.2f}", f"{m['server']:.2f}", f"{m['rss']:.0f}", f"{r_val:,.0f} {unit}" if r_val >= 100 else f"{r_val:.1f} {unit}"]
+        cells += [f"{m['wall']:.2f}", f"{m['cpu']:.2f}", f"{m['server']:.2f}" if m["server"] is not None else "-", f"{m['rss']:.0f}", f"{r_val:,.0f} {unit}" if r_val >= 100 else f"{r_val:.1f} {unit}"]
         p = med.get((w, "putonly"))
         if p and t != "putonly":
             pr, _ = rate(w, p, count)
@@ -399,7 +410,8 @@ for w, t in order:
 print()
 print(f"Medians of the successful runs ({runs} per tool and workload, alternating). "
       "CPU is the client's user + system time, server CPU the server's (all its "
-      "threads) during the run; ratios below 1 in the wall and CPU "
+      "threads) from the tool's start to its exit (work the server defers past "
+      "that is not counted); ratios below 1 in the wall and CPU "
       "columns and above 1 in the rate column favour putonly.")
 if target == "sink":
     print("The sink's counts are totals over all runs of a row: checksums it verified "

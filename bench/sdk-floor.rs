@@ -104,8 +104,13 @@ async fn run(a: Args) -> Result<(), String> {
     // Every object its own bytes (a store that keeps each distinct block
     // once, as Garage does, would otherwise write one block in all): body
     // i is the window of `size` bytes at 8 × i in one random buffer.
-    let stride = 8;
-    let mut noise = vec![0u8; a.size + stride * a.count];
+    let stride: usize = 8;
+    let len = stride
+        .checked_mul(a.count)
+        .and_then(|n| n.checked_add(a.size))
+        .filter(|&n| n <= 1 << 34)
+        .ok_or("--count and --size ask for more than 16 GiB of data")?;
+    let mut noise = vec![0u8; len];
     fastrand::fill(&mut noise);
     let noise = Bytes::from(noise);
     let slots = Arc::new(tokio::sync::Semaphore::new(a.in_flight));

@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -710,6 +710,60 @@ const GROUP_MAX: usize = 512;
 /// [`GROUP_LINGER`] for more before it commits.
 const GROUP_LINGER_BELOW: usize = 32;
 const GROUP_LINGER: Duration = Duration::from_millis(1);
+/// After a wait that brought fewer than two marks, this many transactions
+/// do not wait.
+const GROUP_LINGER_SKIP: u32 = 16;
+
+/// When the group commit waits for more marks before committing: only
+/// under load (the last transaction held several marks and ended less than
+/// [`GROUP_LINGER`] before this one's first mark came), never for a lone
+/// mark at a quiet time, and not again for a while after a wait that
+/// brought less than two marks (it cost more than it saved: marks come too
+/// slowly, or from a few callers that each wait for their answer and
+/// cannot send more until this transaction commits).
+#[derive(Debug, Default)]
+struct Linger {
+    last_len: usize,
+    last_end: Option<Instant>,
+    skip: u32,
+}
+
+impl Linger {
+    /// Whether `len` marks, the first of which came at `first_at`, wait.
+    fn waits(&mut self, len: usize, first_at: Instant) -> bool {
+        let busy = self.last_len > 1
+            && self
+                .last_end
+                .is_some_and(|end| first_at.saturating_duration_since(end) < GROUP_LINGER);
+        if !busy || len >= GROUP_LINGER_BELOW {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// A wait is over: it brought `gained` marks.
+    fn waited(&mut self, gained: usize) {
+        if gained < 2 {
+            self.skip = GROUP_LINGER_SKIP;
+        }
+    }
+
+    /// A transaction of `len` marks ended at `at`.
+    fn committed(&mut self, len: usize, at: Instant) {
+        self.last_len = len;
+        self.last_end = Some(at);
+    }
+}
+
+/// Waits [`GROUP_LINGER`], then takes what came meanwhile.
+fn linger(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Queued>, batch: &mut Vec<Queued>) {
+    std::thread::sleep(GROUP_LINGER);
+    drain_into(rx, batch);
+}
 
 /// Moves what is queued into `batch`, up to [`GROUP_MAX`] marks.
 fn drain_into(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Queued>, batch: &mut Vec<Queued>) {
@@ -1156,24 +1210,25 @@ impl Journal {
         let started = std::thread::Builder::new()
             .name("putonly-journal".into())
             .spawn(move || {
-                let mut last_len = 0;
+                let mut waits = Linger::default();
                 while let Some(first) = rx.blocking_recv() {
+                    let first_at = Instant::now();
                     let mut batch = vec![first];
                     drain_into(&mut rx, &mut batch);
-                    // Under load (the last transaction held several marks),
-                    // a moment's wait fills this one: fewer, larger
-                    // transactions, each writing its pages to the log once.
-                    // A lone mark at a quiet time is committed at once.
-                    if last_len > 1 && batch.len() < GROUP_LINGER_BELOW {
-                        std::thread::sleep(GROUP_LINGER);
-                        drain_into(&mut rx, &mut batch);
+                    // Under load, a moment's wait fills this transaction:
+                    // fewer, larger ones, each writing its pages to the log
+                    // once.
+                    if waits.waits(batch.len(), first_at) {
+                        let before = batch.len();
+                        linger(&mut rx, &mut batch);
+                        waits.waited(batch.len() - before);
                     }
-                    last_len = batch.len();
                     let marks: Vec<Mark> = batch.iter().map(|q| q.mark.clone()).collect();
                     counts.transactions.fetch_add(1, Ordering::Relaxed);
                     counts
                         .marks
                         .fetch_add(marks.len() as u64, Ordering::Relaxed);
+                    let len = marks.len();
                     match journal.commit(&marks) {
                         Ok(answers) => {
                             for (q, answer) in batch.into_iter().zip(answers) {
@@ -1197,6 +1252,7 @@ impl Journal {
                             }
                         }
                     }
+                    waits.committed(len, Instant::now());
                 }
             });
         if let Err(e) = &started {
@@ -1948,6 +2004,35 @@ mod tests {
                 .0
         );
         assert!(matches!(seen, Seen::Done { keep: false, .. }), "{seen:?}");
+    }
+
+    #[test]
+    fn the_group_commit_waits_only_under_load_and_not_in_vain() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut w = Linger::default();
+        // Nothing committed yet, or a lone mark last time: no wait.
+        assert!(!w.waits(1, ms(0)));
+        w.committed(1, ms(0));
+        assert!(!w.waits(1, t0 + Duration::from_micros(50)));
+        // Several marks last time, and this one right after: wait.
+        w.committed(5, ms(10));
+        assert!(w.waits(3, ms(10)));
+        // Not when this one is full enough already.
+        assert!(!w.waits(GROUP_LINGER_BELOW, ms(10)));
+        // A lone mark at a quiet time, after a busy transaction: no wait.
+        assert!(!w.waits(1, ms(20)));
+        // A wait that brought less than two marks: the next chances are
+        // skipped.
+        assert!(w.waits(2, ms(10)));
+        w.waited(1);
+        for _ in 0..GROUP_LINGER_SKIP {
+            assert!(!w.waits(2, ms(10)));
+        }
+        assert!(w.waits(2, ms(10)), "tried again after the skipped ones");
+        // A wait that brought marks: the next one waits too.
+        w.waited(2);
+        assert!(w.waits(2, ms(10)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
