@@ -78,23 +78,6 @@ fn debug_panic(task: &str) {
 #[cfg(not(debug_assertions))]
 fn debug_panic(_task: &str) {}
 
-/// Debug builds only, for the test of a stop asked during start-up: waits
-/// PUTONLY_DEBUG_START_PAUSE_MS right after [`hold_stop_signals`], so that
-/// a SIGTERM sent meanwhile surely lands while the signals are held.
-/// Release builds have no such variable.
-#[cfg(debug_assertions)]
-pub fn debug_start_pause() {
-    if let Some(ms) = std::env::var("PUTONLY_DEBUG_START_PAUSE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(Duration::from_millis(ms));
-    }
-}
-
-#[cfg(not(debug_assertions))]
-pub fn debug_start_pause() {}
-
 /// What a background task that should run until shutdown ended with.
 fn task_ended(task: &'static str, joined: Result<(), tokio::task::JoinError>) -> AgentError {
     let detail = match joined {
@@ -140,7 +123,7 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let mut term = signal(tokio::signal::unix::SignalKind::terminate());
     let mut int = signal(tokio::signal::unix::SignalKind::interrupt());
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
-    release_stop_signals();
+    take_stop_signals();
     let state = settings.require_agent()?.clone();
     // One agent per state folder: held until the process ends.
     let _lock = AgentLock::take(&state.dir)?;
@@ -405,44 +388,73 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::
     tokio::signal::unix::signal(kind).ok()
 }
 
-/// SIGTERM, SIGINT and SIGHUP: they stop or reload the agent.
-fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset and sigaddset only write the set they are given,
-    // which is fully initialized by sigemptyset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        set
+/// Set once [`run`]'s own handlers have the stop signals.
+static SIGNALS_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// A SIGHUP came during start-up, before there was anything to reload.
+static EARLY_HUP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For `putonly run`, first thing in `main`, before any thread starts:
+/// until [`run`] has its own handlers, SIGTERM and SIGINT end the process
+/// at once with status 0 (nothing is open yet: a stop asked during
+/// start-up, by systemd, a container runtime or in the first milliseconds
+/// after exec, is a clean stop, not a kill by the signal's default
+/// action), and SIGHUP is noted, not a kill. Handlers, not a blocked mask:
+/// a blocked mask would be inherited by the threads started meanwhile and
+/// by any process they start (the SDK runs `credential_process` helpers),
+/// and a blocking read of the configuration (a FIFO) could not be stopped.
+/// As PID 1 of a namespace the agent then also gets these signals, which
+/// the kernel drops for an init without a handler. Once [`run`] has taken
+/// them, these handlers do nothing more.
+pub fn catch_stop_signals_early() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the action is async-signal-safe (see `early_stop`).
+        let _ = unsafe { signal_hook_registry::register(sig, early_stop) };
+    }
+    // SAFETY: the action only reads and stores atomics.
+    let _ = unsafe { signal_hook_registry::register(libc::SIGHUP, early_hup) };
+}
+
+/// SIGTERM or SIGINT before [`run`] took them: status 0 at once. Reads an
+/// atomic and calls `_exit`, both async-signal-safe.
+fn early_stop() {
+    if !SIGNALS_TAKEN.load(std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: _exit ends the process and runs nothing else.
+        unsafe { libc::_exit(0) };
     }
 }
 
-/// For `putonly run`, first thing in `main`: until [`run`] has its
-/// handlers, SIGTERM, SIGINT and SIGHUP wait (blocked, pending) instead of
-/// ending the process by their default action, so a stop asked during
-/// start-up (systemd, a container runtime, the first milliseconds after
-/// exec) is a clean stop with status 0, and a reload then is not a kill.
-/// Threads started meanwhile inherit the mask; a signal sent to the
-/// process is delivered to the thread that [`release_stop_signals`].
-/// The agent starts no child process that could inherit it.
-pub fn hold_stop_signals() {
-    let set = stop_signals();
-    // SAFETY: changes the calling thread's signal mask only.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+/// SIGHUP before [`run`] took it: noted.
+fn early_hup() {
+    if !SIGNALS_TAKEN.load(std::sync::atomic::Ordering::SeqCst) {
+        EARLY_HUP.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-/// Unblocks what [`hold_stop_signals`] held, on the calling thread, once
-/// the handlers are installed: a signal that arrived meanwhile is delivered
-/// now, to them.
-fn release_stop_signals() {
-    let set = stop_signals();
-    // SAFETY: changes the calling thread's signal mask only.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+/// Debug builds only, for the test of a stop asked during start-up: right
+/// after [`catch_stop_signals_early`], says so on standard error and waits
+/// PUTONLY_DEBUG_START_PAUSE_MS, so that the test's signal surely lands in
+/// that window. Release builds have no such variable.
+#[cfg(debug_assertions)]
+pub fn debug_start_pause() {
+    if let Some(ms) = std::env::var("PUTONLY_DEBUG_START_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        eprintln!("PUTONLY_DEBUG: stop signals caught; pausing {ms} ms");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+pub fn debug_start_pause() {}
+
+/// [`run`]'s own handlers are in place: the early ones step aside.
+fn take_stop_signals() {
+    SIGNALS_TAKEN.store(true, std::sync::atomic::Ordering::SeqCst);
+    if EARLY_HUP.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        tracing::info!(
+            "SIGHUP during start-up: the configuration was read after it; nothing to reload"
+        );
     }
 }
 

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, putonly::cli::Command::Run(_)) {
         // Before any thread starts: a stop during start-up is clean.
-        putonly::agent::hold_stop_signals();
+        putonly::agent::catch_stop_signals_early();
         putonly::agent::debug_start_pause();
     }
     init_logging(&cli);
