@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -715,27 +715,21 @@ const GROUP_LINGER: Duration = Duration::from_millis(1);
 const GROUP_LINGER_SKIP: u32 = 16;
 
 /// When the group commit waits for more marks before committing: only
-/// under load (the last transaction held several marks and ended less than
-/// [`GROUP_LINGER`] before this one's first mark came), never for a lone
-/// mark at a quiet time, and not again for a while after a wait that
-/// brought less than two marks (it cost more than it saved: marks come too
-/// slowly, or from a few callers that each wait for their answer and
-/// cannot send more until this transaction commits).
+/// under load, which is when at least two marks came while the last
+/// transaction was being committed (marks that callers send once answered
+/// do not count: they come after), never for a lone mark, and not again for
+/// a while after a wait that brought fewer than two marks (it cost more
+/// than it saved).
 #[derive(Debug, Default)]
 struct Linger {
-    last_len: usize,
-    last_end: Option<Instant>,
+    queued_at_end: usize,
     skip: u32,
 }
 
 impl Linger {
-    /// Whether `len` marks, the first of which came at `first_at`, wait.
-    fn waits(&mut self, len: usize, first_at: Instant) -> bool {
-        let busy = self.last_len > 1
-            && self
-                .last_end
-                .is_some_and(|end| first_at.saturating_duration_since(end) < GROUP_LINGER);
-        if !busy || len >= GROUP_LINGER_BELOW {
+    /// Whether a transaction of `len` marks so far waits for more.
+    fn waits(&mut self, len: usize) -> bool {
+        if self.queued_at_end < 2 || len >= GROUP_LINGER_BELOW {
             return false;
         }
         if self.skip > 0 {
@@ -752,10 +746,10 @@ impl Linger {
         }
     }
 
-    /// A transaction of `len` marks ended at `at`.
-    fn committed(&mut self, len: usize, at: Instant) {
-        self.last_len = len;
-        self.last_end = Some(at);
+    /// A transaction was committed, and `queued` marks came meanwhile
+    /// (counted before any of its callers is answered).
+    fn committed(&mut self, queued: usize) {
+        self.queued_at_end = queued;
     }
 }
 
@@ -1212,13 +1206,12 @@ impl Journal {
             .spawn(move || {
                 let mut waits = Linger::default();
                 while let Some(first) = rx.blocking_recv() {
-                    let first_at = Instant::now();
                     let mut batch = vec![first];
                     drain_into(&mut rx, &mut batch);
                     // Under load, a moment's wait fills this transaction:
                     // fewer, larger ones, each writing its pages to the log
                     // once.
-                    if waits.waits(batch.len(), first_at) {
+                    if waits.waits(batch.len()) {
                         let before = batch.len();
                         linger(&mut rx, &mut batch);
                         waits.waited(batch.len() - before);
@@ -1228,8 +1221,9 @@ impl Journal {
                     counts
                         .marks
                         .fetch_add(marks.len() as u64, Ordering::Relaxed);
-                    let len = marks.len();
-                    match journal.commit(&marks) {
+                    let committed = journal.commit(&marks);
+                    waits.committed(rx.len());
+                    match committed {
                         Ok(answers) => {
                             for (q, answer) in batch.into_iter().zip(answers) {
                                 let _ = q.reply.send(Ok(answer));
@@ -1252,7 +1246,6 @@ impl Journal {
                             }
                         }
                     }
-                    waits.committed(len, Instant::now());
                 }
             });
         if let Err(e) = &started {
@@ -2008,31 +2001,28 @@ mod tests {
 
     #[test]
     fn the_group_commit_waits_only_under_load_and_not_in_vain() {
-        let t0 = Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut w = Linger::default();
-        // Nothing committed yet, or a lone mark last time: no wait.
-        assert!(!w.waits(1, ms(0)));
-        w.committed(1, ms(0));
-        assert!(!w.waits(1, t0 + Duration::from_micros(50)));
-        // Several marks last time, and this one right after: wait.
-        w.committed(5, ms(10));
-        assert!(w.waits(3, ms(10)));
+        // Nothing committed yet, or fewer than two marks came during the
+        // last commit (a lone mark, or callers waiting for answers): no wait.
+        assert!(!w.waits(1));
+        w.committed(1);
+        assert!(!w.waits(1));
+        // Marks came while the last one was committed: wait.
+        w.committed(5);
+        assert!(w.waits(5));
         // Not when this one is full enough already.
-        assert!(!w.waits(GROUP_LINGER_BELOW, ms(10)));
-        // A lone mark at a quiet time, after a busy transaction: no wait.
-        assert!(!w.waits(1, ms(20)));
-        // A wait that brought less than two marks: the next chances are
+        assert!(!w.waits(GROUP_LINGER_BELOW));
+        // A wait that brought fewer than two marks: the next chances are
         // skipped.
-        assert!(w.waits(2, ms(10)));
+        assert!(w.waits(2));
         w.waited(1);
         for _ in 0..GROUP_LINGER_SKIP {
-            assert!(!w.waits(2, ms(10)));
+            assert!(!w.waits(2));
         }
-        assert!(w.waits(2, ms(10)), "tried again after the skipped ones");
+        assert!(w.waits(2), "tried again after the skipped ones");
         // A wait that brought marks: the next one waits too.
         w.waited(2);
-        assert!(w.waits(2, ms(10)));
+        assert!(w.waits(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
