@@ -12,7 +12,8 @@
 //! link followed) feeding [`watch`] (which files are finished),
 //! [`writers`] (which rule tells that, per watch) with [`lease`] (the
 //! kernel's answer), [`files`] (opening beneath a watch, never through a
-//! link), [`journal`] (its only memory), [`agent`] (the loop),
+//! link), [`journal`] (its only memory), [`agent`] (the loop, stopped and
+//! reloaded through [`signals`]),
 //! [`batches`] (a folder's marker sent after the rest of its batch),
 //! [`after_upload`] (delete or move, only what was sent) and [`metrics`];
 //! [`printable`] escapes producers' names wherever people read them;
@@ -38,6 +39,7 @@ pub mod printable;
 pub mod receipts;
 pub mod retry;
 pub mod s3;
+pub mod signals;
 pub mod stream;
 pub mod throttle;
 pub mod upload;
