@@ -498,17 +498,21 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration, keep_receipts: Duration
         };
         after = last;
         let watches = ctx.settings.watches.clone();
-        let closed: Vec<(PathBuf, &'static str)> = tokio::task::spawn_blocking(move || {
+        let closed: Vec<(i64, PathBuf, &'static str)> = tokio::task::spawn_blocking(move || {
             batch
                 .into_iter()
-                .filter_map(|(_, p, dev)| no_longer_work(&p, dev, &watches).map(|why| (p, why)))
+                .filter_map(|(id, p, dev)| {
+                    no_longer_work(&p, dev, &watches).map(|why| (id, p, why))
+                })
                 .collect()
         })
         .await
         .unwrap_or_default();
-        for (path, why) in closed {
+        for (id, path, why) in closed {
             tracing::info!(path = ?path, reason = why, "a pending record is closed");
-            ctx.forget_gone(&path);
+            // Only the records this look was about: a version of the path
+            // recorded since (a new file there) is not closed with them.
+            ctx.forget_gone_through(&path, id);
         }
     }
     let mut hourly = tokio::time::interval(Duration::from_secs(3600));
@@ -1404,8 +1408,13 @@ impl Ctx {
 
     /// A file that is gone stops counting as work in the journal.
     fn forget_gone(&self, path: &Path) {
+        self.forget_gone_through(path, i64::MAX);
+    }
+
+    /// [`Ctx::forget_gone`], for the records of `path` up to record `upto`.
+    fn forget_gone_through(&self, path: &Path, upto: i64) {
         self.after_failures().remove(path);
-        match self.journal.gone(path) {
+        match self.journal.gone_through(path, upto) {
             Ok(stale) => self.abort_all(stale),
             Err(e) => {
                 tracing::warn!(path = ?path, error = %e, "journal: cannot record that a file is gone")

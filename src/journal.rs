@@ -285,21 +285,22 @@ fn oldest_pending(conn: &Connection) -> rusqlite::Result<Option<OldestPending>> 
 }
 
 /// Marks every unfinished record (pending or failed) of `path` other than
-/// `keep` superseded, dropping its parts; returns (key, upload id) of those
-/// that had a multipart upload under way.
+/// `keep`, up to record `upto`, superseded, dropping its parts; returns
+/// (key, upload id) of those that had a multipart upload under way.
 fn supersede_unfinished(
     tx: &rusqlite::Transaction<'_>,
     path: &[u8],
     keep: i64,
+    upto: i64,
     t: i64,
     reason: Option<&str>,
 ) -> rusqlite::Result<Vec<(String, String)>> {
     let mut stale = Vec::new();
     let mut q = tx.prepare_cached(
         "SELECT id, key, upload_id FROM files
-         WHERE path = ?1 AND state IN ('pending', 'failed') AND id != ?2",
+         WHERE path = ?1 AND state IN ('pending', 'failed') AND id != ?2 AND id <= ?3",
     )?;
-    let rows = q.query_map(params![path, keep], |r| {
+    let rows = q.query_map(params![path, keep, upto], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
@@ -651,7 +652,7 @@ fn observe_in(tx: &rusqlite::Transaction<'_>, o: &Observation) -> rusqlite::Resu
         Seen::Upload { id, .. } => *id,
         _ => -1,
     };
-    let stale = supersede_unfinished(tx, p, current, t, None)?;
+    let stale = supersede_unfinished(tx, p, current, i64::MAX, t, None)?;
     Ok((seen, stale))
 }
 
@@ -1337,10 +1338,22 @@ impl Journal {
     /// failed) will never complete and stop counting as work. Returns the
     /// multipart uploads to abort.
     pub fn gone(&self, path: &Path) -> Result<Vec<(String, String)>, JournalError> {
+        self.gone_through(path, i64::MAX)
+    }
+
+    /// [`Journal::gone`], for the records of `path` up to record `upto`
+    /// only: those a look found without a file. A version recorded after
+    /// that look (a new file at the same path) is not touched.
+    pub fn gone_through(
+        &self,
+        path: &Path,
+        upto: i64,
+    ) -> Result<Vec<(String, String)>, JournalError> {
         let p = path.as_os_str().as_bytes();
         self.with(|conn| {
             let tx = conn.transaction()?;
-            let stale = supersede_unfinished(&tx, p, -1, now(), Some("the file disappeared"))?;
+            let stale =
+                supersede_unfinished(&tx, p, -1, upto, now(), Some("the file disappeared"))?;
             tx.commit()?;
             Ok(stale)
         })
@@ -1679,6 +1692,32 @@ mod tests {
         assert!(err.to_string().contains("move it aside"), "{err}");
         let missing = Journal::open_read_only(&dir.path().join("never")).unwrap_err();
         assert!(missing.is_missing(), "{missing}");
+    }
+
+    /// Start-up maintenance closes the records a look found without a
+    /// file, not a version of the same path recorded after that look.
+    #[test]
+    fn a_gone_file_s_records_are_closed_up_to_the_one_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("state")).unwrap();
+        let upload = |seen: Seen| match seen {
+            Seen::Upload { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        let looked_at = upload(j.observe("w", Path::new("/c"), v(1, 1), "foo/c").unwrap().0);
+        // Meanwhile a new file at the path is recorded (and sent).
+        let newer = upload(j.observe("w", Path::new("/c"), v(2, 2), "foo/c").unwrap().0);
+        j.multipart_started(newer, "up-new", 5, ChecksumKind::Crc64Nvme)
+            .unwrap();
+        assert_eq!(j.gone_through(Path::new("/c"), looked_at).unwrap(), vec![]);
+        let s = j.status().unwrap();
+        assert_eq!(s.pending, 1, "the newer version is still pending");
+        // `gone` (the file itself disappeared) closes every version.
+        assert_eq!(
+            j.gone(Path::new("/c")).unwrap(),
+            vec![("foo/c".to_string(), "up-new".to_string())]
+        );
+        assert_eq!(j.status().unwrap().pending, 0);
     }
 
     #[test]
