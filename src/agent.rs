@@ -497,6 +497,18 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration, keep_receipts: Duration
             break;
         };
         after = last;
+        // The paths looked at are held as in flight from the look to the
+        // close, so the agent does not take one up meanwhile (it hands it
+        // back, to look again after `settle`); one it is taking up now is
+        // left to it.
+        let batch: Vec<(i64, PathBuf, u64)> = {
+            let mut in_flight = ctx.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            batch
+                .into_iter()
+                .filter(|(_, p, _)| in_flight.insert(p.clone()))
+                .collect()
+        };
+        let held: Vec<PathBuf> = batch.iter().map(|(_, p, _)| p.clone()).collect();
         let watches = ctx.settings.watches.clone();
         let closed: Vec<(i64, PathBuf, &'static str)> = tokio::task::spawn_blocking(move || {
             batch
@@ -510,9 +522,14 @@ async fn maintenance(ctx: Arc<Ctx>, retention: Duration, keep_receipts: Duration
         .unwrap_or_default();
         for (id, path, why) in closed {
             tracing::info!(path = ?path, reason = why, "a pending record is closed");
-            // Only the records this look was about: a version of the path
-            // recorded since (a new file there) is not closed with them.
+            // Only the records up to the one looked at: ids only grow while
+            // the agent runs (nothing deletes file records before this pass
+            // is over), so a later version of the path is never among them.
             ctx.forget_gone_through(&path, id);
+        }
+        let mut in_flight = ctx.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for p in &held {
+            in_flight.remove(p);
         }
     }
     let mut hourly = tokio::time::interval(Duration::from_secs(3600));

@@ -711,16 +711,17 @@ const GROUP_MAX: usize = 512;
 /// [`GROUP_LINGER`] for more before it commits.
 const GROUP_LINGER_BELOW: usize = 32;
 const GROUP_LINGER: Duration = Duration::from_millis(1);
-/// After a wait that brought fewer than two marks, this many transactions
-/// do not wait.
+/// After a wait that brought fewer than two marks, the next this many
+/// transactions that would wait do not.
 const GROUP_LINGER_SKIP: u32 = 16;
 
 /// When the group commit waits for more marks before committing: only
 /// under load, which is when at least two marks came while the last
-/// transaction was being committed (marks that callers send once answered
-/// do not count: they come after), never for a lone mark, and not again for
-/// a while after a wait that brought fewer than two marks (it cost more
-/// than it saved).
+/// transaction was being committed (the marks its own callers send once
+/// answered do not count: they come after; so one or two callers that each
+/// wait for their answer never wait), never for a lone mark, and not again
+/// for a while after a wait that brought fewer than two marks (it cost
+/// more than it saved).
 #[derive(Debug, Default)]
 struct Linger {
     queued_at_end: usize,
@@ -780,6 +781,8 @@ struct Queued {
 pub struct GroupStats {
     pub transactions: AtomicU64,
     pub marks: AtomicU64,
+    /// Transactions that waited for more marks first.
+    pub lingers: AtomicU64,
 }
 
 /// Group commit (see [`Journal::group_commit`]): many files' done marks,
@@ -1213,6 +1216,7 @@ impl Journal {
                     // fewer, larger ones, each writing its pages to the log
                     // once.
                     if waits.waits(batch.len()) {
+                        counts.lingers.fetch_add(1, Ordering::Relaxed);
                         let before = batch.len();
                         linger(&mut rx, &mut batch);
                         waits.waited(batch.len() - before);
@@ -1718,6 +1722,15 @@ mod tests {
             vec![("foo/c".to_string(), "up-new".to_string())]
         );
         assert_eq!(j.status().unwrap().pending, 0);
+        // The record looked at itself is closed, its upload returned.
+        let id = upload(j.observe("w", Path::new("/d"), v(3, 3), "foo/d").unwrap().0);
+        j.multipart_started(id, "up-d", 5, ChecksumKind::Crc64Nvme)
+            .unwrap();
+        assert_eq!(
+            j.gone_through(Path::new("/d"), id).unwrap(),
+            vec![("foo/d".to_string(), "up-d".to_string())]
+        );
+        assert_eq!(j.status().unwrap().pending, 0);
     }
 
     #[test]
@@ -2046,7 +2059,9 @@ mod tests {
         assert!(!w.waits(1));
         w.committed(1);
         assert!(!w.waits(1));
-        // Marks came while the last one was committed: wait.
+        // Two marks or more came while the last one was committed: wait.
+        w.committed(2);
+        assert!(w.waits(1));
         w.committed(5);
         assert!(w.waits(5));
         // Not when this one is full enough already.
@@ -2062,6 +2077,41 @@ mod tests {
         // A wait that brought marks: the next one waits too.
         w.waited(2);
         assert!(w.waits(2));
+    }
+
+    /// Two callers that each wait for their answer before their next mark:
+    /// when a transaction is committed, at most the other one's mark is
+    /// queued, so no transaction waits for more (each such wait would cost
+    /// them 1 ms and bring nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn callers_waiting_for_their_answers_are_not_made_to_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        let ids: Vec<i64> = (0..200)
+            .map(|i| {
+                let path = PathBuf::from(format!("/w{i}"));
+                match j.observe("w", &path, v(1, 1), "foo/w").unwrap().0 {
+                    Seen::Upload { id, .. } => id,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        let group = j.group_commit();
+        let mut callers = tokio::task::JoinSet::new();
+        for half in ids.chunks(100) {
+            let (group, mine) = (group.clone(), half.to_vec());
+            callers.spawn(async move {
+                for id in mine {
+                    group.done(id, &proof("k", "etag")).await.unwrap();
+                }
+            });
+        }
+        while let Some(r) = callers.join_next().await {
+            r.unwrap();
+        }
+        let stats = group.stats();
+        assert_eq!(stats.marks.load(Ordering::Relaxed), 200);
+        assert_eq!(stats.lingers.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -12,8 +12,8 @@
 //! link followed) feeding [`watch`] (which files are finished),
 //! [`writers`] (which rule tells that, per watch) with [`lease`] (the
 //! kernel's answer), [`files`] (opening beneath a watch, never through a
-//! link), [`journal`] (its only memory), [`agent`] (the loop, stopped and
-//! reloaded through [`signals`]),
+//! link), [`journal`] (its only memory), [`agent`] (the loop, stopped
+//! through [`signals`]),
 //! [`batches`] (a folder's marker sent after the rest of its batch),
 //! [`after_upload`] (delete or move, only what was sent) and [`metrics`];
 //! [`printable`] escapes producers' names wherever people read them;

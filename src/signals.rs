@@ -1,8 +1,9 @@
-//! Signals of `putonly run`: SIGTERM and SIGINT stop the agent, SIGHUP
-//! asks it to reload. From the first lines of `main` (before any thread
-//! starts) until the agent's own tokio handlers are in place, early
-//! handlers make a stop a clean exit with status 0 and note a SIGHUP, so no
-//! signal during start-up ends the process by its default action. Never
+//! Signals of `putonly run`: SIGTERM and SIGINT stop the agent; SIGHUP is
+//! logged (the configuration is not reloaded in place: restart to apply
+//! it). From the first lines of `main` (before any thread starts) until
+//! the agent's own tokio handlers are in place, early handlers make a stop
+//! a clean exit with status 0 and note a SIGHUP, so none of these three
+//! ends the process by its default action during start-up. Never
 //! changes a signal mask (threads and child processes would inherit it)
 //! and never does in a handler anything that is not async-signal-safe.
 
