@@ -20,7 +20,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::primitives::ByteStream;
@@ -66,32 +66,12 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// The SDK's connection pool as putonly builds it (see
-/// `credentials::http_client`), over plain HTTP here.
-fn http_client() -> Result<aws_smithy_http_client::pool::Client, String> {
-    use aws_smithy_http_client::{pool, tls};
-    let id = pool::PartitionId::from_index(0);
-    let partition = pool::Partition::new(
-        id,
-        pool::DriverSpawner::tokio(
-            tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?,
-        ),
-    );
-    let built = pool::Builder::default()
-        .tcp_keepalive(Duration::from_secs(30))
-        .partitions([partition])
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::AwsLc,
-        ))
-        .build_https()
-        .map_err(|e| e.to_string())?;
-    pool::Client::from_partition(&built, id).map_err(|e| e.to_string())
-}
-
 async fn run(a: Args) -> Result<(), String> {
+    // putonly's own HTTP client: the SDK's connection pool, TCP keepalive.
+    let http = putonly::credentials::http_client().ok_or("cannot build the HTTP client")?;
     let sdk = aws_config::from_env()
         .endpoint_url(&a.endpoint)
-        .http_client(http_client()?)
+        .http_client(http)
         .load()
         .await;
     let conf = aws_sdk_s3::config::Builder::from(&sdk)

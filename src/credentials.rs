@@ -204,7 +204,7 @@ fn endpoint_source(service: &str, url: &str, aws: &AwsSettings) -> String {
 /// forgot it, a host that died) is found out without waiting for a
 /// request's deadline. `None` (the SDK's default client, without
 /// keepalive) outside a runtime or if it cannot be built.
-fn http_client() -> Option<aws_smithy_http_client::pool::Client> {
+pub fn http_client() -> Option<aws_smithy_http_client::pool::Client> {
     use aws_smithy_http_client::{pool, tls};
     let id = pool::PartitionId::from_index(0);
     let partition = pool::Partition::new(

@@ -1645,6 +1645,15 @@ mod tests {
         }
     }
 
+    /// Observes version `v` of `path` (key `key`), which must be new or
+    /// unfinished work: its record's id.
+    fn record(j: &Journal, path: &str, v: FileVersion, key: &str) -> i64 {
+        match j.observe("w", Path::new(path), v, key).unwrap().0 {
+            Seen::Upload { id, .. } => id,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
     /// The statements every file goes through (observe, done with its
     /// receipt and batch updates) are compiled once, then reused: none is
     /// compiled again when new values are bound.
@@ -1704,13 +1713,9 @@ mod tests {
     fn a_gone_file_s_records_are_closed_up_to_the_one_looked_at() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("state")).unwrap();
-        let upload = |seen: Seen| match seen {
-            Seen::Upload { id, .. } => id,
-            other => panic!("{other:?}"),
-        };
-        let looked_at = upload(j.observe("w", Path::new("/c"), v(1, 1), "foo/c").unwrap().0);
+        let looked_at = record(&j, "/c", v(1, 1), "foo/c");
         // Meanwhile a new file at the path is recorded (and sent).
-        let newer = upload(j.observe("w", Path::new("/c"), v(2, 2), "foo/c").unwrap().0);
+        let newer = record(&j, "/c", v(2, 2), "foo/c");
         j.multipart_started(newer, "up-new", 5, ChecksumKind::Crc64Nvme)
             .unwrap();
         assert_eq!(j.gone_through(Path::new("/c"), looked_at).unwrap(), vec![]);
@@ -1723,7 +1728,7 @@ mod tests {
         );
         assert_eq!(j.status().unwrap().pending, 0);
         // The record looked at itself is closed, its upload returned.
-        let id = upload(j.observe("w", Path::new("/d"), v(3, 3), "foo/d").unwrap().0);
+        let id = record(&j, "/d", v(3, 3), "foo/d");
         j.multipart_started(id, "up-d", 5, ChecksumKind::Crc64Nvme)
             .unwrap();
         assert_eq!(
@@ -1737,18 +1742,14 @@ mod tests {
     fn a_gone_file_and_a_replaced_failed_version_stop_counting() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("state")).unwrap();
-        let upload = |seen: Seen| match seen {
-            Seen::Upload { id, .. } => id,
-            other => panic!("{other:?}"),
-        };
         // A failed version, then a new version of the same path: the failed
         // one no longer counts.
-        let id = upload(j.observe("w", Path::new("/a"), v(1, 1), "foo/a").unwrap().0);
+        let id = record(&j, "/a", v(1, 1), "foo/a");
         j.failed(id, "AccessDenied", now() + 3600).unwrap();
-        let id = upload(j.observe("w", Path::new("/a"), v(2, 2), "foo/a").unwrap().0);
+        let id = record(&j, "/a", v(2, 2), "foo/a");
         j.done(id, &proof("foo/a", "etag")).unwrap();
         // A pending multipart upload whose file is deleted.
-        let id = upload(j.observe("w", Path::new("/b"), v(9, 1), "foo/b").unwrap().0);
+        let id = record(&j, "/b", v(9, 1), "foo/b");
         j.multipart_started(id, "up-1", 5, ChecksumKind::Crc64Nvme)
             .unwrap();
         assert_eq!(
@@ -1762,9 +1763,9 @@ mod tests {
             (b.pending, b.failed, b.oldest_pending.is_none()),
             (0, 0, true)
         );
-        let id = upload(j.observe("w", Path::new("/c"), v(3, 3), "foo/c").unwrap().0);
+        let id = record(&j, "/c", v(3, 3), "foo/c");
         j.failed(id, "denied", now() + 60).unwrap();
-        upload(j.observe("w", Path::new("/d"), v(4, 4), "foo/d").unwrap().0);
+        record(&j, "/d", v(4, 4), "foo/d");
         let b = j.backlog().unwrap();
         assert_eq!((b.pending, b.failed), (1, 1));
         assert_eq!(b.oldest_pending.unwrap().path, "/d");
@@ -2088,13 +2089,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Arc::new(Journal::open(dir.path()).unwrap());
         let ids: Vec<i64> = (0..200)
-            .map(|i| {
-                let path = PathBuf::from(format!("/w{i}"));
-                match j.observe("w", &path, v(1, 1), "foo/w").unwrap().0 {
-                    Seen::Upload { id, .. } => id,
-                    other => panic!("{other:?}"),
-                }
-            })
+            .map(|i| record(&j, &format!("/w{i}"), v(1, 1), "foo/w"))
             .collect();
         let group = j.group_commit();
         let mut callers = tokio::task::JoinSet::new();
@@ -2120,13 +2115,7 @@ mod tests {
         let j = Arc::new(Journal::open(dir.path()).unwrap());
         let n = 100;
         let ids: Vec<i64> = (0..n)
-            .map(|i| {
-                let path = PathBuf::from(format!("/g{i}"));
-                match j.observe("w", &path, v(1, 1), "foo/g").unwrap().0 {
-                    Seen::Upload { id, .. } => id,
-                    other => panic!("{other:?}"),
-                }
-            })
+            .map(|i| record(&j, &format!("/g{i}"), v(1, 1), "foo/g"))
             .collect();
         let group = j.group_commit();
         // The journal busy (as with a transaction under way): marks queue.

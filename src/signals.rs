@@ -8,7 +8,6 @@
 //! and never does in a handler anything that is not async-signal-safe.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// The agent's own handler for `kind` (tokio's); `None` if it cannot be
 /// installed, and then [`recv`] waits forever.
@@ -69,7 +68,7 @@ pub fn debug_start_pause() {
         .and_then(|v| v.parse::<u64>().ok())
     {
         eprintln!("PUTONLY_DEBUG: stop signals caught; pausing {ms} ms");
-        std::thread::sleep(Duration::from_millis(ms));
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

@@ -844,61 +844,6 @@ async fn a_metrics_address_off_loopback_is_warned_about_at_start_up() {
     assert!(warning.contains(&format!("127.0.0.1:{port}")), "{warning}");
 }
 
-/// A stop asked in the agent's first milliseconds (systemd stopping a
-/// unit that just started, a container runtime, the last agent of the
-/// kill -9 loop above once every file was already done) ends it with 0,
-/// not by SIGTERM's default action, and a SIGHUP then is not a kill: from
-/// the start of `main` the agent has handlers for them. Without those,
-/// SIGTERM 10 ms after exec killed it every time on an idle machine. The
-/// debug build says when they are in place and then pauses
-/// (PUTONLY_DEBUG_START_PAUSE_MS); the signal is sent once it said so.
-/// Also as PID 1 of its own PID namespace, where the kernel drops a signal
-/// an init has no handler for.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_signal_during_start_up_is_a_clean_stop() {
-    use crate::support::shape::Shape;
-    let s = setup("").await;
-    for shape in [Shape::Root, Shape::PidNamespace] {
-        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            let what = format!("signal {signal} during start-up, {}", shape.name());
-            let _ = std::fs::remove_file(&s.log);
-            let mut cmd = putonly(Some(s.moto.dir.path()));
-            cmd.env("PUTONLY_DEBUG_START_PAUSE_MS", "1000");
-            let agent = Agent::spawn_in(cmd, shape, &s.config, &s.log).await;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !std::fs::read_to_string(&s.log)
-                .unwrap_or_default()
-                .contains("PUTONLY_DEBUG: stop signals caught")
-            {
-                assert!(Instant::now() < deadline, "{what}: the agent never started");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // SAFETY: sending a signal to our own child process.
-            unsafe { libc::kill(agent.pid(), signal) };
-            let code = if signal == libc::SIGHUP {
-                // Noted, and the agent goes on; then it is stopped.
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while !std::fs::read_to_string(&s.log)
-                    .unwrap_or_default()
-                    .contains("watching; ready")
-                {
-                    assert!(Instant::now() < deadline, "{what}: never ready");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-                assert!(log.contains("SIGHUP during start-up"), "{what}: {log}");
-                agent.stop().await
-            } else {
-                agent.exited(Duration::from_secs(30)).await
-            };
-            if code != Some(0) {
-                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-                panic!("{what}: exit {code:?} (None: killed by it); log:\n{log}");
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_speaks_the_systemd_notify_protocol() {
     let s = setup("concurrency = 2\n").await;

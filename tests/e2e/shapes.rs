@@ -630,3 +630,68 @@ async fn finished_means_finished_as_a_user_without_cap_lease() {
 async fn finished_means_finished_in_its_own_pid_namespace() {
     each_case_in(Shape::PidNamespace).await;
 }
+
+/// Waits (30 s at most) until the agent's log holds `line`.
+async fn log_says(log: &Path, line: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(line)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the log never said {line:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A stop asked in the agent's first milliseconds (systemd stopping a
+/// unit that just started, a container runtime, the last agent of the
+/// kill -9 loop in agent.rs once every file was already done) ends it with 0,
+/// not by SIGTERM's default action, and a SIGHUP then is not a kill: from
+/// the start of `main` the agent has handlers for them. Without those,
+/// SIGTERM 10 ms after exec killed it every time on an idle machine. The
+/// debug build says when they are in place and then pauses
+/// (PUTONLY_DEBUG_START_PAUSE_MS); the signal is sent once it said so.
+/// In every deployed shape: as root, as the unit's user with and without
+/// CAP_LEASE, and as PID 1 of its own PID namespace, where the kernel drops
+/// a signal an init has no handler for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_during_start_up_is_a_clean_stop_in_every_shape() {
+    if let Some(why) = shape::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    for shape in [
+        Shape::Root,
+        Shape::User { lease: true },
+        Shape::User { lease: false },
+        Shape::PidNamespace,
+    ] {
+        let s = World::new(shape).await;
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            let what = format!("signal {signal} during start-up, {}", shape.name());
+            let _ = std::fs::remove_file(&s.log);
+            let mut cmd = s.agent_cmd();
+            cmd.env("PUTONLY_DEBUG_START_PAUSE_MS", "1000");
+            let agent = Agent::spawn_in(cmd, shape, &s.config, &s.log).await;
+            log_says(&s.log, "PUTONLY_DEBUG: stop signals caught", &what).await;
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(agent.pid(), signal) };
+            let code = if signal == libc::SIGHUP {
+                // Noted, and the agent goes on; then it is stopped.
+                log_says(&s.log, "watching; ready", &what).await;
+                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                assert!(log.contains("SIGHUP during start-up"), "{what}: {log}");
+                agent.stop().await
+            } else {
+                agent.exited(Duration::from_secs(30)).await
+            };
+            if code != Some(0) {
+                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                panic!("{what}: exit {code:?} (None: killed by it); log:\n{log}");
+            }
+        }
+    }
+}
