@@ -33,6 +33,7 @@ use crate::after_upload::{self, Outcome};
 use crate::batches::{self, Gate, Markers};
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
+use crate::denied::{self, Denied, Kind};
 use crate::files::{self, OpenError};
 use crate::journal::{
     AgentLock, FileVersion, GroupCommit, Journal, JournalError, Resume, Seen, now,
@@ -116,6 +117,8 @@ struct Ctx {
     markers: Arc<Markers>,
     /// Files being written whose parts go out already (`stream = true`).
     streams: Arc<Streams<WriteOnlyBucket>>,
+    /// Folders and files the agent's user may not read yet.
+    denied: Arc<Denied>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -212,12 +215,14 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     let (ready_tx, mut ready_rx) = mpsc::channel::<Candidate>(files_at_once * 2);
     let (requeue_tx, requeue_rx) = mpsc::unbounded_channel();
     let (growing_tx, mut growing_rx) = mpsc::channel::<Growing>(256);
+    let denied = Arc::new(Denied::new());
     let watch = Watch::new(
         settings.watches.clone(),
         settings.agent.rescan_interval,
         support.clone(),
         ready_tx,
         requeue_rx,
+        denied.clone(),
     )
     .telling_growing(growing_tx, streams.part_size());
     let mut watcher = tokio::spawn(async move {
@@ -244,8 +249,14 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
         claims_running: Mutex::new(HashSet::new()),
         markers: Arc::new(Markers::new(&settings_watches)?),
         streams,
+        denied: denied.clone(),
     });
-    let mut housekeeping = tokio::spawn(housekeeping(journal.clone(), bucket.clone(), health));
+    let mut housekeeping = tokio::spawn(housekeeping(
+        journal.clone(),
+        bucket.clone(),
+        health,
+        denied,
+    ));
     let mut maintenance = tokio::spawn(maintenance(ctx.clone(), retention, keep_receipts));
     // Set when a task panicked: the agent stops as on SIGTERM, then fails.
     let mut failure: Option<AgentError> = None;
@@ -417,7 +428,12 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 
 /// Heartbeat (journal and systemd watchdog), credential expiry, gauges and
 /// health. Nothing here may take long: the watchdog ping depends on it.
-async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, health: Arc<Health>) {
+async fn housekeeping(
+    journal: Arc<Journal>,
+    bucket: Arc<WriteOnlyBucket>,
+    health: Arc<Health>,
+    denied: Arc<Denied>,
+) {
     // Twice per systemd watchdog period, and at least every 5 s.
     let period = sd_notify::watchdog_enabled()
         .map_or(Duration::from_secs(5), |w| {
@@ -426,6 +442,9 @@ async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, healt
         .max(Duration::from_millis(100));
     let mut beat = tokio::time::interval(period);
     let mut last_heartbeat = Instant::now() - Duration::from_secs(3600);
+    // What `status` was last told of unreadable paths (none yet: the
+    // first beat writes the empty list over a previous run's).
+    let mut denied_written = None;
     loop {
         beat.tick().await;
         notify_systemd(&[sd_notify::NotifyState::Watchdog]);
@@ -448,6 +467,24 @@ async fn housekeeping(journal: Arc<Journal>, bucket: Arc<WriteOnlyBucket>, healt
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "journal: cannot read the backlog"),
             Err(e) => tracing::warn!(error = %e, "journal: the backlog query failed"),
+        }
+        let (generation, summary) = denied.summary();
+        if denied_written != Some(generation) {
+            let j = journal.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let text = serde_json::to_string(&summary).unwrap_or_default();
+                j.set_meta(crate::denied::Summary::META, &text)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => denied_written = Some(generation),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "journal: cannot record the unreadable paths")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal: recording the unreadable paths failed")
+                }
+            }
         }
         if last_heartbeat.elapsed() < Duration::from_secs(10) {
             continue;
@@ -770,16 +807,17 @@ impl Ctx {
     }
 
     fn requeue(&self, path: PathBuf, after: Duration, writers: Writers) {
+        self.hand_back(Requeue {
+            path,
+            not_before: Instant::now() + after,
+            writers,
+            refused: false,
+        });
+    }
+
+    fn hand_back(&self, rq: Requeue) {
         // Fails only once the watcher has stopped, at shutdown.
-        if self
-            .requeue
-            .send(Requeue {
-                path,
-                not_before: Instant::now() + after,
-                writers,
-            })
-            .is_err()
-        {
+        if self.requeue.send(rq).is_err() {
             tracing::debug!("the watcher has stopped; a file handed back waits for the next start");
         }
     }
@@ -1097,6 +1135,7 @@ impl Ctx {
             Ok(o) => o,
             Err(OpenError::Gone) => {
                 tracing::info!(path = ?path, "file disappeared before upload; dropped");
+                self.denied.gone(path);
                 self.forget_gone(path);
                 return None;
             }
@@ -1115,6 +1154,18 @@ impl Ctx {
                 self.requeue(path.clone(), Duration::from_secs(10), cand.writers);
                 return None;
             }
+            // Its mode is often set last (rsync --inplace, cp -a): tried
+            // again soon, or as soon as news of it comes (a chmod).
+            Err(OpenError::Io(e)) if denied::is_refusal(&e) => {
+                let wait = self.denied.refused(Kind::File, path, &e.to_string());
+                self.hand_back(Requeue {
+                    path: path.clone(),
+                    not_before: Instant::now() + wait,
+                    writers: cand.writers,
+                    refused: true,
+                });
+                return None;
+            }
             Err(OpenError::Io(e)) => {
                 let reason = format!("{path:?}: cannot read: {e}");
                 if let Some((Seen::Upload { id, .. }, _)) = self.record(cand, watch, judged).await {
@@ -1123,6 +1174,7 @@ impl Ctx {
                 return None;
             }
         };
+        self.denied.readable(Kind::File, path);
         let version = FileVersion::of(&opened.meta);
         if version != judged {
             // Not what was judged finished (a backlog can make that gap

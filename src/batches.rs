@@ -547,13 +547,14 @@ fn settle_missing(
                 }
             }
             // Cannot tell whether a member is in there: nothing concluded.
-            Found::Unreadable(f, why) => {
+            Found::Unreadable(u) => {
                 return Err(BatchError::Unlistable {
                     marker: watch.path.join(rel),
-                    folder: f,
-                    why,
+                    folder: u.path,
+                    why: u.why,
                 });
             }
+            Found::Listed(_) => {}
         }
     }
     drop(rx);
@@ -741,8 +742,8 @@ fn list(
                 page.push(path);
             }
             // Dropping the receiver stops the walk.
-            Some(Found::Unreadable(f, why)) => return Err(unlistable(f, why)),
-            None => {}
+            Some(Found::Unreadable(u)) => return Err(unlistable(u.path, u.why)),
+            Some(Found::Listed(_)) | None => {}
         }
         if page.len() >= PAGE || (last && !page.is_empty()) {
             record_page(journal, root.as_fd(), &watch.path, marker_id, &page).map_err(
@@ -1165,9 +1166,12 @@ pub struct HeldMarker {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HeldFile {
     pub path: String,
-    /// "failed: ...", "pending", "pending: <last error>", or "not taken yet".
+    /// "failed: ...", "pending", "pending: <last error>", or [`NOT_TAKEN`].
     pub state: String,
 }
+
+/// The state of a held file the journal has no record of yet.
+pub const NOT_TAKEN: &str = "not taken yet";
 
 /// At most this many held markers, and files of each, are shown.
 const SHOWN: i64 = 20;
@@ -1213,7 +1217,7 @@ pub(crate) fn held(conn: &Connection) -> rusqlite::Result<Vec<HeldMarker>> {
                     path: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(0)?).into_owned(),
                     state: r
                         .get::<_, Option<String>>(1)?
-                        .unwrap_or_else(|| "not taken yet".into()),
+                        .unwrap_or_else(|| NOT_TAKEN.into()),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;

@@ -52,6 +52,9 @@ pub(crate) enum Intake {
     /// A new folder (made, or moved in): walk it, its files may predate
     /// its watch.
     Folder(PathBuf),
+    /// A folder's mode, owner or ACL changed (or its times): one the agent
+    /// could not read may be readable now.
+    FolderChanged(PathBuf),
     /// Events were lost: walk everything.
     Rescan,
 }
@@ -75,6 +78,9 @@ fn mask() -> WatchMask {
 pub(crate) enum WatchError {
     /// It is gone (or no longer a folder): nothing to say.
     Vanished,
+    /// The agent's user may not read it (yet): tried again soon
+    /// ([`crate::denied`]).
+    Refused(String),
     /// Anything else, in words that name the fix.
     Other(String),
 }
@@ -313,8 +319,8 @@ fn watch_error(e: std::io::Error) -> WatchError {
             "the inotify watch limit is reached; raise the sysctl fs.inotify.max_user_watches"
                 .into(),
         ),
-        Some(libc::EACCES) => {
-            WatchError::Other("permission denied: the agent's user cannot read it".into())
+        Some(libc::EACCES | libc::EPERM) => {
+            WatchError::Refused("permission denied: the agent's user cannot read it".into())
         }
         _ => WatchError::Other(e.to_string()),
     }
@@ -392,6 +398,8 @@ fn classify(
             out.push(Intake::Folder(path));
         } else if mask.contains(EventMask::DELETE) {
             out.push(Intake::Removed(path));
+        } else if mask.contains(EventMask::ATTRIB) {
+            out.push(Intake::FolderChanged(path));
         }
         return;
     }
@@ -447,6 +455,7 @@ mod tests {
             (EventMask::ATTRIB, 0, "a"),
             (EventMask::DELETE, 0, "a"),
             (EventMask::CREATE | EventMask::ISDIR, 0, "d"),
+            (EventMask::ATTRIB | EventMask::ISDIR, 0, "d"),
         ]);
         assert_eq!(
             out,
@@ -469,6 +478,7 @@ mod tests {
                 },
                 Intake::Removed(p("a")),
                 Intake::Folder(p("d")),
+                Intake::FolderChanged(p("d")),
             ]
         );
         let (out, _) = run(&[(EventMask::Q_OVERFLOW, 0, "")]);

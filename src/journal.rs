@@ -1450,6 +1450,16 @@ impl Journal {
         })
     }
 
+    /// A value kept by [`Journal::set_meta`], if any.
+    pub fn meta(&self, name: &str) -> Result<Option<String>, JournalError> {
+        self.with(|conn| {
+            conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
     pub fn set_meta(&self, name: &str, value: &str) -> Result<(), JournalError> {
         self.with(|conn| {
             conn.execute(

@@ -11,7 +11,8 @@
 //! inotify watch a folder) and [`walk`] (every file below a folder, no
 //! link followed) feeding [`watch`] (which files are finished),
 //! [`writers`] (which rule tells that, per watch) with [`lease`] (the
-//! kernel's answer), [`files`] (opening beneath a watch, never through a
+//! kernel's answer), [`denied`] (what the agent may not read yet, tried
+//! again soon), [`files`] (opening beneath a watch, never through a
 //! link), [`journal`] (its only memory), [`agent`] (the loop, stopped
 //! through [`signals`]),
 //! [`batches`] (a folder's marker sent after the rest of its batch),
@@ -28,6 +29,7 @@ pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod denied;
 pub mod events;
 pub mod files;
 pub mod journal;

@@ -10,8 +10,10 @@
 //! and nothing outside the tree is ever named in what the walk reports. A
 //! file made after its folder was listed was made after its folder was
 //! watched, so an event tells of it. Folders the agent cannot open or watch
-//! are reported once per walk ([`Found::Unreadable`]); their siblings are
-//! walked. The walk runs off the runtime and waits while its small channel
+//! are reported once per walk ([`Found::Unreadable`], saying whether their
+//! permissions refused the agent), and every folder listed whole is
+//! reported too ([`Found::Listed`]), so that one refused before is known
+//! readable again; their siblings are walked. The walk runs off the runtime and waits while its small channel
 //! is full, so it goes only as fast as the watcher takes what it finds; it
 //! holds the names of the folders still to list, depth first, never a list
 //! of files. This module never opens a file and never decides anything
@@ -35,7 +37,35 @@ use crate::watch::Filter;
 pub(crate) enum Found {
     File(PathBuf),
     /// A folder the walk could not open, list or watch, and why.
-    Unreadable(PathBuf, String),
+    Unreadable(Unreadable),
+    /// A folder opened, watched (when the walk watches) and listed.
+    Listed(PathBuf),
+}
+
+/// A folder the walk could not open, list or watch.
+#[derive(Debug)]
+pub(crate) struct Unreadable {
+    pub path: PathBuf,
+    pub why: String,
+    /// Refused by its permissions (`EACCES`, `EPERM`), which producers
+    /// often set last: tried again soon ([`crate::denied`]). Otherwise a
+    /// fault (the inotify limit, an I/O error) left to the next rescan.
+    pub refused: bool,
+}
+
+impl Found {
+    fn unreadable(path: PathBuf, e: &dyn std::fmt::Display, refused: bool) -> Found {
+        Found::Unreadable(Unreadable {
+            path,
+            why: e.to_string(),
+            refused,
+        })
+    }
+}
+
+/// Whether an open or listing error is a refusal by permissions.
+fn refused(e: &OpenError) -> bool {
+    matches!(e, OpenError::Io(io) if crate::denied::is_refusal(io))
 }
 
 /// One watched folder: its configured path and its filter.
@@ -87,7 +117,10 @@ fn walk(
         // A watched folder that is gone is reported by the watcher's own
         // check of the watched folders.
         Err(OpenError::Gone) => return Ok(()),
-        Err(e) => return send(tx, Found::Unreadable(tree.root.clone(), e.to_string())),
+        Err(e) => {
+            let refused = refused(&e);
+            return send(tx, Found::unreadable(tree.root.clone(), &e, refused));
+        }
     };
     let mut stack = vec![start];
     while let Some(rel) = stack.pop() {
@@ -103,19 +136,31 @@ fn walk(
                 tracing::debug!(folder = ?path, "a symbolic link; not walked");
                 continue;
             }
-            Err(OpenError::Io(e)) => {
-                send(tx, Found::Unreadable(path, e.to_string()))?;
+            Err(e @ OpenError::Io(_)) => {
+                let refused = refused(&e);
+                send(tx, Found::unreadable(path, &e, refused))?;
                 continue;
             }
         };
+        // A folder listed but not watched is not reported readable: its
+        // watch is what is tried again.
+        let mut whole = true;
         if let Some(events) = events {
             match events.watch(dir.as_fd(), &path) {
                 Ok(()) => {}
                 Err(WatchError::Vanished) => continue,
-                Err(WatchError::Other(why)) => send(tx, Found::Unreadable(path.clone(), why))?,
+                Err(WatchError::Refused(why)) => {
+                    whole = false;
+                    send(tx, Found::unreadable(path.clone(), &why, true))?;
+                }
+                Err(WatchError::Other(why)) => {
+                    send(tx, Found::unreadable(path.clone(), &why, false))?;
+                }
             }
         }
-        list(tree, &rel, &path, dir, &mut stack, tx)?;
+        if list(tree, &rel, &path, dir, &mut stack, tx)? && whole {
+            send(tx, Found::Listed(path))?;
+        }
     }
     Ok(())
 }
@@ -137,7 +182,8 @@ fn open_folder(root: std::os::fd::BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd,
 }
 
 /// Lists one folder: its regular files are reported, its folders (those
-/// the filter does not skip) stacked.
+/// the filter does not skip) stacked. `Ok(false)`: it could not be listed
+/// to its end (reported).
 fn list(
     tree: &Tree,
     rel: &Path,
@@ -145,15 +191,19 @@ fn list(
     dir: OwnedFd,
     stack: &mut Vec<PathBuf>,
     tx: &mpsc::Sender<Found>,
-) -> Result<(), Closed> {
+) -> Result<bool, Closed> {
+    let unlistable = |e: rustix::io::Errno| {
+        let refused = matches!(e, rustix::io::Errno::ACCESS | rustix::io::Errno::PERM);
+        send(tx, Found::unreadable(path.to_path_buf(), &e, refused)).map(|()| false)
+    };
     let mut entries = match rustix::fs::Dir::new(dir) {
         Ok(d) => d,
-        Err(e) => return send(tx, Found::Unreadable(path.to_path_buf(), e.to_string())),
+        Err(e) => return unlistable(e),
     };
     while let Some(entry) = entries.read() {
         let entry = match entry {
             Ok(e) => e,
-            Err(e) => return send(tx, Found::Unreadable(path.to_path_buf(), e.to_string())),
+            Err(e) => return unlistable(e),
         };
         let name = OsStr::from_bytes(entry.file_name().to_bytes());
         if name == "." || name == ".." {
@@ -179,7 +229,7 @@ fn list(
             _ => {}
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -216,7 +266,8 @@ mod tests {
                 Found::File(p) => {
                     files.insert(p);
                 }
-                Found::Unreadable(p, _) => bad.push(p),
+                Found::Unreadable(u) => bad.push(u.path),
+                Found::Listed(_) => {}
             }
         }
         (files, bad)

@@ -37,10 +37,11 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::sync::mpsc;
 
 use crate::config::WatchSettings;
+use crate::denied::{self, Denied, Kind};
 use crate::events::{Change, Events, Intake};
 use crate::files::{self, OpenError};
 use crate::journal::FileVersion;
-use crate::walk::{self, Found, Tree};
+use crate::walk::{self, Found, Tree, Unreadable};
 pub use crate::writers::{Rule, Writers};
 use crate::writers::{Support, open_for_writing, weak_scan_quiet};
 
@@ -90,6 +91,9 @@ pub struct Requeue {
     /// What the agent learned of its writers (or the candidate's knowledge,
     /// unchanged). News the watcher had since the hand-over wins.
     pub writers: Writers,
+    /// The agent's user may not open it yet ([`crate::denied`]): any news
+    /// of it (a chmod, say) ends the wait at once.
+    pub refused: bool,
 }
 
 /// Which paths of one watch are taken.
@@ -161,6 +165,9 @@ struct Pending {
     news: bool,
     /// When the agent was last told it is growing (`stream = true`).
     growing_told: Option<Instant>,
+    /// Waiting because the agent's user may not read it yet: news of it
+    /// ends the wait (see [`crate::denied`]).
+    refused: bool,
 }
 
 impl Pending {
@@ -175,6 +182,7 @@ impl Pending {
             due: None,
             news: false,
             growing_told: None,
+            refused: false,
         }
     }
 
@@ -309,8 +317,9 @@ struct State {
     /// News of new files was dropped (too many waiting): a rescan is due
     /// once the backlog has halved.
     dropped: bool,
-    /// Folders that could not be watched (or read), each warned about once;
-    /// tried again at every rescan.
+    /// Folders that could not be watched (or read) for a reason other than
+    /// their permissions (those are in [`Denied`]), each warned about
+    /// once; tried again at every rescan.
     unwatchable: HashSet<PathBuf>,
     /// [`UNWATCHABLE_MAX`] reached: no more are recorded or warned about.
     unwatchable_full: bool,
@@ -318,6 +327,8 @@ struct State {
     links: LinkLog,
     /// When /proc was last looked through for writers.
     proc_scanned_at: Option<Instant>,
+    /// When [`Denied`] was last pruned.
+    denied_pruned: Option<Instant>,
 }
 
 /// Links skipped are logged, but a producer making links by the thousand
@@ -414,6 +425,8 @@ pub struct Watch {
     requeue_rx: mpsc::UnboundedReceiver<Requeue>,
     /// Where growing files are told, and the size from which they are.
     growing: Option<(mpsc::Sender<Growing>, u64)>,
+    /// Folders and files the agent's user may not read yet.
+    denied: Arc<Denied>,
 }
 
 impl Watch {
@@ -423,6 +436,7 @@ impl Watch {
         support: Arc<Support>,
         ready_tx: mpsc::Sender<Candidate>,
         requeue_rx: mpsc::UnboundedReceiver<Requeue>,
+        denied: Arc<Denied>,
     ) -> Self {
         let filters = watches.iter().map(Filter::new).collect();
         Watch {
@@ -433,6 +447,7 @@ impl Watch {
             ready_tx,
             requeue_rx,
             growing: None,
+            denied,
         }
     }
 
@@ -533,6 +548,7 @@ impl Watch {
             .or_insert_with(|| Pending::new(watch, rq.writers, Instant::now()));
         p.not_before = p.not_before.max(rq.not_before);
         p.requeued = true;
+        p.refused = rq.refused;
         let at = p.earliest(self.watches[watch].settle);
         st.due.at(&rq.path, p, at);
     }
@@ -638,6 +654,7 @@ impl Watch {
                 Some(rq) = self.requeue_rx.recv() => self.requeued(rq, &mut st),
                 _ = tick.tick() => {
                     self.settle(&mut st);
+                    self.retry_denied(&mut st);
                     if st.dropped && st.waiting.len() < MAX_WAITING / 2 {
                         st.dropped = false;
                         st.scans.request(self.roots());
@@ -755,7 +772,11 @@ impl Watch {
     ) {
         let path = match found {
             Found::File(path) => path,
-            Found::Unreadable(path, e) => return unwatchable(st, &path, &e),
+            Found::Unreadable(u) => return self.unreadable(st, u),
+            Found::Listed(folder) => {
+                st.unwatchable.remove(&folder);
+                return self.denied.readable(Kind::Folder, &folder);
+            }
         };
         if st.waiting.contains_key(&path) || st.queued.contains(&path) {
             return;
@@ -817,7 +838,28 @@ impl Watch {
                     st.scans.request([path]);
                 }
             }
+            Intake::FolderChanged(path) => {
+                // Its mode, owner or ACL may let the agent in now: a
+                // folder refused is walked again, files refused below it
+                // are looked at again, at once.
+                if self.denied.is_empty() {
+                    return;
+                }
+                if self.denied.contains(Kind::Folder, &path) {
+                    st.scans.request([path.clone()]);
+                }
+                let now = Instant::now();
+                for file in self.denied.files_below(&path) {
+                    if let Some(p) = st.waiting.get_mut(&file) {
+                        p.refused = false;
+                        p.not_before = now;
+                        let at = p.earliest(self.watches[p.watch].settle);
+                        st.due.at(&file, p, at);
+                    }
+                }
+            }
             Intake::Removed(path) => {
+                self.denied.gone(&path);
                 // A file the agent handed back (a retry waiting out its
                 // backoff) has a pending record: the agent must hear that
                 // it is gone, to close it and abort its upload.
@@ -858,6 +900,11 @@ impl Watch {
                 }
                 p.stable_since = now;
                 p.news = true;
+                // Waiting for permission: news of it may be that.
+                if p.refused {
+                    p.refused = false;
+                    p.not_before = now;
+                }
                 let at = p.earliest(self.watches[watch].settle);
                 st.due.at(&path, p, at);
             }
@@ -959,11 +1006,25 @@ impl Watch {
             Err(OpenError::Io(e)) if files::is_resource_shortage(&e) => {
                 return Verdict::Wait(None);
             }
+            // A folder of its path may not be searched yet (its mode set
+            // last): looked at again soon, or when news of it comes.
+            Err(OpenError::Io(e)) if denied::is_refusal(&e) => {
+                let wait = self.denied.refused(Kind::File, path, &e.to_string());
+                p.refused = true;
+                p.not_before = now + wait;
+                return Verdict::Wait(Some(now + wait));
+            }
             Err(e) => {
                 tracing::warn!(path = ?path, error = %e, "cannot look at file; skipped");
                 return Verdict::Drop(None);
             }
         };
+        if p.refused {
+            // Its folders let the agent look at it now; whether it may
+            // be read is the agent's open to tell.
+            p.refused = false;
+            self.denied.readable(Kind::File, path);
+        }
         let v = FileVersion::of(&meta);
         let rule = self.support.rule(path, &meta);
         let quiet = self.quiet_needed(p.watch, rule, p.writers);
@@ -1144,21 +1205,46 @@ impl<'a> RootHandles<'a> {
 /// about once); beyond that they are tried at rescans without a warning.
 const UNWATCHABLE_MAX: usize = 10_000;
 
-/// Records a folder that cannot be watched or read; warns the first time.
-fn unwatchable(st: &mut State, path: &Path, why: &str) {
-    if st.unwatchable.contains(path) || st.unwatchable_full {
-        return;
+impl Watch {
+    /// A folder a walk could not read: one its permissions refused is
+    /// tried again soon ([`Denied`]); any other is warned about once and
+    /// tried again at every rescan.
+    fn unreadable(&self, st: &mut State, u: Unreadable) {
+        if u.refused {
+            self.denied.refused(Kind::Folder, &u.path, &u.why);
+            return;
+        }
+        if st.unwatchable.contains(&u.path) || st.unwatchable_full {
+            return;
+        }
+        if st.unwatchable.len() >= UNWATCHABLE_MAX {
+            st.unwatchable_full = true;
+            tracing::warn!(
+                folders = UNWATCHABLE_MAX,
+                "so many folders cannot be watched or read that no more are reported; their files are found by rescans"
+            );
+            return;
+        }
+        tracing::warn!(folder = ?u.path, error = u.why, "cannot watch or read this folder; its siblings are watched, it is tried again at every rescan");
+        st.unwatchable.insert(u.path);
     }
-    if st.unwatchable.len() >= UNWATCHABLE_MAX {
-        st.unwatchable_full = true;
-        tracing::warn!(
-            folders = UNWATCHABLE_MAX,
-            "so many folders cannot be watched or read that no more are reported; their files are found by rescans"
-        );
-        return;
+
+    /// Walks again the refused folders whose next try has come, and
+    /// forgets, once a minute, those nobody reported for long.
+    fn retry_denied(&self, st: &mut State) {
+        let now = Instant::now();
+        if st
+            .denied_pruned
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            st.denied_pruned = Some(now);
+            self.denied.prune(now);
+        }
+        let due = self.denied.folders_due(now);
+        if !due.is_empty() {
+            st.scans.request(due);
+        }
     }
-    st.unwatchable.insert(path.to_path_buf());
-    tracing::warn!(folder = ?path, error = why, "cannot watch or read this folder; its siblings are watched, it is tried again at every rescan");
 }
 
 /// At most one look through /proc for writers this often (see `judge`).
@@ -1269,7 +1355,14 @@ mod tests {
         let (_rq_tx, rq_rx) = mpsc::unbounded_channel();
         let support = Arc::new(Support::with_mode(mode));
         (
-            Watch::new(vec![w], Duration::from_secs(3600), support, ready_tx, rq_rx),
+            Watch::new(
+                vec![w],
+                Duration::from_secs(3600),
+                support,
+                ready_tx,
+                rq_rx,
+                Arc::new(Denied::new()),
+            ),
             ready_rx,
         )
     }
@@ -1483,6 +1576,115 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_folder_is_walked_again_on_news_of_its_mode_and_after_a_backoff() {
+        // (As root the kernel refuses nothing: the refusal is told as the
+        // walk tells it; tests/e2e/producers.rs has the real ones.)
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("f"), b"x").unwrap();
+        let w = watcher_of(dir.path());
+        let mut st = w.state();
+        let refused = || {
+            Found::Unreadable(Unreadable {
+                path: sub.clone(),
+                why: "Permission denied (os error 13)".into(),
+                refused: true,
+            })
+        };
+        let found = |st: &mut State, f: Found| {
+            let mut roots = RootHandles::new(&w.watches);
+            w.found(f, st, &mut Vec::new(), &mut roots);
+        };
+        found(&mut st, refused());
+        assert!(w.denied.contains(Kind::Folder, &sub));
+        assert!(st.unwatchable.is_empty(), "not left to the rescans");
+        // News of another folder's mode asks for nothing.
+        w.intake(Intake::FolderChanged(dir.path().join("other")), &mut st);
+        assert!(st.scans.current.is_none());
+        // News of its own: walked at once, its file found, and it is
+        // readable again once listed.
+        w.intake(Intake::FolderChanged(sub.clone()), &mut st);
+        assert_eq!(st.scans.running, vec![sub.clone()]);
+        let (handed, _) = drain_scans(&w, &mut st).await;
+        assert!(handed.contains(&sub.join("f")), "{handed:?}");
+        assert!(w.denied.is_empty(), "listed: no longer refused");
+
+        // Refused again and no news: tried after a second, not before.
+        found(&mut st, refused());
+        w.retry_denied(&mut st);
+        assert!(st.scans.current.is_none());
+        tokio::time::sleep(denied::FIRST_TRY + Duration::from_millis(50)).await;
+        w.retry_denied(&mut st);
+        assert_eq!(st.scans.running, vec![sub.clone()]);
+
+        // Another fault (the inotify limit, say) is left to the rescans.
+        let other = dir.path().join("limit");
+        found(
+            &mut st,
+            Found::Unreadable(Unreadable {
+                path: other.clone(),
+                why: "the inotify watch limit is reached".into(),
+                refused: false,
+            }),
+        );
+        assert!(st.unwatchable.contains(&other));
+        assert!(!w.denied.contains(Kind::Folder, &other));
+    }
+
+    #[tokio::test]
+    async fn a_file_the_agent_may_not_open_yet_is_looked_at_again_on_news_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher_of(dir.path());
+        let mut st = w.state();
+        let path = dir.path().join("private");
+        std::fs::write(&path, b"x").unwrap();
+        w.requeued(
+            Requeue {
+                path: path.clone(),
+                not_before: Instant::now() + Duration::from_secs(30),
+                writers: Writers::Closed,
+                refused: true,
+            },
+            &mut st,
+        );
+        let due = st.due.next().unwrap();
+        assert!(due >= Instant::now() + Duration::from_secs(29));
+        // Its chmod: looked at `settle` after it, not 30 s later.
+        w.intake(
+            Intake::Changed {
+                path: path.clone(),
+                change: Change::Touched,
+            },
+            &mut st,
+        );
+        let p = &st.waiting[&path];
+        assert!(!p.refused);
+        assert!(
+            p.earliest(Duration::from_millis(100)) <= Instant::now() + Duration::from_millis(100)
+        );
+        // A handed-back file with no refusal keeps its backoff.
+        let other = dir.path().join("retrying");
+        w.requeued(
+            Requeue {
+                path: other.clone(),
+                not_before: Instant::now() + Duration::from_secs(30),
+                writers: Writers::Closed,
+                refused: false,
+            },
+            &mut st,
+        );
+        w.intake(
+            Intake::Changed {
+                path: other.clone(),
+                change: Change::Touched,
+            },
+            &mut st,
+        );
+        assert!(st.waiting[&other].not_before >= Instant::now() + Duration::from_secs(29));
+    }
+
+    #[tokio::test]
     async fn a_handed_back_file_removed_during_its_backoff_is_reported_gone() {
         let dir = tempfile::tempdir().unwrap();
         let w = watcher_of(dir.path());
@@ -1493,6 +1695,7 @@ mod tests {
                 path: path.clone(),
                 not_before: Instant::now() + Duration::from_secs(300),
                 writers: Writers::Closed,
+                refused: false,
             },
             &mut st,
         );
@@ -1534,6 +1737,7 @@ mod tests {
             path: at(name),
             not_before: Instant::now() + Duration::from_secs(1),
             writers,
+            refused: false,
         };
         w.requeued(rq("b", Writers::Closed), &mut st);
         assert_eq!(writers(&st, "b"), Writers::Writing);

@@ -154,6 +154,14 @@ restart the agent instead (safe at any time).",
     Run(RunArgs),
 
     /// Show what the agent did and what waits, from the journal alone.
+    #[command(long_about = "\
+Show what the agent did and what waits, from the journal alone (nothing is \
+sent): files done, pending and failed, the oldest pending, when the role \
+credentials expire, the agent's last heartbeat, batch markers held back and \
+why, files being streamed, the latest errors, and the folders and files the \
+agent's user may not read yet (tools often set a folder's mode last; the \
+agent tries them again as soon as it changes), as the agent last saw them. \
+--json prints the same as one JSON object.")]
     Status(StatusArgs),
 
     /// List the receipts of the objects the agent stored, from the journal.

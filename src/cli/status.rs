@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{EXIT_OK, StatusArgs, unreadable_journal};
+use crate::denied::{Kind, Summary};
 use crate::journal::{Journal, Status, now};
 use crate::printable::printable;
 
@@ -14,18 +15,100 @@ pub fn run(args: StatusArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let status = match Journal::open_read_only(&state.dir).and_then(|j| j.status()) {
-        Ok(s) => s,
+    let read = Journal::open_read_only(&state.dir).and_then(|j| {
+        let status = j.status()?;
+        // Written by the agent as JSON; an unreadable value shows nothing.
+        let unreadable: Summary = j
+            .meta(Summary::META)?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        Ok((status, unreadable))
+    });
+    let (mut status, unreadable) = match read {
+        Ok(r) => r,
         Err(e) => {
             return unreadable_journal(&e, &args.agent.config);
         }
     };
+    name_refusals(&mut status, &unreadable);
     if args.json {
-        println!("{}", serde_json::to_string(&status).unwrap_or_default());
+        let report = Report {
+            status: &status,
+            unreadable: (!unreadable.is_empty()).then_some(&unreadable),
+        };
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {
         print!("{}", render(&status));
+        print!("{}", render_unreadable(&unreadable));
     }
     ExitCode::from(EXIT_OK)
+}
+
+/// A file of a held marker's batch that the agent was refused is waiting
+/// for that, not for its turn: its state says so.
+fn name_refusals(status: &mut Status, unreadable: &Summary) {
+    if unreadable.is_empty() {
+        return;
+    }
+    for m in &mut status.held_markers {
+        for f in &mut m.files {
+            if f.state != crate::batches::NOT_TAKEN {
+                continue;
+            }
+            if let Some(i) = unreadable
+                .oldest
+                .iter()
+                .find(|i| i.kind == Kind::File && i.path.to_string_lossy() == f.path)
+            {
+                f.state = format!("cannot read yet: {}", i.error);
+            }
+        }
+    }
+}
+
+/// `--json`: the journal's status, and what the agent may not read yet.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    #[serde(flatten)]
+    status: &'a Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreadable: Option<&'a Summary>,
+}
+
+/// Folders and files the agent's user could not read, as the agent last
+/// saw them; nothing when there are none.
+fn render_unreadable(u: &Summary) -> String {
+    if u.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "cannot read yet (tried again as soon as their permissions change, and every few seconds): {} folder{}, {} file{}\n",
+        u.folders,
+        if u.folders == 1 { "" } else { "s" },
+        u.files,
+        if u.files == 1 { "" } else { "s" },
+    );
+    for i in &u.oldest {
+        let kind = match i.kind {
+            Kind::Folder => "folder",
+            Kind::File => "file",
+        };
+        out.push_str(&format!(
+            "  {kind} {} (since {}): {}\n",
+            printable(&i.path.to_string_lossy()),
+            ago(i.since),
+            printable(&i.error)
+        ));
+    }
+    let listed = u.oldest.len() as u64;
+    if u.folders + u.files > listed {
+        out.push_str(&format!(
+            "  ... and {} more\n",
+            u.folders + u.files - listed
+        ));
+    }
+    out.push_str("  (the agent's user needs read and search permission on each folder, and read permission on each file)\n");
+    out
 }
 
 fn ago(t: i64) -> String {
@@ -140,4 +223,43 @@ fn render(s: &Status) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::denied::Item;
+
+    #[test]
+    fn unreadable_paths_are_listed_with_the_fix_and_nothing_when_none() {
+        assert_eq!(render_unreadable(&Summary::default()), "");
+        let u = Summary {
+            folders: 1,
+            files: 2,
+            oldest: vec![
+                Item {
+                    kind: Kind::Folder,
+                    path: "/srv/out/a\nb".into(),
+                    since: now() - 5,
+                    error: "Permission denied (os error 13)".into(),
+                },
+                Item {
+                    kind: Kind::File,
+                    path: "/srv/out/f".into(),
+                    since: now() - 2,
+                    error: "Permission denied (os error 13)".into(),
+                },
+            ],
+        };
+        let text = render_unreadable(&u);
+        assert!(text.starts_with("cannot read yet"), "{text}");
+        assert!(text.contains("1 folder, 2 files"), "{text}");
+        assert!(
+            text.contains("folder /srv/out/a\\nb (since 5s ago)"),
+            "{text}"
+        );
+        assert!(text.contains("file /srv/out/f"), "{text}");
+        assert!(text.contains("... and 1 more"), "{text}");
+        assert!(text.contains("read and search permission"), "{text}");
+    }
 }

@@ -284,7 +284,7 @@ async fn kill_9_in_a_loop_never_lets_a_marker_ahead_of_its_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failing_file_holds_its_marker_and_status_says_so() {
+async fn an_unreadable_file_holds_its_marker_and_status_says_so() {
     if !crate::support::dac_is_enforced() {
         eprintln!("skipped: file permissions are not enforced here");
         return;
@@ -307,7 +307,8 @@ async fn a_failing_file_holds_its_marker_and_status_says_so() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let st = loop {
         let st = status(&s).await;
-        if st["failed"].as_u64() == Some(2) && held(&st)["waiting"].as_u64() == Some(2) {
+        if st["unreadable"]["files"].as_u64() == Some(2) && held(&st)["waiting"].as_u64() == Some(2)
+        {
             break st;
         }
         assert!(Instant::now() < deadline, "{st}");
@@ -318,7 +319,7 @@ async fn a_failing_file_holds_its_marker_and_status_says_so() {
     for f in h["files"].as_array().unwrap() {
         let state = f["state"].as_str().unwrap();
         assert!(
-            state.starts_with("failed: ") && state.contains("Permission denied"),
+            state.starts_with("cannot read yet: ") && state.contains("Permission denied"),
             "{h}"
         );
     }
@@ -331,7 +332,7 @@ async fn a_failing_file_holds_its_marker_and_status_says_so() {
         text.contains("c/_SUCCESS -> fighters/in/c/_SUCCESS waits for 2 files:"),
         "{text}"
     );
-    assert!(text.contains("c/locked.csv [failed: "), "{text}");
+    assert!(text.contains("c/locked.csv [cannot read yet: "), "{text}");
     // Held for several recheck rounds: nothing of the marker on the wire.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let sent = |s: &Setup, k: &str| {
@@ -340,7 +341,10 @@ async fn a_failing_file_holds_its_marker_and_status_says_so() {
             .iter()
             .any(|r| r.key.as_deref() == Some(k))
     };
-    assert!(!sent(&s, &marker), "the marker went ahead of a failed file");
+    assert!(
+        !sent(&s, &marker),
+        "the marker went ahead of an unreadable file"
+    );
 
     // A file of the batch deleted before it was sent no longer holds it.
     std::fs::remove_file(s.outbox.join("c/dropped.csv")).unwrap();
@@ -354,8 +358,8 @@ async fn a_failing_file_holds_its_marker_and_status_says_so() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(!sent(&s, &marker));
-    // The other one fixed: it is sent (after failed_retry_after, at the
-    // next rescan), then the marker.
+    // The other one fixed: it is sent (as soon as its mode changed), then
+    // the marker.
     let fixed_at = SystemTime::now();
     std::fs::set_permissions(
         s.outbox.join("c/locked.csv"),
