@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::after_upload::{self, Outcome};
 use crate::batches::{self, Gate, Markers};
+use crate::checksum::Crc;
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::denied::{self, Denied, Kind};
@@ -1168,7 +1169,9 @@ impl Ctx {
             }
             Err(OpenError::Io(e)) => {
                 let reason = format!("{path:?}: cannot read: {e}");
-                if let Some((Seen::Upload { id, .. }, _)) = self.record(cand, watch, judged).await {
+                if let Some((Seen::Upload { id, .. } | Seen::Touched { id, .. }, _)) =
+                    self.record(cand, watch, judged).await
+                {
                     self.fail(id, "unreadable", &reason);
                 }
                 return None;
@@ -1305,6 +1308,25 @@ impl Ctx {
                 attempts,
                 resume,
             } => (id, attempts, resume),
+            // Only its ctime moved since a version was sent (a chmod, a
+            // new hard link to it): sent again only if its bytes differ.
+            Seen::Touched { id, twin, sent } => {
+                if same_bytes(&file, version, sent).await
+                    && let Some(keep) = self.noted(
+                        "an unchanged version",
+                        self.journal.done_unchanged(id, twin),
+                    )
+                {
+                    tracing::info!(path = ?path, "only its status changed since it was sent (a chmod, a new hard link); its bytes are the object's, not sent again");
+                    self.stop_stream(watch, path).await;
+                    if !keep {
+                        self.after_upload(watch, cand, id, file, lease, version)
+                            .await;
+                    }
+                    return;
+                }
+                (id, 0, None)
+            }
         };
         tracing::debug!(path = ?path, "recorded; sending");
         let checked = key.and_then(|k| self.settings.bucket.guard.check(&k).map(|()| k));
@@ -1670,6 +1692,32 @@ fn recover_claims(
 }
 
 /// Counts a failed attempt under its reason.
+/// Whether the open `file`, still `version`, holds the bytes whose CRC is
+/// `sent`: read whole, off the runtime, in pieces of 1 MiB.
+async fn same_bytes(file: &Arc<std::fs::File>, version: FileVersion, sent: Crc) -> bool {
+    let file = file.clone();
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Crc>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut crc = Crc::empty(sent.kind);
+        let mut at = 0u64;
+        while at < version.size {
+            let want = usize::try_from((version.size - at).min(buf.len() as u64)).unwrap_or(0);
+            let n = file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                return Ok(None); // shorter than it was
+            }
+            crc = crc.then(Crc::of(sent.kind, &buf[..n]));
+            at += n as u64;
+        }
+        // Unchanged while it was read.
+        let now = FileVersion::of(&file.metadata()?);
+        Ok((now == version).then_some(crc))
+    })
+    .await;
+    matches!(read, Ok(Ok(Some(crc))) if crc == sent)
+}
+
 fn failure(reason: &'static str) {
     ::metrics::counter!(m::FAILURES, "reason" => reason).increment(1);
 }

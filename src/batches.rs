@@ -958,6 +958,19 @@ pub fn clean_manifests(state_dir: &Path) {
     }
 }
 
+/// Record `id` holds the same bytes as `twin`, which was sent
+/// ([`crate::journal::Journal::done_unchanged`]): its checksum for the
+/// manifests is `twin`'s, and it settles batches as a version sent does.
+pub(crate) fn on_unchanged(tx: &Transaction<'_>, id: i64, twin: i64) -> rusqlite::Result<()> {
+    cached(
+        tx,
+        "INSERT OR REPLACE INTO sent_checksums (file_id, kind, value)
+         SELECT ?1, kind, value FROM sent_checksums WHERE file_id = ?2",
+        [id, twin],
+    )?;
+    on_done(tx, id)
+}
+
 /// The journal's hook, inside the transaction that records `id` done:
 /// members of other markers' batches that this version settles are done
 /// (with its key, size and checksum for the manifest); members done

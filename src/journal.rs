@@ -116,6 +116,11 @@ pub enum Seen {
         attempts: u32,
         resume: Option<Resume>,
     },
+    /// A new record (`id`) of a version that differs from one sent (record
+    /// `twin`, whose object has the CRC `sent`) only in its ctime: a chmod,
+    /// a new hard link to it, a rename away and back. The agent sends it
+    /// only if its bytes differ ([`Journal::done_unchanged`] otherwise).
+    Touched { id: i64, twin: i64, sent: Crc },
 }
 
 /// Counts and ages for `putonly status`.
@@ -387,6 +392,7 @@ fn files_table(name: &str) -> String {
     claim_name  TEXT,
     keep_file   INTEGER,
     exists_reason TEXT,
+    sent_crc    INTEGER,
     UNIQUE (path, dev, ino, size, mtime_ns, ctime_ns, key)
 );"
     )
@@ -500,6 +506,7 @@ fn migrate_add_ctime(conn: &mut Connection) -> rusqlite::Result<()> {
             ("claim_name", "TEXT"),
             ("keep_file", "INTEGER"),
             ("exists_reason", "TEXT"),
+            ("sent_crc", "INTEGER"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = ?1",
@@ -640,20 +647,69 @@ fn observe_in(tx: &rusqlite::Transaction<'_>, o: &Observation) -> rusqlite::Resu
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?9)",
                 params![watch, p, v.dev as i64, v.ino as i64, v.size as i64, v.mtime_ns, v.ctime_ns, key, t],
             )?;
-            Seen::Upload {
-                id: tx.last_insert_rowid(),
-                attempts: 0,
-                resume: None,
+            let id = tx.last_insert_rowid();
+            match sent_twin(tx, o)? {
+                Some((twin, sent)) => Seen::Touched { id, twin, sent },
+                None => Seen::Upload {
+                    id,
+                    attempts: 0,
+                    resume: None,
+                },
             }
         }
     };
     // Older unfinished versions of this path will never be completed.
     let current = match &seen {
-        Seen::Upload { id, .. } => *id,
+        Seen::Upload { id, .. } | Seen::Touched { id, .. } => *id,
         _ => -1,
     };
     let stale = supersede_unfinished(tx, p, current, i64::MAX, t, None)?;
     Ok((seen, stale))
+}
+
+/// The latest record sent of the same path, key and content (device,
+/// inode, size, mtime) as `o` but another ctime, and its object's CRC.
+fn sent_twin(
+    tx: &rusqlite::Transaction<'_>,
+    o: &Observation,
+) -> rusqlite::Result<Option<(i64, Crc)>> {
+    let v = o.version;
+    let mut q = tx.prepare_cached(
+        "SELECT id, checksum, sent_crc FROM files
+         WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4 AND mtime_ns = ?5 AND key = ?6
+           AND state = 'done' AND sent_crc IS NOT NULL
+         ORDER BY id DESC LIMIT 1",
+    )?;
+    let row = q
+        .query_row(
+            params![
+                o.path.as_os_str().as_bytes(),
+                v.dev as i64,
+                v.ino as i64,
+                v.size as i64,
+                v.mtime_ns,
+                o.key
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    Ok(row.and_then(|(id, kind, crc)| {
+        let kind = kind.as_deref().and_then(checksum_kind)?;
+        Some((
+            id,
+            Crc {
+                kind,
+                value: crc as u64,
+                len: v.size,
+            },
+        ))
+    }))
 }
 
 /// The answer to an observation made through [`Journal::commit`].
@@ -686,8 +742,15 @@ impl Mark {
                 cached(
                     tx,
                     "UPDATE files SET state = 'done', etag = ?2, done_at = ?3, updated_at = ?3,
-                            upload_id = NULL, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
-                    params![id, proof.etag, t],
+                            upload_id = NULL, last_error = NULL, attempts = attempts + 1,
+                            checksum = ?4, sent_crc = ?5 WHERE id = ?1",
+                    params![
+                        id,
+                        proof.etag,
+                        t,
+                        proof.crc.kind.to_string(),
+                        proof.crc.value as i64
+                    ],
                 )?;
                 crate::batches::on_done(tx, *id)?;
                 receipts::insert(tx, *id, proof, t)?;
@@ -1158,6 +1221,37 @@ impl Journal {
                 params![id, reason, t],
             )?;
             tx.commit()
+        })
+    }
+
+    /// Record `id` holds the same bytes as record `twin`, whose object is
+    /// in the bucket (the agent compared their CRCs; only the ctime
+    /// differs): `id` is done as `twin` was, without a write, and `twin`
+    /// superseded by it. Returns whether the file is to be kept (as
+    /// `twin`'s was: no after-upload action).
+    pub fn done_unchanged(&self, id: i64, twin: i64) -> Result<bool, JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let t = now();
+            tx.execute(
+                "UPDATE files SET state = 'done', done_at = ?3, updated_at = ?3, upload_id = NULL,
+                        last_error = NULL,
+                        etag = (SELECT etag FROM files WHERE id = ?2),
+                        checksum = (SELECT checksum FROM files WHERE id = ?2),
+                        sent_crc = (SELECT sent_crc FROM files WHERE id = ?2),
+                        keep_file = (SELECT keep_file FROM files WHERE id = ?2)
+                 WHERE id = ?1",
+                params![id, twin, t],
+            )?;
+            tx.execute(
+                "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1 AND state = 'done'",
+                params![twin, t],
+            )?;
+            crate::batches::on_unchanged(&tx, id, twin)?;
+            let keep: Option<i64> =
+                tx.query_row("SELECT keep_file FROM files WHERE id = ?1", [id], |r| r.get(0))?;
+            tx.commit()?;
+            Ok(keep.is_some_and(|k| k != 0))
         })
     }
 
@@ -1662,6 +1756,49 @@ mod tests {
             Seen::Upload { id, .. } => id,
             other => panic!("{path}: {other:?}"),
         }
+    }
+
+    /// A version whose ctime alone moved since it was sent (a chmod, a new
+    /// hard link) is told with the sent record and its CRC; recorded done
+    /// unchanged, it supersedes that record (status counts the file once)
+    /// and is not sent again. Anything else about it changed, it is new
+    /// work; a record sent before CRCs were kept has none to offer.
+    #[test]
+    fn a_version_whose_ctime_alone_moved_is_told_with_the_one_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let sent = v(10, 100);
+        let first = record(&j, "/w/a", sent, "k/a");
+        j.done(first, &proof("k/a", "e1")).unwrap();
+        let chmod = FileVersion {
+            ctime_ns: 200,
+            ..sent
+        };
+        let (id, twin, crc) = match j.observe("w", Path::new("/w/a"), chmod, "k/a").unwrap().0 {
+            Seen::Touched { id, twin, sent } => (id, twin, sent),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(twin, first);
+        assert_eq!(
+            (crc.kind, crc.value, crc.len),
+            (ChecksumKind::Crc64Nvme, proof("k/a", "e1").crc.value, 10)
+        );
+        assert!(!j.done_unchanged(id, twin).unwrap(), "not kept");
+        let st = j.status().unwrap();
+        assert_eq!((st.done, st.pending), (1, 0), "{st:?}");
+        assert!(matches!(
+            j.observe("w", Path::new("/w/a"), chmod, "k/a").unwrap().0,
+            Seen::Done { .. }
+        ));
+        // Another key, or other content: new work.
+        record(&j, "/w/a", chmod, "k/other");
+        record(&j, "/w/a", v(11, 100), "k/a");
+        // A record done before sent_crc was kept offers nothing.
+        let old = record(&j, "/w/b", sent, "k/b");
+        j.done(old, &proof("k/b", "e2")).unwrap();
+        j.with(|c| c.execute("UPDATE files SET sent_crc = NULL WHERE id = ?1", [old]))
+            .unwrap();
+        record(&j, "/w/b", chmod, "k/b");
     }
 
     /// The statements every file goes through (observe, done with its
