@@ -14,6 +14,7 @@ mod longrun;
 mod no_overwrite;
 mod packaging;
 mod policy;
+mod producers;
 mod push;
 mod receipts;
 mod resources;
