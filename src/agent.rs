@@ -23,6 +23,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -360,6 +361,12 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     if let Err(e) = journal.set_meta("agent_stopped_at", &now().to_string()) {
         tracing::warn!(error = %e, "journal: cannot record the stop");
     }
+    // Nothing is tried again while the agent is stopped: status lists
+    // nothing as waiting for permission (the next start finds it anew).
+    let cleared = serde_json::to_string(&crate::denied::Summary::default()).unwrap_or_default();
+    if let Err(e) = journal.set_meta(crate::denied::Summary::META, &cleared) {
+        tracing::warn!(error = %e, "journal: cannot clear the unreadable paths");
+    }
     match failure {
         Some(e) => Err(e),
         None => {
@@ -469,8 +476,8 @@ async fn housekeeping(
             Ok(Err(e)) => tracing::warn!(error = %e, "journal: cannot read the backlog"),
             Err(e) => tracing::warn!(error = %e, "journal: the backlog query failed"),
         }
-        let (generation, summary) = denied.summary();
-        if denied_written != Some(generation) {
+        if denied_written != Some(denied.generation()) {
+            let (generation, summary) = denied.summary();
             let j = journal.clone();
             let written = tokio::task::spawn_blocking(move || {
                 let text = serde_json::to_string(&summary).unwrap_or_default();
@@ -1158,7 +1165,10 @@ impl Ctx {
             // Its mode is often set last (rsync --inplace, cp -a): tried
             // again soon, or as soon as news of it comes (a chmod).
             Err(OpenError::Io(e)) if denied::is_refusal(&e) => {
-                let wait = self.denied.refused(Kind::File, path, &e.to_string());
+                let wait = self
+                    .denied
+                    .refused(Kind::File, path, &e.to_string())
+                    .unwrap_or(denied::LAST_TRY);
                 self.hand_back(Requeue {
                     path: path.clone(),
                     not_before: Instant::now() + wait,
@@ -1308,11 +1318,31 @@ impl Ctx {
                 attempts,
                 resume,
             } => (id, attempts, resume),
-            // Only its ctime moved since a version was sent (a chmod, a
-            // new hard link to it): sent again only if its bytes differ.
-            Seen::Touched { id, twin, sent } => {
-                if same_bytes(&file, version, sent).await
-                    && let Some(keep) = self.noted(
+            // Only its ctime moved since the version last sent (a chmod,
+            // a new hard link to it): sent again only if its bytes differ.
+            // A batch's marker always goes through its gate and is sent.
+            Seen::Touched { id, twin, sent } if !self.markers.is_marker(cand.watch, &cand.rel) => {
+                let same = match &lease {
+                    // A writer that opens it meanwhile is not held up by the
+                    // read: the lease break wins, as over an upload.
+                    Some(lease) => {
+                        let stop = Arc::new(AtomicBool::new(false));
+                        let read = same_bytes(&file, version, sent, stop.clone());
+                        tokio::select! {
+                            biased;
+                            () = lease.broken() => {
+                                stop.store(true, Ordering::Relaxed);
+                                self.requeue(path.clone(), watch.settle, Writers::Writing);
+                                return;
+                            }
+                            same = read => same,
+                        }
+                    }
+                    None => same_bytes(&file, version, sent, Arc::default()).await,
+                };
+                if same
+                    && (!watch.manifest || self.remember_checksum(id, sent).await)
+                    && let Some(Some(keep)) = self.noted(
                         "an unchanged version",
                         self.journal.done_unchanged(id, twin),
                     )
@@ -1327,6 +1357,7 @@ impl Ctx {
                 }
                 (id, 0, None)
             }
+            Seen::Touched { id, .. } => (id, 0, None),
         };
         tracing::debug!(path = ?path, "recorded; sending");
         let checked = key.and_then(|k| self.settings.bucket.guard.check(&k).map(|()| k));
@@ -1505,6 +1536,7 @@ impl Ctx {
     /// [`Ctx::forget_gone`], for the records of `path` up to record `upto`.
     fn forget_gone_through(&self, path: &Path, upto: i64) {
         self.after_failures().remove(path);
+        self.denied.gone(path);
         match self.journal.gone_through(path, upto) {
             Ok(stale) => self.abort_all(stale),
             Err(e) => {
@@ -1693,8 +1725,13 @@ fn recover_claims(
 
 /// Counts a failed attempt under its reason.
 /// Whether the open `file`, still `version`, holds the bytes whose CRC is
-/// `sent`: read whole, off the runtime, in pieces of 1 MiB.
-async fn same_bytes(file: &Arc<std::fs::File>, version: FileVersion, sent: Crc) -> bool {
+/// `sent`: read whole, off the runtime, in pieces of 1 MiB, until `stop`.
+async fn same_bytes(
+    file: &Arc<std::fs::File>,
+    version: FileVersion,
+    sent: Crc,
+    stop: Arc<AtomicBool>,
+) -> bool {
     let file = file.clone();
     let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Crc>> {
         use std::os::unix::fs::FileExt;
@@ -1702,6 +1739,9 @@ async fn same_bytes(file: &Arc<std::fs::File>, version: FileVersion, sent: Crc) 
         let mut crc = Crc::empty(sent.kind);
         let mut at = 0u64;
         while at < version.size {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
             let want = usize::try_from((version.size - at).min(buf.len() as u64)).unwrap_or(0);
             let n = file.read_at(&mut buf[..want], at)?;
             if n == 0 {
@@ -1715,7 +1755,19 @@ async fn same_bytes(file: &Arc<std::fs::File>, version: FileVersion, sent: Crc) 
         Ok((now == version).then_some(crc))
     })
     .await;
-    matches!(read, Ok(Ok(Some(crc))) if crc == sent)
+    match read {
+        Ok(Ok(Some(crc))) => crc == sent,
+        // Shorter, changed meanwhile, or stopped: sent as any new version.
+        Ok(Ok(None)) => false,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the file to compare it with the object sent; it is sent again");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "comparing the file with the object sent failed; it is sent again");
+            false
+        }
+    }
 }
 
 fn failure(reason: &'static str) {

@@ -554,7 +554,7 @@ fn settle_missing(
                     why: u.why,
                 });
             }
-            Found::Listed(_) => {}
+            Found::Listed(_) | Found::Gone(_) => {}
         }
     }
     drop(rx);
@@ -743,7 +743,7 @@ fn list(
             }
             // Dropping the receiver stops the walk.
             Some(Found::Unreadable(u)) => return Err(unlistable(u.path, u.why)),
-            Some(Found::Listed(_)) | None => {}
+            Some(Found::Listed(_) | Found::Gone(_)) | None => {}
         }
         if page.len() >= PAGE || (last && !page.is_empty()) {
             record_page(journal, root.as_fd(), &watch.path, marker_id, &page).map_err(
@@ -956,19 +956,6 @@ pub fn clean_manifests(state_dir: &Path) {
             tracing::warn!(file = ?e.path(), error = %err, "cannot remove a manifest left by an earlier run");
         }
     }
-}
-
-/// Record `id` holds the same bytes as `twin`, which was sent
-/// ([`crate::journal::Journal::done_unchanged`]): its checksum for the
-/// manifests is `twin`'s, and it settles batches as a version sent does.
-pub(crate) fn on_unchanged(tx: &Transaction<'_>, id: i64, twin: i64) -> rusqlite::Result<()> {
-    cached(
-        tx,
-        "INSERT OR REPLACE INTO sent_checksums (file_id, kind, value)
-         SELECT ?1, kind, value FROM sent_checksums WHERE file_id = ?2",
-        [id, twin],
-    )?;
-    on_done(tx, id)
 }
 
 /// The journal's hook, inside the transaction that records `id` done:

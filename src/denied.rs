@@ -17,10 +17,14 @@
 //! It never opens, lists or watches anything itself, and never decides
 //! what is sent: the walk, the watcher and the agent report to it, and ask
 //! it when to try again. Its memory is bounded: at most [`MAX_TRACKED`]
-//! paths of each kind are remembered; beyond that, paths are still tried
-//! again (at [`LAST_TRY`]) but not listed, and the log says so once.
+//! paths of each kind are remembered; beyond that, files are still tried
+//! again (at [`LAST_TRY`]) and folders at every rescan, but neither is
+//! listed, and the log says so once. Its costs are bounded too: nothing
+//! but a lock and a length check while nothing is refused (every removed
+//! file asks it), ordered maps so that what lies below a folder is one
+//! range, and at most [`DUE_AT_ONCE`] folders handed out per look.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -36,6 +40,9 @@ pub const MAX_TRACKED: usize = 10_000;
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// At most this many paths are listed in the summary for `status`.
 const SHOWN: usize = 20;
+/// At most this many folders are handed out to be walked again at once
+/// (the rest the next time).
+pub const DUE_AT_ONCE: usize = 256;
 
 /// The gauge of paths refused now, by `kind` (`folder` or `file`).
 pub const GAUGE: &str = "putonly_unreadable";
@@ -78,9 +85,26 @@ struct Entry {
 
 #[derive(Default)]
 struct Kinds {
-    paths: HashMap<PathBuf, Entry>,
+    paths: BTreeMap<PathBuf, Entry>,
     /// [`MAX_TRACKED`] reached (said once).
     full: bool,
+    /// No entry is due before this (so that looking costs nothing).
+    next_due: Option<Instant>,
+}
+
+impl Kinds {
+    /// The paths at or below `folder` (one range: paths order component
+    /// by component).
+    fn below<'a>(&'a self, folder: &'a Path) -> impl Iterator<Item = &'a PathBuf> + 'a {
+        self.paths
+            .range(folder.to_path_buf()..)
+            .map(|(p, _)| p)
+            .take_while(move |p| p.starts_with(folder))
+    }
+
+    fn soonest(&mut self, at: Instant) {
+        self.next_due = Some(self.next_due.map_or(at, |d| d.min(at)));
+    }
 }
 
 #[derive(Default)]
@@ -152,8 +176,11 @@ impl Denied {
     }
 
     /// `path` was refused (`error`): returns how long to wait before the
-    /// next try. The first refusal of a path is logged; later ones are not.
-    pub fn refused(&self, kind: Kind, path: &Path, error: &str) -> Duration {
+    /// next try, or `None` when so many are refused that it is not
+    /// remembered (a folder is then left to the rescans; a file is tried
+    /// again after [`LAST_TRY`]). The first refusal of a path is logged;
+    /// later ones are not.
+    pub fn refused(&self, kind: Kind, path: &Path, error: &str) -> Option<Duration> {
         let now = Instant::now();
         let mut inner = self.lock();
         let k = inner.of(kind);
@@ -163,7 +190,8 @@ impl Denied {
             e.next = now + wait;
             e.reported = now;
             e.error = error.to_string();
-            return wait;
+            k.soonest(now + wait);
+            return Some(wait);
         }
         if k.paths.len() >= MAX_TRACKED {
             if !k.full {
@@ -171,13 +199,14 @@ impl Denied {
                 tracing::warn!(
                     kind = kind.label(),
                     tracked = MAX_TRACKED,
-                    "so many paths cannot be read that no more are listed or warned about; they are still tried again every {}s",
+                    "so many paths cannot be read that no more are listed or warned about; files are still tried again every {}s, folders at every rescan",
                     LAST_TRY.as_secs()
                 );
             }
-            return LAST_TRY;
+            return None;
         }
         let wait = backoff(0);
+        k.soonest(now + wait);
         k.paths.insert(
             path.to_path_buf(),
             Entry {
@@ -201,7 +230,7 @@ impl Denied {
             ),
         }
         inner.changed();
-        wait
+        Some(wait)
     }
 
     /// `path` was read (a folder listed, a file opened): no longer refused.
@@ -224,11 +253,19 @@ impl Denied {
 
     /// `path`, and everything below it, went away.
     pub fn gone(&self, path: &Path) {
-        let mut inner = self.lock();
-        let before = inner.folders.paths.len() + inner.files.paths.len();
-        inner.folders.paths.retain(|p, _| !p.starts_with(path));
-        inner.files.paths.retain(|p, _| !p.starts_with(path));
-        if inner.folders.paths.len() + inner.files.paths.len() != before {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut changed = false;
+        for k in [&mut inner.folders, &mut inner.files] {
+            if k.paths.is_empty() {
+                continue;
+            }
+            let below: Vec<PathBuf> = k.below(path).cloned().collect();
+            for p in below {
+                changed |= k.paths.remove(&p).is_some();
+            }
+        }
+        if changed {
             inner.changed();
         }
     }
@@ -244,34 +281,41 @@ impl Denied {
         inner.folders.paths.is_empty() && inner.files.paths.is_empty()
     }
 
-    /// The folders whose next try has come. Each is not handed out again
-    /// until it is reported (refused or readable) or [`LAST_TRY`] passed.
+    /// The folders whose next try has come, at most [`DUE_AT_ONCE`]. Each
+    /// is not handed out again until it is reported (refused or readable)
+    /// or [`LAST_TRY`] passed.
     pub fn folders_due(&self, now: Instant) -> Vec<PathBuf> {
         let mut inner = self.lock();
+        let k = &mut inner.folders;
+        if k.next_due.is_none_or(|d| d > now) {
+            return Vec::new();
+        }
         let mut due = Vec::new();
-        for (path, e) in inner.folders.paths.iter_mut() {
-            if e.next <= now {
+        let mut soonest: Option<Instant> = None;
+        for (path, e) in k.paths.iter_mut() {
+            if e.next <= now && due.len() < DUE_AT_ONCE {
                 e.next = now + LAST_TRY;
                 due.push(path.clone());
             }
+            soonest = Some(soonest.map_or(e.next, |s| s.min(e.next)));
         }
+        k.next_due = soonest;
         due
     }
 
-    /// The refused files at or below `folder`: their next try is now.
-    pub fn files_below(&self, folder: &Path) -> Vec<PathBuf> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner
-            .files
-            .paths
-            .iter_mut()
-            .filter(|(p, _)| p.starts_with(folder))
-            .map(|(p, e)| {
-                e.next = now;
-                p.clone()
-            })
-            .collect()
+    /// The refused folders and files at or below `folder` (whose mode,
+    /// owner or ACL changed), to be tried again now.
+    pub fn below(&self, folder: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let inner = self.lock();
+        (
+            inner.folders.below(folder).cloned().collect(),
+            inner.files.below(folder).cloned().collect(),
+        )
+    }
+
+    /// A number that changes whenever what is listed does.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
     }
 
     /// Forgets what nobody reported for a long while.
@@ -282,6 +326,7 @@ impl Denied {
         for k in [&mut inner.folders, &mut inner.files] {
             k.paths
                 .retain(|_, e| now.saturating_duration_since(e.reported) < FORGET_AFTER);
+            k.next_due = k.paths.values().map(|e| e.next).min();
             if k.paths.len() < MAX_TRACKED / 2 {
                 k.full = false;
             }
@@ -291,8 +336,7 @@ impl Denied {
         }
     }
 
-    /// The summary for `status`, with a number that changes whenever it
-    /// does (so that it is written only then).
+    /// The summary for `status`, with [`Denied::generation`] as it is.
     pub fn summary(&self) -> (u64, Summary) {
         let inner = self.lock();
         let mut oldest = Vec::new();
@@ -338,7 +382,8 @@ mod tests {
         let d = Denied::new();
         let p = Path::new("/w/a");
         let waits: Vec<u64> = (0..8)
-            .map(|_| d.refused(Kind::Folder, p, "Permission denied").as_secs())
+            .filter_map(|_| d.refused(Kind::Folder, p, "Permission denied"))
+            .map(|w| w.as_secs())
             .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert!(d.contains(Kind::Folder, p));
@@ -346,7 +391,7 @@ mod tests {
         d.readable(Kind::Folder, p);
         assert!(d.is_empty());
         // Refused again later: from the first wait again.
-        assert_eq!(d.refused(Kind::Folder, p, "x"), FIRST_TRY);
+        assert_eq!(d.refused(Kind::Folder, p, "x"), Some(FIRST_TRY));
     }
 
     #[test]
@@ -378,9 +423,16 @@ mod tests {
         assert_eq!((s.folders, s.files, s.oldest.len()), (2, 2, 4));
         assert_eq!(s.oldest[0].kind, Kind::Folder);
         assert_eq!(
-            d.files_below(Path::new("/w/a")),
-            vec![PathBuf::from("/w/a/f")]
+            d.below(Path::new("/w/a")),
+            (
+                vec![PathBuf::from("/w/a"), PathBuf::from("/w/a/b")],
+                vec![PathBuf::from("/w/a/f")]
+            )
         );
+        // Not a sibling whose name merely starts the same.
+        d.refused(Kind::File, Path::new("/w/ab"), "x");
+        assert_eq!(d.below(Path::new("/w/a")).1, vec![PathBuf::from("/w/a/f")]);
+        d.gone(Path::new("/w/ab"));
         d.gone(Path::new("/w/a"));
         let (g2, s) = d.summary();
         assert!(g2 > g1);
@@ -402,7 +454,7 @@ mod tests {
         let (_, s) = d.summary();
         assert_eq!(s.files, MAX_TRACKED as u64);
         assert_eq!(s.oldest.len(), SHOWN);
-        // Untracked paths are still tried again, at the longest wait.
-        assert_eq!(d.refused(Kind::File, Path::new("/w/more"), "x"), LAST_TRY);
+        // Untracked paths are not remembered (the caller tries again).
+        assert_eq!(d.refused(Kind::File, Path::new("/w/more"), "x"), None);
     }
 }

@@ -277,8 +277,9 @@ fn walk_nofollow(dir: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> Result<Owned
 
 /// Opens the inode an `O_PATH` handle names for reading, through
 /// `/proc/self/fd` (the same inode, whatever happened to its path since).
-/// Where `/proc` is not mounted, opens the path again beneath the root by
-/// the same rules; [`open_beneath`] then checks it is the same inode.
+/// Where `/proc` is not mounted (or refused), opens the path again beneath
+/// the root by the same rules; [`open_beneath`] then checks it is the same
+/// inode.
 fn reopen_for_reading(
     handle: &OwnedFd,
     root: BorrowedFd<'_>,
@@ -289,7 +290,11 @@ fn reopen_for_reading(
     let proc_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
     match rustix::fs::open(proc_path.as_str(), flags, Mode::empty()) {
         Ok(fd) => Ok(File::from(fd)),
-        Err(rustix::io::Errno::NOENT) => beneath(root, rel, flags).map(File::from),
+        // No /proc; or a sandbox that refuses /proc/self/fd, told from a
+        // file the agent may not read by the same open beneath the root.
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::ACCESS) => {
+            beneath(root, rel, flags).map(File::from)
+        }
         Err(e) => Err(OpenError::Io(io(e))),
     }
 }

@@ -634,10 +634,21 @@ fn observe_in(tx: &rusqlite::Transaction<'_>, o: &Observation) -> rusqlite::Resu
                 }),
                 _ => None,
             };
-            Seen::Upload {
-                id,
-                attempts,
-                resume,
+            match resume {
+                // Nothing sent of it yet: as for a new record.
+                None if attempts == 0 => match sent_twin(tx, o)? {
+                    Some((twin, sent)) => Seen::Touched { id, twin, sent },
+                    None => Seen::Upload {
+                        id,
+                        attempts,
+                        resume,
+                    },
+                },
+                _ => Seen::Upload {
+                    id,
+                    attempts,
+                    resume,
+                },
             }
         }
         None => {
@@ -667,8 +678,11 @@ fn observe_in(tx: &rusqlite::Transaction<'_>, o: &Observation) -> rusqlite::Resu
     Ok((seen, stale))
 }
 
-/// The latest record sent of the same path, key and content (device,
-/// inode, size, mtime) as `o` but another ctime, and its object's CRC.
+/// The record last sent to `o`'s key from its path, if it has the same
+/// content (device, inode, size, mtime) as `o` but another ctime, and its
+/// object's CRC. Only the last: a version sent earlier has the same
+/// device, inode, size and mtime when it is linked or renamed back after
+/// another was sent, and the object holds the other.
 fn sent_twin(
     tx: &rusqlite::Transaction<'_>,
     o: &Observation,
@@ -676,9 +690,8 @@ fn sent_twin(
     let v = o.version;
     let mut q = tx.prepare_cached(
         "SELECT id, checksum, sent_crc FROM files
-         WHERE path = ?1 AND dev = ?2 AND ino = ?3 AND size = ?4 AND mtime_ns = ?5 AND key = ?6
-           AND state = 'done' AND sent_crc IS NOT NULL
-         ORDER BY id DESC LIMIT 1",
+         WHERE id = (SELECT MAX(id) FROM files WHERE path = ?1 AND key = ?6 AND state = 'done')
+           AND dev = ?2 AND ino = ?3 AND size = ?4 AND mtime_ns = ?5 AND sent_crc IS NOT NULL",
     )?;
     let row = q
         .query_row(
@@ -1228,30 +1241,40 @@ impl Journal {
     /// in the bucket (the agent compared their CRCs; only the ctime
     /// differs): `id` is done as `twin` was, without a write, and `twin`
     /// superseded by it. Returns whether the file is to be kept (as
-    /// `twin`'s was: no after-upload action).
-    pub fn done_unchanged(&self, id: i64, twin: i64) -> Result<bool, JournalError> {
+    /// `twin`'s was: no after-upload action), or `None`, changing nothing,
+    /// when that no longer holds: `twin` is not the record last sent to
+    /// its key any more (another version was sent, or it was pruned), or
+    /// `id` is no longer waiting to be sent.
+    pub fn done_unchanged(&self, id: i64, twin: i64) -> Result<Option<bool>, JournalError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let t = now();
-            tx.execute(
+            let done = tx.execute(
                 "UPDATE files SET state = 'done', done_at = ?3, updated_at = ?3, upload_id = NULL,
-                        last_error = NULL,
-                        etag = (SELECT etag FROM files WHERE id = ?2),
-                        checksum = (SELECT checksum FROM files WHERE id = ?2),
-                        sent_crc = (SELECT sent_crc FROM files WHERE id = ?2),
-                        keep_file = (SELECT keep_file FROM files WHERE id = ?2)
-                 WHERE id = ?1",
+                        last_error = NULL, etag = s.etag, checksum = s.checksum,
+                        sent_crc = s.sent_crc, keep_file = s.keep_file
+                 FROM (SELECT etag, checksum, sent_crc, keep_file FROM files
+                       WHERE id = ?2 AND state = 'done' AND sent_crc IS NOT NULL
+                         AND id = (SELECT MAX(l.id) FROM files l, files t
+                                   WHERE t.id = ?2 AND l.path = t.path AND l.key = t.key
+                                     AND l.state = 'done')) s
+                 WHERE files.id = ?1 AND files.state = 'pending'",
                 params![id, twin, t],
             )?;
+            if done == 0 {
+                return Ok(None);
+            }
             tx.execute(
-                "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1 AND state = 'done'",
+                "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1",
                 params![twin, t],
             )?;
-            crate::batches::on_unchanged(&tx, id, twin)?;
+            crate::batches::on_done(&tx, id)?;
             let keep: Option<i64> =
-                tx.query_row("SELECT keep_file FROM files WHERE id = ?1", [id], |r| r.get(0))?;
+                tx.query_row("SELECT keep_file FROM files WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })?;
             tx.commit()?;
-            Ok(keep.is_some_and(|k| k != 0))
+            Ok(Some(keep.is_some_and(|k| k != 0)))
         })
     }
 
@@ -1783,7 +1806,7 @@ mod tests {
             (crc.kind, crc.value, crc.len),
             (ChecksumKind::Crc64Nvme, proof("k/a", "e1").crc.value, 10)
         );
-        assert!(!j.done_unchanged(id, twin).unwrap(), "not kept");
+        assert_eq!(j.done_unchanged(id, twin).unwrap(), Some(false), "not kept");
         let st = j.status().unwrap();
         assert_eq!((st.done, st.pending), (1, 0), "{st:?}");
         assert!(matches!(
@@ -1792,7 +1815,34 @@ mod tests {
         ));
         // Another key, or other content: new work.
         record(&j, "/w/a", chmod, "k/other");
-        record(&j, "/w/a", v(11, 100), "k/a");
+        let other = record(&j, "/w/a", v(11, 100), "k/a");
+        // Once another version was sent to the key, the one before it
+        // linked back (same inode, size and mtime, another ctime) is new
+        // work: the object holds the other.
+        j.done(other, &proof("k/a", "e3")).unwrap();
+        let back = FileVersion {
+            ctime_ns: 300,
+            ..sent
+        };
+        record(&j, "/w/a", back, "k/a");
+        // And a twin that stopped being the last sent while the agent
+        // compared: nothing is changed.
+        let c = v(20, 500);
+        let c_id = record(&j, "/w/c", c, "k/c");
+        j.done(c_id, &proof("k/c", "e4")).unwrap();
+        let c2 = FileVersion { ctime_ns: 600, ..c };
+        let Seen::Touched {
+            id: c2_id, twin, ..
+        } = j.observe("w", Path::new("/w/c"), c2, "k/c").unwrap().0
+        else {
+            panic!("not a twin");
+        };
+        let newer = record(&j, "/w/c", v(21, 700), "k/c");
+        j.done(newer, &proof("k/c", "e5")).unwrap();
+        assert_eq!(j.done_unchanged(c2_id, twin).unwrap(), None);
+        // Told again while still pending, with nothing sent: a twin again
+        // (here none, since another version was sent since).
+        record(&j, "/w/c", c2, "k/c");
         // A record done before sent_crc was kept offers nothing.
         let old = record(&j, "/w/b", sent, "k/b");
         j.done(old, &proof("k/b", "e2")).unwrap();

@@ -40,6 +40,9 @@ pub(crate) enum Found {
     Unreadable(Unreadable),
     /// A folder opened, watched (when the walk watches) and listed.
     Listed(PathBuf),
+    /// The folder a walk started at is gone, or is not a folder (a link,
+    /// say) any more.
+    Gone(PathBuf),
 }
 
 /// A folder the walk could not open, list or watch.
@@ -122,6 +125,7 @@ fn walk(
             return send(tx, Found::unreadable(tree.root.clone(), &e, refused));
         }
     };
+    let first = start.clone();
     let mut stack = vec![start];
     while let Some(rel) = stack.pop() {
         let path = if rel.as_os_str().is_empty() {
@@ -131,9 +135,13 @@ fn walk(
         };
         let dir = match open_folder(root.as_fd(), &rel) {
             Ok(fd) => fd,
-            Err(OpenError::Gone | OpenError::NotAFile) => continue,
-            Err(OpenError::Link) => {
-                tracing::debug!(folder = ?path, "a symbolic link; not walked");
+            Err(e @ (OpenError::Gone | OpenError::NotAFile | OpenError::Link)) => {
+                if matches!(e, OpenError::Link) {
+                    tracing::debug!(folder = ?path, "a symbolic link; not walked");
+                }
+                if rel == first {
+                    send(tx, Found::Gone(path))?;
+                }
                 continue;
             }
             Err(e @ OpenError::Io(_)) => {
@@ -154,6 +162,7 @@ fn walk(
                     send(tx, Found::unreadable(path.clone(), &why, true))?;
                 }
                 Err(WatchError::Other(why)) => {
+                    whole = false;
                     send(tx, Found::unreadable(path.clone(), &why, false))?;
                 }
             }
@@ -267,7 +276,7 @@ mod tests {
                     files.insert(p);
                 }
                 Found::Unreadable(u) => bad.push(u.path),
-                Found::Listed(_) => {}
+                Found::Listed(_) | Found::Gone(_) => {}
             }
         }
         (files, bad)

@@ -537,7 +537,9 @@ impl Watch {
     }
 
     /// A file handed back by the agent. News the watcher had of it since
-    /// the hand-over is newer than what the agent knew, and wins.
+    /// the hand-over is newer than what the agent knew, and wins: a file
+    /// the agent was refused that changed meanwhile (a chmod on its way)
+    /// does not wait out the refusal's backoff.
     fn requeued(&self, rq: Requeue, st: &mut State) {
         let Some((watch, _)) = self.locate(&rq.path) else {
             return;
@@ -546,9 +548,11 @@ impl Watch {
             .waiting
             .entry(rq.path.clone())
             .or_insert_with(|| Pending::new(watch, rq.writers, Instant::now()));
-        p.not_before = p.not_before.max(rq.not_before);
+        if !(rq.refused && p.news) {
+            p.not_before = p.not_before.max(rq.not_before);
+            p.refused = rq.refused;
+        }
         p.requeued = true;
-        p.refused = rq.refused;
         let at = p.earliest(self.watches[watch].settle);
         st.due.at(&rq.path, p, at);
     }
@@ -777,6 +781,8 @@ impl Watch {
                 st.unwatchable.remove(&folder);
                 return self.denied.readable(Kind::Folder, &folder);
             }
+            // A folder tried again is gone, or a link now.
+            Found::Gone(folder) => return self.denied.gone(&folder),
         };
         if st.waiting.contains_key(&path) || st.queued.contains(&path) {
             return;
@@ -845,11 +851,10 @@ impl Watch {
                 if self.denied.is_empty() {
                     return;
                 }
-                if self.denied.contains(Kind::Folder, &path) {
-                    st.scans.request([path.clone()]);
-                }
+                let (folders, files) = self.denied.below(&path);
+                st.scans.request(folders);
                 let now = Instant::now();
-                for file in self.denied.files_below(&path) {
+                for file in files {
                     if let Some(p) = st.waiting.get_mut(&file) {
                         p.refused = false;
                         p.not_before = now;
@@ -991,6 +996,7 @@ impl Watch {
                     links.skipped(path, "symbolic link; not followed, skipped");
                 }
                 // A folder, FIFO, socket or device now.
+                self.denied.gone(path);
                 return Verdict::Drop(self.gone(path, p));
             }
             Err(OpenError::Link) => {
@@ -998,9 +1004,13 @@ impl Watch {
                     path,
                     "a symbolic link is in its path; not followed, skipped",
                 );
+                self.denied.gone(path);
                 return Verdict::Drop(self.gone(path, p));
             }
-            Err(OpenError::Gone) => return Verdict::Drop(self.gone(path, p)),
+            Err(OpenError::Gone) => {
+                self.denied.gone(path);
+                return Verdict::Drop(self.gone(path, p));
+            }
             // Out of descriptors or memory: the file is fine, look again
             // at a later pass.
             Err(OpenError::Io(e)) if files::is_resource_shortage(&e) => {
@@ -1009,7 +1019,10 @@ impl Watch {
             // A folder of its path may not be searched yet (its mode set
             // last): looked at again soon, or when news of it comes.
             Err(OpenError::Io(e)) if denied::is_refusal(&e) => {
-                let wait = self.denied.refused(Kind::File, path, &e.to_string());
+                let wait = self
+                    .denied
+                    .refused(Kind::File, path, &e.to_string())
+                    .unwrap_or(denied::LAST_TRY);
                 p.refused = true;
                 p.not_before = now + wait;
                 return Verdict::Wait(Some(now + wait));
@@ -1019,12 +1032,9 @@ impl Watch {
                 return Verdict::Drop(None);
             }
         };
-        if p.refused {
-            // Its folders let the agent look at it now; whether it may
-            // be read is the agent's open to tell.
-            p.refused = false;
-            self.denied.readable(Kind::File, path);
-        }
+        // Its folders let the agent look at it now; whether it may be read
+        // is the agent's open to tell (it alone says it readable).
+        p.refused = false;
         let v = FileVersion::of(&meta);
         let rule = self.support.rule(path, &meta);
         let quiet = self.quiet_needed(p.watch, rule, p.writers);
@@ -1210,8 +1220,9 @@ impl Watch {
     /// tried again soon ([`Denied`]); any other is warned about once and
     /// tried again at every rescan.
     fn unreadable(&self, st: &mut State, u: Unreadable) {
-        if u.refused {
-            self.denied.refused(Kind::Folder, &u.path, &u.why);
+        // Refused, and remembered: tried again soon. (Beyond what is
+        // remembered, left to the rescans like any other.)
+        if u.refused && self.denied.refused(Kind::Folder, &u.path, &u.why).is_some() {
             return;
         }
         if st.unwatchable.contains(&u.path) || st.unwatchable_full {
@@ -1663,6 +1674,13 @@ mod tests {
         assert!(
             p.earliest(Duration::from_millis(100)) <= Instant::now() + Duration::from_millis(100)
         );
+        // The watcher's look (lstat needs no read permission) hands it
+        // over, but does not call it readable: only the agent's open can.
+        w.denied.refused(Kind::File, &path, "Permission denied");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        w.settle(&mut st);
+        assert_eq!(st.ready.len(), 1);
+        assert!(w.denied.contains(Kind::File, &path), "still refused");
         // A handed-back file with no refusal keeps its backoff.
         let other = dir.path().join("retrying");
         w.requeued(

@@ -738,13 +738,19 @@ async fn names_with_escapes_and_newlines_are_escaped_in_status_and_log() {
     std::fs::write(&bad, b"secret").unwrap();
     std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o000)).unwrap();
     wait_unreadable(&s, 0, 1, Duration::from_secs(60)).await;
-    assert_eq!(agent.stop().await, Some(0));
+    // Listed while the agent runs (a clean stop clears the list).
     let out = putonly(Some(s.moto.dir.path()))
         .args(["status", "--config"])
         .arg(&s.config)
         .output()
         .await
         .unwrap();
+    assert_eq!(agent.stop().await, Some(0));
+    let after = status(&s).await;
+    assert!(
+        after["unreadable"].is_null(),
+        "listed after a clean stop: {after}"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains('\x1b'), "raw escape in status:\n{text}");
     assert!(
