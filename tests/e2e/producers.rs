@@ -1020,6 +1020,40 @@ async fn hard_link(w: &World) {
     });
 }
 
+/// Versions kept elsewhere and linked into place in turn (`ln -f`, as
+/// release tools do): the first, then the second, then the first again.
+/// Each is sent when it is linked: the last has the inode, size and mtime
+/// of a version sent before, but the object holds the second.
+async fn relinked(w: &World) {
+    let (a, da) = w.source("relink-a", 300_000, 19);
+    let (b, db) = w.source("relink-b", 300_000, 20);
+    w.tool(
+        &w.plain,
+        &format!(
+            "mkdir -p .store relink && cp {} .store/a && cp {} .store/b",
+            a.display(),
+            b.display()
+        ),
+    )
+    .await;
+    let key = "foo/plain/relink/current.bin";
+    for (n, (from, data)) in [("a", &da), ("b", &db), ("a", &da)].into_iter().enumerate() {
+        let exited = w
+            .tool(&w.plain, &format!("ln -f .store/{from} relink/current.bin"))
+            .await;
+        w.arrive(
+            "ln -f (versions linked in turn)",
+            vec![Expect {
+                key: key.into(),
+                data: data.clone(),
+                writes: n + 1,
+                exited,
+            }],
+        )
+        .await;
+    }
+}
+
 /// O_TMPFILE, linked in with `linkat(AT_SYMLINK_FOLLOW)` while still
 /// open (the way glibc's and systemd's writers do it), then written on.
 const TMPFILE: &str = r#"
@@ -1258,6 +1292,7 @@ async fn every_producer_in(shape: Shape) {
         fallocate_then_fill(&w),
         reflink(&w),
         hard_link(&w),
+        relinked(&w),
         o_tmpfile(&w),
         private_for_a_while(&w),
     );
