@@ -265,31 +265,13 @@ impl World {
         exited
     }
 
-    /// The successful writes of `key` (PutObject or
-    /// CompleteMultipartUpload answered 200), in order.
+    /// The successful writes of `key`, in order.
     fn writes(&self, key: &str) -> Vec<Record> {
-        self.proxy
-            .records()
-            .into_iter()
-            .filter(|r| {
-                (r.op == "PutObject" || r.op == "CompleteMultipartUpload")
-                    && r.status == 200
-                    && r.key.as_deref() == Some(key)
-            })
-            .collect()
+        crate::support::proxy::writes_of(&self.proxy.records(), key)
     }
 
     async fn object(&self, key: &str) -> Option<Vec<u8>> {
-        let out = self
-            .moto
-            .admin()
-            .get_object()
-            .bucket(BUCKET)
-            .key(key)
-            .send()
-            .await
-            .ok()?;
-        Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+        self.moto.object(BUCKET, key).await
     }
 
     /// Waits until every key of `expect` was written as many times as it
@@ -415,6 +397,16 @@ fn exit_time(stdout: &[u8]) -> SystemTime {
         })
 }
 
+/// The expectation of one file.
+fn single(key: impl Into<String>, data: Vec<u8>, writes: usize, exited: SystemTime) -> Vec<Expect> {
+    vec![Expect {
+        key: key.into(),
+        data,
+        writes,
+        exited,
+    }]
+}
+
 /// A count of files and the first few, for failure messages.
 fn few(keys: &[String]) -> String {
     format!("{} {:?}", keys.len(), &keys[..keys.len().min(8)])
@@ -422,16 +414,34 @@ fn few(keys: &[String]) -> String {
 
 // ---- the cases: each runs its tools and waits for what they made ----
 
+/// A tool that makes a tree into `plain/<dest>/` with `script`, in which
+/// `{tree}`, `{tar}` and `{zip}` name the source tree `name` and its
+/// archives: every file arrives once.
+async fn tree_tool(w: &World, tool: &'static str, name: &str, seed: u64, dest: &str, script: &str) {
+    let files = w.tree(name, seed);
+    let src = |ext: &str| w.src.join(format!("{name}{ext}")).display().to_string();
+    let script = script
+        .replace("{tree}", &src(""))
+        .replace("{tar}", &src(".tar"))
+        .replace("{zip}", &src(".zip"));
+    let exited = w.tool(&w.plain, &script).await;
+    w.arrive(
+        tool,
+        World::once(&format!("foo/plain/{dest}/"), &files, exited),
+    )
+    .await;
+}
+
 async fn rsync(w: &World) {
-    let files = w.tree("rsync", 1);
-    let exited = w
-        .tool(
-            &w.plain,
-            &format!("rsync -a {}/ rsync/", w.src.join("rsync").display()),
-        )
-        .await;
-    w.arrive("rsync -a", World::once("foo/plain/rsync/", &files, exited))
-        .await;
+    tree_tool(
+        w,
+        "rsync -a",
+        "rsync",
+        1,
+        "rsync",
+        "rsync -a {tree}/ rsync/",
+    )
+    .await;
 }
 
 async fn rsync_inplace(w: &World) {
@@ -468,60 +478,22 @@ async fn rsync_inplace(w: &World) {
 }
 
 async fn gnu_tar(w: &World) {
-    let files = w.tree("tar", 3);
-    let exited = w
-        .tool(
-            &w.plain,
-            &format!(
-                "mkdir tar && tar -C tar -xpf {}",
-                w.src.join("tar.tar").display()
-            ),
-        )
-        .await;
-    w.arrive("GNU tar -xp", World::once("foo/plain/tar/", &files, exited))
-        .await;
+    let script = "mkdir tar && tar -C tar -xpf {tar}";
+    tree_tool(w, "GNU tar -xp", "tar", 3, "tar", script).await;
 }
 
 async fn bsdtar(w: &World) {
-    let files = w.tree("bsdtar", 4);
-    let exited = w
-        .tool(
-            &w.plain,
-            &format!(
-                "mkdir bsdtar && bsdtar -C bsdtar -xpf {}",
-                w.src.join("bsdtar.tar").display()
-            ),
-        )
-        .await;
-    w.arrive(
-        "bsdtar -xp",
-        World::once("foo/plain/bsdtar/", &files, exited),
-    )
-    .await;
+    let script = "mkdir bsdtar && bsdtar -C bsdtar -xpf {tar}";
+    tree_tool(w, "bsdtar -xp", "bsdtar", 4, "bsdtar", script).await;
 }
 
 async fn cp_a(w: &World) {
-    let files = w.tree("cpa", 5);
-    let exited = w
-        .tool(
-            &w.plain,
-            &format!("cp -a {} cp-a", w.src.join("cpa").display()),
-        )
-        .await;
-    w.arrive("cp -a", World::once("foo/plain/cp-a/", &files, exited))
-        .await;
+    tree_tool(w, "cp -a", "cpa", 5, "cp-a", "cp -a {tree} cp-a").await;
 }
 
 async fn unzip(w: &World) {
-    let files = w.tree("unzip", 6);
-    let exited = w
-        .tool(
-            &w.plain,
-            &format!("unzip -q {} -d unzip", w.src.join("unzip.zip").display()),
-        )
-        .await;
-    w.arrive("unzip", World::once("foo/plain/unzip/", &files, exited))
-        .await;
+    let script = "unzip -q {zip} -d unzip";
+    tree_tool(w, "unzip", "unzip", 6, "unzip", script).await;
 }
 
 /// curl at 1 MiB/s: the file is written for about 3 s under its final
@@ -552,16 +524,8 @@ async fn curl(w: &World) {
         .await;
     let _ = server.kill().await;
     let key = "foo/del/download.bin";
-    w.arrive(
-        "curl --limit-rate",
-        vec![Expect {
-            key: key.into(),
-            data,
-            writes: 1,
-            exited,
-        }],
-    )
-    .await;
+    w.arrive("curl --limit-rate", single(key, data, 1, exited))
+        .await;
     deleted_after_its_object(w, &w.del.join("download.bin"), key).await;
 }
 
@@ -814,12 +778,7 @@ async fn sqlite(w: &World, mode: &str) {
         } else {
             "sqlite3 (rollback journal)"
         },
-        vec![Expect {
-            key: format!("foo/plain/sqlite/{db}"),
-            data,
-            writes: 1,
-            exited,
-        }],
+        single(format!("foo/plain/sqlite/{db}"), data, 1, exited),
     )
     .await;
 }
@@ -860,27 +819,14 @@ async fn atomic_replace(w: &World) {
         )
         .await;
     let key = "foo/plain/sed/data.txt";
-    w.arrive(
-        "cp",
-        vec![Expect {
-            key: key.into(),
-            data: text.clone().into_bytes(),
-            writes: 1,
-            exited,
-        }],
-    )
-    .await;
+    w.arrive("cp", single(key, text.clone().into_bytes(), 1, exited))
+        .await;
     let exited = w
         .tool(&w.plain, "sed -i 's/alpha/beta/' sed/data.txt")
         .await;
     w.arrive(
         "sed -i",
-        vec![Expect {
-            key: key.into(),
-            data: text.replace("alpha", "beta").into_bytes(),
-            writes: 2,
-            exited,
-        }],
+        single(key, text.replace("alpha", "beta").into_bytes(), 2, exited),
     )
     .await;
 }
@@ -897,16 +843,7 @@ async fn dd_notrunc(w: &World) {
             &format!("mkdir dd && cp {} dd/blob.bin", blob.display()),
         )
         .await;
-    w.arrive(
-        "cp",
-        vec![Expect {
-            key: key.into(),
-            data: data.clone(),
-            writes: 1,
-            exited,
-        }],
-    )
-    .await;
+    w.arrive("cp", single(key, data.clone(), 1, exited)).await;
     let exited = w
         .tool(
             &w.plain,
@@ -917,16 +854,8 @@ async fn dd_notrunc(w: &World) {
         )
         .await;
     data[8 * 64 * 1024..9 * 64 * 1024].copy_from_slice(&patch_data);
-    w.arrive(
-        "dd conv=notrunc",
-        vec![Expect {
-            key: key.into(),
-            data,
-            writes: 2,
-            exited,
-        }],
-    )
-    .await;
+    w.arrive("dd conv=notrunc", single(key, data, 2, exited))
+        .await;
 }
 
 /// `fallocate` makes the file its final size, then `dd` fills it: the
@@ -945,12 +874,7 @@ async fn fallocate_then_fill(w: &World) {
         .await;
     w.arrive(
         "fallocate + dd",
-        vec![Expect {
-            key: "foo/plain/falloc/f.bin".into(),
-            data,
-            writes: 1,
-            exited,
-        }],
+        single("foo/plain/falloc/f.bin", data, 1, exited),
     )
     .await;
 }
@@ -968,12 +892,7 @@ async fn reflink(w: &World) {
         .await;
     w.arrive(
         "cp --reflink=auto",
-        vec![Expect {
-            key: "foo/plain/reflink/r.bin".into(),
-            data,
-            writes: 1,
-            exited,
-        }],
+        single("foo/plain/reflink/r.bin", data, 1, exited),
     )
     .await;
 }
@@ -999,12 +918,7 @@ async fn hard_link(w: &World) {
     let exited = w.tool(&w.plain, "ln links/orig.bin links/alias.bin").await;
     w.arrive(
         "ln (hard link)",
-        vec![Expect {
-            key: "foo/plain/links/alias.bin".into(),
-            data: data.clone(),
-            writes: 1,
-            exited,
-        }],
+        single("foo/plain/links/alias.bin", data.clone(), 1, exited),
     )
     .await;
     // And a chmod (which the agent hears of): its status changed, not its
@@ -1043,12 +957,7 @@ async fn relinked(w: &World) {
             .await;
         w.arrive(
             "ln -f (versions linked in turn)",
-            vec![Expect {
-                key: key.into(),
-                data: data.clone(),
-                writes: n + 1,
-                exited,
-            }],
+            single(key, data.clone(), n + 1, exited),
         )
         .await;
     }

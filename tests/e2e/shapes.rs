@@ -165,16 +165,7 @@ impl World {
     }
 
     async fn object(&self, key: &str) -> Option<Vec<u8>> {
-        let out = self
-            .moto
-            .admin()
-            .get_object()
-            .bucket(BUCKET)
-            .key(key)
-            .send()
-            .await
-            .ok()?;
-        Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+        self.moto.object(BUCKET, key).await
     }
 
     /// Waits until `key` holds exactly `data`; a broken case if it does not

@@ -62,18 +62,6 @@ fn parts_sent(records: &[Record], key: &str) -> Vec<Record> {
         .collect()
 }
 
-fn completes(records: &[Record], key: &str) -> Vec<Record> {
-    records
-        .iter()
-        .filter(|r| {
-            (r.op == "CompleteMultipartUpload" || r.op == "PutObject")
-                && r.status == 200
-                && r.key.as_deref() == Some(key)
-        })
-        .cloned()
-        .collect()
-}
-
 /// Waits until at least `n` parts of `key` were accepted.
 async fn wait_parts(proxy: &Log, key: &str, n: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -112,7 +100,7 @@ async fn a_file_written_for_40_seconds_arrives_seconds_after_its_close_its_parts
     let k = key("export/big.bin");
     let parts = parts_sent(&records, &k);
     let during = parts.iter().filter(|r| r.at < closed).count();
-    let done = completes(&records, &k);
+    let done = crate::support::proxy::writes_of(&records, &k);
     assert_eq!(done.len(), 1, "one object write: {done:#?}");
     assert_eq!(done[0].op, "CompleteMultipartUpload");
     let arrived = done[0].answered.expect("an answered Complete");
@@ -221,7 +209,7 @@ async fn a_file_truncated_or_rewritten_while_streamed_never_makes_a_mixed_object
             get(&admin, BUCKET, &k).await == *data,
             "{k}: the object is not the finished file's bytes"
         );
-        let done = completes(&records, &k);
+        let done = crate::support::proxy::writes_of(&records, &k);
         assert_eq!(done.len(), 1, "{k}: one object write: {done:#?}");
         assert_eq!(done[0].size, Some(data.len() as u64), "{k}");
         // The parts sent before the change went to an upload that was
@@ -276,7 +264,7 @@ async fn an_upload_left_by_kill_9_while_streaming_is_aborted_at_the_next_start_a
             .any(|r| r.op == "AbortMultipartUpload" && r.upload_id == left),
         "the upload left by the killed agent was aborted"
     );
-    let done = completes(&records, &k);
+    let done = crate::support::proxy::writes_of(&records, &k);
     assert_eq!(done.len(), 1, "{done:#?}");
     assert_ne!(done[0].upload_id, left);
     assert!(get(&s.moto.admin(), BUCKET, &k).await == data);

@@ -53,6 +53,20 @@ impl Moto {
         super::reader(&self.url, "us-east-1", &self.admin_key.0, &self.admin_key.1)
     }
 
+    /// The object at `key`, read with the admin identity; `None` when
+    /// there is none.
+    pub async fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let out = self
+            .admin()
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
+        Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+    }
+
     /// A putonly configuration for the seed's role, through `endpoint`.
     /// `extra` continues the [role] table and may add [bucket] and [upload];
     /// without a [bucket] table the seed's bucket and prefixes are used.

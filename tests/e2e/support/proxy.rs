@@ -67,9 +67,9 @@ pub struct Record {
     pub if_none_match: Option<String>,
 }
 
-/// The object sizes announced by the successful writes (PutObject or
-/// CompleteMultipartUpload answered 200) of `key` in `records`.
-pub fn sizes_written(records: &[Record], key: &str) -> Vec<Option<u64>> {
+/// The successful writes (PutObject or CompleteMultipartUpload answered
+/// 200) of `key` in `records`, in order.
+pub fn writes_of(records: &[Record], key: &str) -> Vec<Record> {
     records
         .iter()
         .filter(|r| {
@@ -77,8 +77,13 @@ pub fn sizes_written(records: &[Record], key: &str) -> Vec<Option<u64>> {
                 && r.status == 200
                 && r.key.as_deref() == Some(key)
         })
-        .map(|r| r.size)
+        .cloned()
         .collect()
+}
+
+/// The object sizes announced by the successful writes of `key`.
+pub fn sizes_written(records: &[Record], key: &str) -> Vec<Option<u64>> {
+    writes_of(records, key).iter().map(|r| r.size).collect()
 }
 
 impl Record {
