@@ -32,18 +32,18 @@ use tokio::task::JoinSet;
 
 use crate::after_upload::{self, Outcome};
 use crate::batches::{self, Gate, Markers};
-use crate::checksum::Crc;
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::denied::{self, Denied, Kind};
 use crate::files::{self, OpenError};
+use crate::ground::checksum::Crc;
+use crate::ground::keys::{KeyError, key_for};
+use crate::ground::retry::Backoff;
 use crate::journal::{
     AgentLock, FileVersion, GroupCommit, Journal, JournalError, Resume, Seen, now,
 };
-use crate::keys::{KeyError, key_for};
 use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
-use crate::retry::Backoff;
 use crate::s3::{ObjectWriter, PartDone, WriteOnlyBucket};
 use crate::signals::{recv, signal, take_stop_signals};
 use crate::stream::Streams;
@@ -901,7 +901,7 @@ impl Ctx {
 
     /// Keeps the checksum sent for record `id` (for batch manifests),
     /// before it is recorded done; `false` when the journal cannot.
-    async fn remember_checksum(&self, id: i64, crc: crate::checksum::Crc) -> bool {
+    async fn remember_checksum(&self, id: i64, crc: crate::ground::checksum::Crc) -> bool {
         let j = self.journal.clone();
         let r = tokio::task::spawn_blocking(move || batches::remember_checksum(&j, id, &crc)).await;
         match r {

@@ -34,9 +34,9 @@ use std::sync::Arc;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::checksum::Crc;
 use crate::config::{AfterUpload, ConfigError, WatchSettings};
 use crate::files::{self, OpenError};
+use crate::ground::checksum::Crc;
 use crate::journal::{FileVersion, Journal, JournalError, cached, now};
 use crate::walk::{self, Found, Tree};
 use crate::watch::Filter;

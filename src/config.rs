@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::keys::{PrefixError, PrefixGuard};
+use crate::ground::keys::{PrefixError, PrefixGuard};
 
 /// The largest object S3 accepts (5 TiB).
 pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
@@ -660,7 +660,7 @@ fn resolve_watch(
             format!("give the key prefix, one of or below: {guard}"),
         )
     })?;
-    let prefix = crate::keys::folder_prefix(&expand_template(&name("prefix"), &prefix)?);
+    let prefix = crate::ground::keys::folder_prefix(&expand_template(&name("prefix"), &prefix)?);
     if !guard.covers(&prefix) || prefix.split('/').any(|s| s == "." || s == "..") {
         return Err(ConfigError::invalid(
             &name("prefix"),

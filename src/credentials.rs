@@ -29,7 +29,7 @@ use aws_types::SdkConfig;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{AwsSettings, ConfigError, RoleSettings, Transport, check_endpoint};
-use crate::retry::Backoff;
+use crate::ground::retry::Backoff;
 
 /// Why credentials could not be had.
 #[derive(Debug, thiserror::Error)]

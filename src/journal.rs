@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::checksum::Crc;
 use crate::config::ChecksumKind;
+use crate::ground::checksum::Crc;
 use crate::receipts::{self, Proof};
 use crate::s3::PartDone;
 pub use crate::upload::{FileVersion, UNKNOWN_CTIME};

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 
-use crate::checksum::Crc;
+use crate::ground::checksum::Crc;
 use crate::upload::Uploaded;
 
 /// The table, made in place in a journal that has none yet (the migration).
@@ -134,7 +134,7 @@ impl Receipt {
 
     /// One line of the table `putonly receipts` prints without --json.
     pub fn line(&self) -> String {
-        crate::printable::printable(&format!(
+        crate::ground::printable::printable(&format!(
             "{}  s3://{}/{}  {} bytes  {}  etag {}  version {}  request {}  from {}",
             self.time,
             self.bucket,

@@ -37,10 +37,10 @@ use aws_sdk_s3::types::{
 use aws_types::SdkConfig;
 use bytes::Bytes;
 
-use crate::checksum::Crc;
 use crate::config::{BucketSettings, ChecksumKind, Sse, UploadSettings};
 use crate::credentials::{CredentialError, CredentialSource, error_chain, or_if_empty};
-use crate::keys::{KeyError, PrefixGuard};
+use crate::ground::checksum::Crc;
+use crate::ground::keys::{KeyError, PrefixGuard};
 
 /// How long a request waits for valid credentials before it gives up (and
 /// the engine's retry rule decides whether to try again).

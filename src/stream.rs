@@ -754,8 +754,8 @@ impl<W: ObjectWriter + 'static> Task<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checksum::Crc;
     use crate::config::UploadSettings;
+    use crate::ground::checksum::Crc;
     use crate::s3::{PartDone, S3Error, Written};
     use bytes::Bytes;
     use std::io::Write;

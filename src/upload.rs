@@ -22,12 +22,12 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use crate::budget::{Budget, Buffer};
-use crate::checksum::Crc;
 use crate::config::{
     ChecksumKind, MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, UploadSettings,
 };
+use crate::ground::checksum::Crc;
+use crate::ground::retry::Backoff;
 use crate::journal::Resume;
-use crate::retry::Backoff;
 use crate::s3::{ObjectWriter, PartDone, S3Error};
 use crate::throttle::Throttle;
 

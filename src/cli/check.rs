@@ -17,11 +17,11 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::{CheckArgs, EXIT_FAILED, EXIT_OK};
-use crate::checksum::Crc;
 use crate::config::{Settings, Sse, Transport};
 use crate::credentials::{
     CredentialSource, caller_identity, error_chain, load_sdk_config, offline_endpoints,
 };
+use crate::ground::checksum::Crc;
 use crate::s3::{ObjectWriter, S3Error, WriteOnlyBucket};
 use crate::writers::{Mode, Support};
 

@@ -628,7 +628,7 @@ pub fn init_logging(cli: &Cli) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         // One event, one line: names in fields cannot forge log lines.
-        .with_writer(|| crate::printable::OneLine(std::io::stderr()));
+        .with_writer(|| crate::ground::printable::OneLine(std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -732,7 +732,7 @@ fn man() -> ExitCode {
 /// Prints an error with its whole chain, prefixed with the program name.
 pub(crate) fn report_error(e: &dyn std::error::Error) {
     let chain = crate::credentials::error_chain(e);
-    eprintln!("putonly: {}", crate::printable::printable(&chain));
+    eprintln!("putonly: {}", crate::ground::printable::printable(&chain));
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, PushArgs, report_error};
 const EXIT_INTERRUPTED: u8 = 130;
 use crate::config::{ConfigError, Settings};
 use crate::credentials::{CredentialSource, load_sdk_config};
-use crate::keys::{folder_prefix, key_for};
+use crate::ground::keys::{folder_prefix, key_for};
 use crate::receipts::Receipt;
 use crate::s3::WriteOnlyBucket;
 use crate::upload::{Engine, Job, ProgressFn, UploadError, Uploaded};
@@ -424,7 +424,7 @@ impl Output {
             }
             self.println(&line.to_string());
         } else {
-            self.println(&crate::printable::printable(&format!(
+            self.println(&crate::ground::printable::printable(&format!(
                 "uploaded {} -> s3://{}/{} ({}, {:.1}s)",
                 job.path.display(),
                 self.bucket,
@@ -449,7 +449,7 @@ impl Output {
                 .to_string(),
             );
         } else {
-            self.println(&crate::printable::printable(&format!(
+            self.println(&crate::ground::printable::printable(&format!(
                 "exists {} -> s3://{}/{}: not sent, the key already holds an object (left as it is)",
                 job.path.display(),
                 self.bucket,
@@ -471,7 +471,7 @@ impl Output {
                 .to_string(),
             );
         } else {
-            let line = crate::printable::printable(&format!(
+            let line = crate::ground::printable::printable(&format!(
                 "putonly: failed: {}: {reason}",
                 path.display()
             ))
@@ -497,9 +497,11 @@ impl Output {
                 .to_string(),
             );
         } else {
-            let line =
-                crate::printable::printable(&format!("putonly: skipped: {:?}: {reason}", path))
-                    .into_owned();
+            let line = crate::ground::printable::printable(&format!(
+                "putonly: skipped: {:?}: {reason}",
+                path
+            ))
+            .into_owned();
             match &self.bars {
                 Some(bars) => {
                     let _ = bars.println(&line);
