@@ -34,8 +34,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::files;
+use crate::ground::FileVersion;
 use crate::lease::Lease;
-use crate::upload::FileVersion;
 
 /// What became of a file after its upload.
 #[derive(Debug, PartialEq, Eq)]
@@ -78,8 +78,7 @@ pub struct Uploaded<'a> {
 /// up just before the rename, before it is removed or moved.
 const SETTLE_AFTER_CLAIM: Duration = Duration::from_millis(20);
 
-/// Names the agent gives files while it acts on them.
-pub const CLAIM_PREFIX: &str = ".putonly-claim-";
+pub use crate::ground::CLAIM_PREFIX;
 
 fn io(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.raw_os_error())

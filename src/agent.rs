@@ -36,15 +36,15 @@ use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::denied::{self, Denied, Kind};
 use crate::files::{self, OpenError};
+use crate::ground::PartDone;
 use crate::ground::checksum::Crc;
 use crate::ground::keys::{KeyError, key_for};
 use crate::ground::retry::Backoff;
-use crate::journal::{
-    AgentLock, FileVersion, GroupCommit, Journal, JournalError, Resume, Seen, now,
-};
+use crate::ground::{FileVersion, Resume, now};
+use crate::journal::{AgentLock, GroupCommit, Journal, JournalError, Seen};
 use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
-use crate::s3::{ObjectWriter, PartDone, WriteOnlyBucket};
+use crate::s3::{ObjectWriter, WriteOnlyBucket};
 use crate::signals::{recv, signal, take_stop_signals};
 use crate::stream::Streams;
 use crate::upload::{Checkpoint, Engine, Job, UploadError};

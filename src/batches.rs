@@ -37,7 +37,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::config::{AfterUpload, ConfigError, WatchSettings};
 use crate::files::{self, OpenError};
 use crate::ground::checksum::Crc;
-use crate::journal::{FileVersion, Journal, JournalError, cached, now};
+use crate::ground::{FileVersion, now};
+use crate::journal::{Journal, JournalError, cached};
 use crate::walk::{self, Found, Tree};
 use crate::watch::Filter;
 

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::ground::checksum::ChecksumKind;
+use crate::ground::hostname;
 use crate::ground::keys::{PrefixError, PrefixGuard};
 
 /// The largest object S3 accepts (5 TiB).
@@ -309,37 +311,6 @@ pub struct BucketSettings {
     /// that already holds an object is never replaced (the server answers
     /// 412 and the file is recorded as "exists").
     pub overwrite: bool,
-}
-
-/// The checksum every part and every object carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChecksumKind {
-    Crc64Nvme,
-    Crc32C,
-    Crc32,
-}
-
-impl ChecksumKind {
-    pub const NAMES: &'static str = "crc64nvme, crc32c, crc32";
-
-    fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().replace('-', "").as_str() {
-            "crc64nvme" => Some(Self::Crc64Nvme),
-            "crc32c" => Some(Self::Crc32C),
-            "crc32" => Some(Self::Crc32),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for ChecksumKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Crc64Nvme => "crc64nvme",
-            Self::Crc32C => "crc32c",
-            Self::Crc32 => "crc32",
-        })
-    }
 }
 
 /// How files are cut and sent.
@@ -1284,18 +1255,6 @@ pub fn expand_template(setting: &str, template: &str) -> Result<String, ConfigEr
     }
     out.push_str(rest);
     Ok(out)
-}
-
-/// This machine's host name (for probe keys and `{hostname}` in prefixes).
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// How requests reach an endpoint.

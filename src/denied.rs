@@ -210,7 +210,7 @@ impl Denied {
         k.paths.insert(
             path.to_path_buf(),
             Entry {
-                since: crate::journal::now(),
+                since: crate::ground::now(),
                 tries: 0,
                 next: now + wait,
                 reported: now,
@@ -239,7 +239,7 @@ impl Denied {
         let Some(e) = inner.of(kind).paths.remove(path) else {
             return;
         };
-        let waited = crate::journal::now().saturating_sub(e.since);
+        let waited = crate::ground::now().saturating_sub(e.since);
         match kind {
             Kind::Folder => {
                 tracing::info!(folder = ?path, waited_s = waited, "folder readable now; watched and scanned")

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::mpsc;
 
-use crate::after_upload::CLAIM_PREFIX;
+use crate::ground::CLAIM_PREFIX;
 
 /// What an event says happened to a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,8 @@ use std::path::{Component, Path};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
+pub use crate::ground::is_resource_shortage;
+
 /// Why a file under a watch could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -34,24 +36,6 @@ pub enum OpenError {
     /// Anything else: permission denied, I/O error.
     #[error("cannot open: {0}")]
     Io(std::io::Error),
-}
-
-/// Errors that say nothing about the file: the process or the system ran
-/// short (descriptors, memory) or a network filesystem hiccuped. The same
-/// file is tried again later; it is never marked failed for these.
-pub fn is_resource_shortage(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOMEM
-                | libc::ENOBUFS
-                | libc::EINTR
-                | libc::EAGAIN
-                | libc::ESTALE
-        )
-    )
 }
 
 /// A regular file opened for reading, and its status as opened.

@@ -19,15 +19,15 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::ChecksumKind;
+use crate::ground::PartDone;
 use crate::ground::checksum::Crc;
+pub use crate::ground::{FileVersion, Resume, UNKNOWN_CTIME, now};
 use crate::receipts::{self, Proof};
-use crate::s3::PartDone;
-pub use crate::upload::{FileVersion, UNKNOWN_CTIME};
 
 /// The journal's file name inside the state folder.
 pub const FILE_NAME: &str = "journal.sqlite";
@@ -90,15 +90,6 @@ pub struct Claim {
     pub path: PathBuf,
     /// The private name the file may still have in its folder.
     pub name: String,
-}
-
-/// A multipart upload that was started and may be continued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resume {
-    pub upload_id: String,
-    pub part_size: u64,
-    pub checksum: ChecksumKind,
-    pub parts: Vec<PartDone>,
 }
 
 /// What the journal knows of a file version.
@@ -250,7 +241,7 @@ impl AgentLock {
         let me = format!(
             "pid {} on {} since {}\n",
             std::process::id(),
-            crate::config::hostname(),
+            crate::ground::hostname(),
             humantime::format_rfc3339_seconds(SystemTime::now())
         );
         file.set_len(0)
@@ -341,13 +332,6 @@ pub(crate) fn cached(
 /// Room in each connection's statement cache: more than the statements
 /// [`cached`] runs, so none of them is ever compiled again.
 const STATEMENT_CACHE: usize = 32;
-
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 fn checksum_name(kind: ChecksumKind) -> String {
     kind.to_string()

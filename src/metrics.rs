@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::journal::now;
+use crate::ground::now;
 
 pub const FILES_UPLOADED: &str = "putonly_files_uploaded_total";
 pub const FILES_EXISTS: &str = "putonly_files_exists_total";

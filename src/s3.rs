@@ -39,6 +39,7 @@ use bytes::Bytes;
 
 use crate::config::{BucketSettings, ChecksumKind, Sse, UploadSettings};
 use crate::credentials::{CredentialError, CredentialSource, error_chain, or_if_empty};
+pub use crate::ground::PartDone;
 use crate::ground::checksum::Crc;
 use crate::ground::keys::{KeyError, PrefixGuard};
 
@@ -95,14 +96,6 @@ pub struct Written {
     pub version_id: Option<String>,
     /// `x-amz-request-id` of the answer.
     pub request_id: Option<String>,
-}
-
-/// A part that the server accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartDone {
-    pub number: i32,
-    pub etag: String,
-    pub crc: Crc,
 }
 
 /// Why a write did not happen.

@@ -35,7 +35,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{ChecksumKind, MAX_PARTS};
 use crate::files::{self, OpenError};
-use crate::journal::{Journal, JournalError, now};
+use crate::ground::now;
+use crate::journal::{Journal, JournalError};
 use crate::s3::ObjectWriter;
 use crate::upload::{Engine, Streamed, StreamedPart};
 

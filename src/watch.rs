@@ -40,7 +40,7 @@ use crate::config::WatchSettings;
 use crate::denied::{self, Denied, Kind};
 use crate::events::{Change, Events, Intake};
 use crate::files::{self, OpenError};
-use crate::journal::FileVersion;
+use crate::ground::FileVersion;
 use crate::walk::{self, Found, Tree, Unreadable};
 pub use crate::writers::{Rule, Writers};
 use crate::writers::{Support, open_for_writing, weak_scan_quiet};

@@ -267,7 +267,7 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
         return;
     }
     let bucket = WriteOnlyBucket::new(&sdk, credentials, &settings.bucket, &settings.upload);
-    let host = crate::config::hostname();
+    let host = crate::ground::hostname();
     let stamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

@@ -407,7 +407,7 @@ impl Output {
         if self.json {
             // The receipt's fields (those of `putonly receipts --json`),
             // plus how it went.
-            let receipt = Receipt::of_upload(&job.path, &self.bucket, u, crate::journal::now());
+            let receipt = Receipt::of_upload(&job.path, &self.bucket, u, crate::ground::now());
             // Strings and numbers only: this cannot fail, but if it did the
             // line says so rather than dropping the receipt unseen.
             let mut line = serde_json::to_value(&receipt).unwrap_or_else(|e| {

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use super::{EXIT_OK, StatusArgs, unreadable_journal};
 use crate::denied::{Kind, Summary};
+use crate::ground::now;
 use crate::ground::printable::printable;
-use crate::journal::{Journal, Status, now};
+use crate::journal::{Journal, Status};
 
 pub fn run(args: StatusArgs) -> ExitCode {
     let state = match args.agent.state("the journal lives there") {

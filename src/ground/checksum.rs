@@ -7,10 +7,41 @@
 //! full-object CRC, which CompleteMultipartUpload asks the server to verify
 //! (checksum type FULL_OBJECT). This module is pure computation: no I/O.
 
+use std::fmt;
+
 use base64::Engine as _;
 use crc_fast::CrcAlgorithm;
 
-use crate::config::ChecksumKind;
+/// The checksum every part and every object carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumKind {
+    Crc64Nvme,
+    Crc32C,
+    Crc32,
+}
+
+impl ChecksumKind {
+    pub const NAMES: &'static str = "crc64nvme, crc32c, crc32";
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().replace('-', "").as_str() {
+            "crc64nvme" => Some(Self::Crc64Nvme),
+            "crc32c" => Some(Self::Crc32C),
+            "crc32" => Some(Self::Crc32),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ChecksumKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Crc64Nvme => "crc64nvme",
+            Self::Crc32C => "crc32c",
+            Self::Crc32 => "crc32",
+        })
+    }
+}
 
 /// The CRC of one contiguous run of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,6 +13,15 @@
 //! A feature never grows here: only what two stages must both say.
 
 pub mod checksum;
+mod io;
 pub mod keys;
+mod part;
 pub mod printable;
 pub mod retry;
+mod system;
+mod version;
+
+pub use io::{CLAIM_PREFIX, is_resource_shortage};
+pub use part::{PartDone, Resume};
+pub use system::{hostname, now};
+pub use version::{FileVersion, UNKNOWN_CTIME};
