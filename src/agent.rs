@@ -31,7 +31,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::after_upload::{self, Outcome};
-use crate::batches::{self, Gate, Markers};
+use crate::batches::{self, Gate};
+use crate::config::Markers;
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
 use crate::denied::{self, Denied, Kind};
@@ -725,7 +726,7 @@ fn in_watch<'a>(path: &'a Path, watches: &'a [WatchSettings]) -> Option<(&'a Pat
 fn no_longer_work(path: &Path, dev: u64, watches: &[WatchSettings]) -> Option<&'static str> {
     let in_a_watch = watches.iter().any(|w| {
         path.strip_prefix(&w.path)
-            .is_ok_and(|rel| crate::watch::Filter::new(w).accepts(rel))
+            .is_ok_and(|rel| crate::config::Filter::new(w).accepts(rel))
     });
     if !in_a_watch {
         return Some("it is in no watched folder, or excluded, now");

@@ -31,16 +31,14 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::config::{AfterUpload, ConfigError, WatchSettings};
+use crate::config::{AfterUpload, Filter, Markers, WatchSettings};
 use crate::files::{self, OpenError};
 use crate::ground::checksum::Crc;
 use crate::ground::{FileVersion, now};
 use crate::journal::{Journal, JournalError, cached};
 use crate::walk::{self, Found, Tree};
-use crate::watch::Filter;
 
 /// The batch tables, created with the journal's own.
 pub(crate) const SCHEMA: &str = "
@@ -138,60 +136,6 @@ pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Files listed, looked at and recorded per journal transaction.
 const PAGE: usize = 512;
-
-/// What to do about marker patterns that cannot be compiled.
-pub(crate) const MARKER_FIX: &str =
-    "give the marker's file name or a short glob on it, e.g. \"_SUCCESS\" or \"*.done\"";
-
-/// The set of a watch's marker patterns (globs on a file's name); the
-/// configuration is refused when it cannot be built.
-pub(crate) fn marker_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {
-    let mut b = GlobSetBuilder::new();
-    for m in patterns {
-        b.add(Glob::new(m)?);
-    }
-    b.build()
-}
-
-/// Which files are markers, per watch.
-#[derive(Debug, Default)]
-pub struct Markers {
-    sets: Vec<Option<GlobSet>>,
-}
-
-impl Markers {
-    /// The marker patterns of each watch. A pattern or a set of them that
-    /// cannot be built is an error naming the setting (`watch[N].marker`),
-    /// never a watch without markers: its markers would go first.
-    pub fn new(watches: &[WatchSettings]) -> Result<Self, ConfigError> {
-        let sets = watches
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                if w.marker.is_empty() {
-                    return Ok(None);
-                }
-                marker_set(&w.marker)
-                    .map(Some)
-                    .map_err(|e| ConfigError::Invalid {
-                        setting: format!("watch[{i}].marker"),
-                        problem: format!("the patterns cannot be compiled: {e}"),
-                        fix: MARKER_FIX.into(),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Markers { sets })
-    }
-
-    /// Whether the file at `rel` (relative to watch `watch`) is a marker:
-    /// its name matches one of the watch's marker patterns.
-    pub fn is_marker(&self, watch: usize, rel: &Path) -> bool {
-        let Some(Some(set)) = self.sets.get(watch) else {
-            return false;
-        };
-        rel.file_name().is_some_and(|n| set.is_match(Path::new(n)))
-    }
-}
 
 /// Why a marker's batch cannot be told.
 #[derive(Debug, thiserror::Error)]

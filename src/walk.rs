@@ -28,9 +28,9 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, FileType};
 use tokio::sync::mpsc;
 
+use crate::config::Filter;
 use crate::events::{Events, WatchError};
 use crate::files::{self, OpenError};
-use crate::watch::Filter;
 
 /// What a walk reports.
 #[derive(Debug)]

@@ -33,10 +33,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::sync::mpsc;
 
-use crate::config::WatchSettings;
+use crate::config::{Filter, WatchSettings};
 use crate::denied::{self, Denied, Kind};
 use crate::events::{Change, Events, Intake};
 use crate::files::{self, OpenError};
@@ -94,59 +93,6 @@ pub struct Requeue {
     /// The agent's user may not open it yet ([`crate::denied`]): any news
     /// of it (a chmod, say) ends the wait at once.
     pub refused: bool,
-}
-
-/// Which paths of one watch are taken.
-#[derive(Debug)]
-pub struct Filter {
-    include: Option<GlobSet>,
-    exclude: GlobSet,
-    /// A set could not be built (the configuration check prevents it):
-    /// nothing is taken, rather than what `exclude` keeps out.
-    broken: bool,
-}
-
-/// The set of `patterns` as the watcher matches them (`*` stops at `/`);
-/// the configuration is checked with it, so every set it accepted builds.
-pub fn glob_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        b.add(GlobBuilder::new(p).literal_separator(true).build()?);
-    }
-    b.build()
-}
-
-impl Filter {
-    pub fn new(w: &WatchSettings) -> Self {
-        let include = (!w.include.is_empty()).then(|| glob_set(&w.include));
-        let exclude = glob_set(&w.exclude);
-        let broken = exclude.is_err() || include.as_ref().is_some_and(|i| i.is_err());
-        if broken {
-            tracing::error!(folder = ?w.path, "the include or exclude patterns cannot be compiled; nothing in this folder is taken");
-        }
-        Filter {
-            include: include.and_then(Result::ok),
-            exclude: exclude.unwrap_or_else(|_| GlobSet::empty()),
-            broken,
-        }
-    }
-
-    /// Whether a file at `rel` (relative to the watched folder) is taken:
-    /// no component is excluded, and it matches an include pattern if any.
-    pub fn accepts(&self, rel: &Path) -> bool {
-        if self.broken
-            || self.exclude.is_match(rel)
-            || rel.iter().any(|c| self.exclude.is_match(Path::new(c)))
-        {
-            return false;
-        }
-        self.include.as_ref().is_none_or(|inc| inc.is_match(rel))
-    }
-
-    /// Whether a folder at `rel` is skipped with everything below it.
-    pub fn skips_dir(&self, rel: &Path) -> bool {
-        rel.iter().any(|c| self.exclude.is_match(Path::new(c)))
-    }
 }
 
 struct Pending {

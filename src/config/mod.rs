@@ -93,12 +93,14 @@ impl ConfigError {
     }
 }
 
+mod patterns;
 mod raw;
 mod resolve;
 mod settings;
 mod values;
 mod watches;
 
+pub use patterns::*;
 pub use raw::*;
 pub use settings::*;
 pub use values::*;

@@ -208,7 +208,9 @@ pub(super) fn resolve_role(r: &RawRole) -> Result<RoleSettings, ConfigError> {
 /// The external id, from `role.external_id` or the file `role.external_id_file`
 /// names (one line; surrounding white space is dropped). The value is never
 /// part of an error message.
-pub(super) fn resolve_external_id(r: &RawRole) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
+pub(super) fn resolve_external_id(
+    r: &RawRole,
+) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
     let (value, setting, file) = match (&r.external_id, &r.external_id_file) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::invalid(

@@ -54,9 +54,8 @@ fn defaults_fill_everything_optional() {
 
 #[test]
 fn unknown_key_names_key_and_line() {
-    let err =
-        resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\nprefixes = []\n")
-            .unwrap_err();
+    let err = resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\nprefixes = []\n")
+        .unwrap_err();
     assert!(err.contains("line 4"), "{err}");
     assert!(err.contains("prefixes"), "{err}");
 }
@@ -105,8 +104,7 @@ fn rejected_forms_name_the_setting() {
     assert!(err.starts_with("bucket.allowed_prefixes"), "{err}");
     let err = resolve("[bucket]\nallowed_prefixes = [\"foo/\"]\n").unwrap_err();
     assert!(err.starts_with("bucket.name"), "{err}");
-    let err =
-        resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"/foo/\"]\n").unwrap_err();
+    let err = resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"/foo/\"]\n").unwrap_err();
     assert!(err.starts_with("bucket.allowed_prefixes"), "{err}");
     let err = resolve(&format!("{base}acl = \"everyone\"\n")).unwrap_err();
     assert!(err.starts_with("bucket.acl"), "{err}");
@@ -178,7 +176,7 @@ fn watches_resolve_with_defaults() {
         "{AGENT}[[watch]]\npath = \"/srv/out\"\nprefix = \"foo/x\"\ninclude = [\"**/*.csv\"]\nmarker = \"_SUCCESS\"\n"
     ))
     .unwrap();
-    let f = crate::watch::Filter::new(&s.watches[0]);
+    let f = Filter::new(&s.watches[0]);
     assert!(f.accepts(Path::new("_SUCCESS")) && f.accepts(Path::new("d/e/_SUCCESS")));
     assert!(!f.accepts(Path::new("d/x.json")));
 }
@@ -437,8 +435,7 @@ fn durations_above_ten_years_are_refused_naming_the_setting() {
             "watch[0].settle",
         ),
     ] {
-        let base =
-            format!("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n{table}\n");
+        let base = format!("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"foo/\"]\n{table}\n");
         // The review's example, one just past the cap, and one that
         // overflows humantime itself.
         for long in ["500000000000y", "10y 1s", "99999999999999999999999s"] {
@@ -573,9 +570,8 @@ fn files_other_users_can_read_are_reported() {
         ),
     )
     .unwrap();
-    let mode = |p: &Path, m: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
-    };
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
     let settings = || Settings::resolve(&RawConfig::load(&config).unwrap()).unwrap();
     // The packaged modes: owner, and a group this process is in.
     mode(&config, 0o640);
@@ -606,7 +602,9 @@ fn files_other_users_can_read_are_reported() {
         let warnings = settings().exposed_files();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].contains("can be read by the members of group 54321, and this process is not in that group"),
+            warnings[0].contains(
+                "can be read by the members of group 54321, and this process is not in that group"
+            ),
             "{warnings:?}"
         );
     }

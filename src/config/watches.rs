@@ -56,7 +56,7 @@ pub(super) fn resolve_watch(
     // Each pattern, then the set of them as the watcher builds it (a set
     // too large to compile would otherwise take nothing, or exclude nothing).
     let check_set = |key: &str, globs: &[String]| -> Result<(), ConfigError> {
-        crate::watch::glob_set(globs).map(|_| ()).map_err(|e| {
+        glob_set(globs).map(|_| ()).map_err(|e| {
             ConfigError::invalid(
                 &name(key),
                 format!("the patterns cannot be compiled: {e}"),
@@ -128,16 +128,16 @@ pub(super) fn resolve_watch(
     // A set that cannot be built (too large a pattern) would be a watch
     // without markers: its markers sent first.
     if !marker.is_empty() {
-        crate::batches::marker_set(&marker).map_err(|e| {
+        marker_set(&marker).map_err(|e| {
             ConfigError::invalid(
                 &name("marker"),
                 format!("the patterns cannot be compiled: {e}"),
-                crate::batches::MARKER_FIX,
+                MARKER_FIX,
             )
         })?;
     }
     // A marker excluded would never be taken: its batch would never end.
-    let excluded = crate::watch::glob_set(&exclude).unwrap_or_else(|_| globset::GlobSet::empty());
+    let excluded = glob_set(&exclude).unwrap_or_else(|_| globset::GlobSet::empty());
     if let Some(m) = marker.iter().find(|m| excluded.is_match(m.as_str())) {
         return Err(ConfigError::invalid(
             &name("marker"),
