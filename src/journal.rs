@@ -5,7 +5,7 @@
 //! per file version (path, device, inode, size, mtime, key) with its state,
 //! attempts, last error and timestamps; for a multipart upload in progress,
 //! the upload id and every completed part's number, ETag and CRC; for each
-//! done upload, its receipt (a table of its own, [`crate::receipts`]). Each
+//! done upload, its receipt (a table of its own, [`crate::agent::receipts`]). Each
 //! transition is committed before the effect it announces is relied on: the
 //! upload id before the first part is sent, a part before it counts as done,
 //! `done` before the file is deleted or moved. `synchronous = NORMAL` keeps
@@ -23,11 +23,11 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::agent::receipts::{self, Proof};
 use crate::config::ChecksumKind;
 use crate::ground::PartDone;
 use crate::ground::checksum::Crc;
 pub use crate::ground::{FileVersion, Resume, UNKNOWN_CTIME, now};
-use crate::receipts::{self, Proof};
 
 /// The journal's file name inside the state folder.
 pub const FILE_NAME: &str = "journal.sqlite";
@@ -128,15 +128,15 @@ pub struct Status {
     pub last_errors: Vec<LastError>,
     pub credentials_expire_at: Option<i64>,
     pub agent_heartbeat_at: Option<i64>,
-    /// Markers held back by files of their batch ([`crate::batches`]).
+    /// Markers held back by files of their batch ([`crate::agent::batches`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub held_markers: Vec<crate::batches::HeldMarker>,
+    pub held_markers: Vec<crate::agent::batches::HeldMarker>,
     /// The latest files whose key already held an object (at most 10).
     pub last_exists: Vec<Exists>,
     /// Files being written whose parts are being sent already
-    /// ([`crate::stream`]; at most 20).
+    /// ([`crate::agent::stream`]; at most 20).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub streaming: Vec<crate::stream::Streaming>,
+    pub streaming: Vec<crate::agent::stream::Streaming>,
 }
 
 /// A file not sent because its key already held an object.
@@ -749,7 +749,7 @@ impl Mark {
                         proof.crc.value as i64
                     ],
                 )?;
-                crate::batches::on_done(tx, *id)?;
+                crate::agent::batches::on_done(tx, *id)?;
                 receipts::insert(tx, *id, proof, t)?;
             }
             Mark::Claim { id, name } => {
@@ -1032,9 +1032,11 @@ impl Journal {
                 .map_err(err)?;
             conn.execute_batch(&files_table("files")).map_err(err)?;
             conn.execute_batch(SCHEMA).map_err(err)?;
-            crate::batches::create(&conn).map_err(err)?;
-            conn.execute_batch(crate::receipts::SCHEMA).map_err(err)?;
-            conn.execute_batch(crate::stream::SCHEMA).map_err(err)?;
+            crate::agent::batches::create(&conn).map_err(err)?;
+            conn.execute_batch(crate::agent::receipts::SCHEMA)
+                .map_err(err)?;
+            conn.execute_batch(crate::agent::stream::SCHEMA)
+                .map_err(err)?;
         }
         Ok(conn)
     }
@@ -1128,7 +1130,7 @@ impl Journal {
 
     /// Records an upload whose `parts` were sent while the file was being
     /// written as this record's, and takes it off the streams table
-    /// ([`crate::stream`]), in one transaction: a crash leaves it either
+    /// ([`crate::agent::stream`]), in one transaction: a crash leaves it either
     /// for the next start to abort or on this record to resume, never both.
     pub fn multipart_adopted(
         &self,
@@ -1252,7 +1254,7 @@ impl Journal {
                 "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1",
                 params![twin, t],
             )?;
-            crate::batches::on_done(&tx, id)?;
+            crate::agent::batches::on_done(&tx, id)?;
             let keep: Option<i64> =
                 tx.query_row("SELECT keep_file FROM files WHERE id = ?1", [id], |r| {
                     r.get(0)
@@ -1682,8 +1684,8 @@ impl Journal {
             };
             s.credentials_expire_at = meta("credentials_expire_at")?;
             s.agent_heartbeat_at = meta("agent_heartbeat_at")?;
-            s.held_markers = crate::batches::held(conn)?;
-            s.streaming = crate::stream::listed(conn)?;
+            s.held_markers = crate::agent::batches::held(conn)?;
+            s.streaming = crate::agent::stream::listed(conn)?;
             Ok(s)
         })
     }

@@ -21,9 +21,7 @@
 //! [`policy`] generates and lints the IAM documents. `docs/ARCHITECTURE.md`
 //! draws the flow.
 
-pub mod after_upload;
 pub mod agent;
-pub mod batches;
 pub mod budget;
 pub mod cli;
 pub mod config;
@@ -36,10 +34,7 @@ pub mod journal;
 pub mod lease;
 pub mod metrics;
 pub mod policy;
-pub mod receipts;
 pub mod s3;
-pub mod signals;
-pub mod stream;
 pub mod throttle;
 pub mod upload;
 pub mod walk;

@@ -44,8 +44,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, putonly::cli::Command::Run(_)) {
         // Before any thread starts: a stop during start-up is clean.
-        putonly::signals::catch_stop_signals_early();
-        putonly::signals::debug_start_pause();
+        putonly::agent::signals::catch_stop_signals_early();
+        putonly::agent::signals::debug_start_pause();
     }
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

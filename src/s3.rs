@@ -88,7 +88,7 @@ impl Deadlines {
 }
 
 /// What the server said of an object it stored: the proof kept in the
-/// receipts (see [`crate::receipts`]).
+/// receipts (see [`crate::agent::receipts`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Written {
     pub etag: String,

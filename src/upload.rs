@@ -103,7 +103,7 @@ impl UploadError {
     }
 }
 
-/// A part sent while its file was being written ([`crate::stream`]): its
+/// A part sent while its file was being written ([`crate::agent::stream`]): its
 /// record, and a 128-bit hash (XXH3) of its bytes, so that the finished
 /// file is compared with what was sent by more than the part's CRC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -508,7 +508,7 @@ impl<W: ObjectWriter> Engine<W> {
     }
 
     /// Starts a multipart upload for a file still being written (see
-    /// [`crate::stream`]); the caller has checked the key.
+    /// [`crate::agent::stream`]); the caller has checked the key.
     pub async fn create_upload(&self, path: &Path, key: &str) -> Result<String, UploadError> {
         let inner = &self.inner;
         inner

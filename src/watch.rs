@@ -348,7 +348,7 @@ impl State {
 
 /// A file of a watch with `stream = true` that is being written and holds
 /// at least one full part: the agent may send its parts now
-/// ([`crate::stream`]).
+/// ([`crate::agent::stream`]).
 #[derive(Debug, Clone)]
 pub struct Growing {
     pub watch: usize,

@@ -19,10 +19,10 @@ use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, PushArgs, report_error};
 
 /// Exit status after Ctrl-C, as shells report a SIGINT death (128 + 2).
 const EXIT_INTERRUPTED: u8 = 130;
+use crate::agent::receipts::Receipt;
 use crate::config::{ConfigError, Settings};
 use crate::credentials::{CredentialSource, load_sdk_config};
 use crate::ground::keys::{folder_prefix, key_for};
-use crate::receipts::Receipt;
 use crate::s3::WriteOnlyBucket;
 use crate::upload::{Engine, Job, ProgressFn, UploadError, Uploaded};
 

@@ -1,4 +1,4 @@
-//! `putonly receipts`: the receipts the agent kept ([`crate::receipts`]),
+//! `putonly receipts`: the receipts the agent kept ([`crate::agent::receipts`]),
 //! as a table or JSON Lines, read from the journal alone. It opens the
 //! journal read-only, never changes it, sends nothing, and prints each
 //! receipt as it is read (memory stays flat however many there are).
@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use super::{EXIT_OK, EXIT_USAGE, ReceiptsArgs, report_error, unreadable_journal};
+use crate::agent::receipts::{HEADER, parse_since};
 use crate::journal::Journal;
-use crate::receipts::{HEADER, parse_since};
 
 pub fn run(args: ReceiptsArgs) -> ExitCode {
     let state = match args.agent.state("the journal and its receipts live there") {

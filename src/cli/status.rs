@@ -53,7 +53,7 @@ fn name_refusals(status: &mut Status, unreadable: &Summary) {
     }
     for m in &mut status.held_markers {
         for f in &mut m.files {
-            if f.state != crate::batches::NOT_TAKEN {
+            if f.state != crate::agent::batches::NOT_TAKEN {
                 continue;
             }
             if let Some(i) = unreadable

@@ -168,12 +168,12 @@ pub struct WatchSettings {
     pub settle: Duration,
     pub after_upload: AfterUpload,
     /// Globs on a file's name: such a file is a batch's completion marker,
-    /// sent only after the rest of its folder ([`crate::batches`]).
+    /// sent only after the rest of its folder ([`crate::agent::batches`]).
     pub marker: Vec<String>,
     /// With markers: a manifest of the batch is written before each one.
     pub manifest: bool,
     /// Full parts of a file are sent while it is still being written
-    /// ([`crate::stream`]), for append-only producers.
+    /// ([`crate::agent::stream`]), for append-only producers.
     pub stream: bool,
 }
 

@@ -1242,7 +1242,7 @@ mod tests {
             let data = std::fs::read(self.root.join(rel)).unwrap();
             remember_checksum(&self.j, id, &Crc::of(ChecksumKind::Crc64Nvme, &data)).unwrap();
             self.j
-                .done(id, &crate::receipts::Proof::for_test("etag"))
+                .done(id, &crate::agent::receipts::Proof::for_test("etag"))
                 .unwrap();
             id
         }
@@ -1333,7 +1333,7 @@ mod tests {
         let c = f.check(sm, "b/sub/_SUCCESS");
         assert_eq!((c.gate.clone(), c.listed), (Gate::Go, None));
         assert_eq!(waiting(&f.check(m, "b/_SUCCESS")), 1, "the sub marker");
-        f.j.done(sm, &crate::receipts::Proof::for_test("e"))
+        f.j.done(sm, &crate::agent::receipts::Proof::for_test("e"))
             .unwrap();
         assert_eq!(f.check(m, "b/_SUCCESS").gate, Gate::Go);
         // A file made after the listing is not part of the batch.
@@ -1372,7 +1372,8 @@ mod tests {
         record_manifest_sent(&f.j, m).unwrap();
         assert!(manifest_sent(&f.j, m).unwrap());
         // The marker sent: its batch is over.
-        f.j.done(m, &crate::receipts::Proof::for_test("e")).unwrap();
+        f.j.done(m, &crate::agent::receipts::Proof::for_test("e"))
+            .unwrap();
         let left: i64 =
             f.j.with(|c| c.query_row("SELECT COUNT(*) FROM batch_members", [], |r| r.get(0)))
                 .unwrap();
@@ -1393,7 +1394,7 @@ mod tests {
         let m = f.observe("d/_SUCCESS");
         assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
         // The old version completes: it does not settle the member.
-        f.j.done(old, &crate::receipts::Proof::for_test("e"))
+        f.j.done(old, &crate::agent::receipts::Proof::for_test("e"))
             .unwrap();
         assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
         // The version on disk does.
@@ -1605,7 +1606,8 @@ mod tests {
         assert_eq!(f.check(m, "d/_SUCCESS").gate, Gate::Go);
         assert_eq!(manifest(&f, m), ["foo/d/a", "foo/d/c", "foo/d/sub/b"]);
         record_manifest_sent(&f.j, m).unwrap();
-        f.j.done(m, &crate::receipts::Proof::for_test("e")).unwrap();
+        f.j.done(m, &crate::agent::receipts::Proof::for_test("e"))
+            .unwrap();
         // The next batch of the folder lists only what came since.
         std::fs::remove_file(f.root.join("d/c")).unwrap();
         std::fs::remove_file(f.root.join("d/_SUCCESS")).unwrap();

@@ -5,7 +5,7 @@
 //! whether that version was already sent (the journal is the only memory:
 //! the bucket is never asked), uploads it through the engine while the
 //! journal records the multipart progress, marks it done, and only then
-//! deletes or moves it if so configured ([`crate::after_upload`]). Before
+//! deletes or moves it if so configured ([`crate::agent::after_upload`]). Before
 //! anything is recorded it opens the file beneath its watch, never through
 //! a link ([`crate::files`]), checks it is still the version the watcher
 //! judged finished, and, under the lease rule ([`crate::writers`]), takes a
@@ -21,6 +21,12 @@
 //! never reads the bucket and never deletes or moves a file whose upload is
 //! not recorded as done.
 
+pub mod after_upload;
+pub mod batches;
+pub mod receipts;
+pub mod signals;
+pub mod stream;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +36,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::after_upload::{self, Outcome};
-use crate::batches::{self, Gate};
 use crate::config::Markers;
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
@@ -46,11 +50,13 @@ use crate::journal::{AgentLock, GroupCommit, Journal, JournalError, Seen};
 use crate::lease::{Lease, Leases, Take};
 use crate::metrics::{self as m, Health};
 use crate::s3::{ObjectWriter, WriteOnlyBucket};
-use crate::signals::{recv, signal, take_stop_signals};
-use crate::stream::Streams;
 use crate::upload::{Checkpoint, Engine, Job, UploadError};
 use crate::watch::{Candidate, Growing, Requeue, Rule, Watch, Writers};
 use crate::writers::{Mode, Support};
+use after_upload::Outcome;
+use batches::Gate;
+use signals::{recv, signal, take_stop_signals};
+use stream::Streams;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -851,7 +857,7 @@ impl Ctx {
     /// disk): nothing may be deleted or moved before it is on record. With
     /// other files' marks, in one transaction; back once it is committed.
     async fn record_done(&self, id: i64, up: &crate::upload::Uploaded) -> bool {
-        let proof = crate::receipts::Proof::of(&self.settings.bucket.name, up);
+        let proof = receipts::Proof::of(&self.settings.bucket.name, up);
         self.record_outcome("an upload done", || self.commits.done(id, &proof))
             .await
     }
