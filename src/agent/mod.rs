@@ -25,7 +25,11 @@ pub mod after_upload;
 pub mod batches;
 pub mod receipts;
 pub mod signals;
+mod status;
+mod store;
 pub mod stream;
+
+pub use status::Status;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, params};
 
 use crate::ground::checksum::Crc;
+use crate::journal::{Journal, JournalError};
 use crate::upload::Uploaded;
 
 /// The table, made in place in a journal that has none yet (the migration).
@@ -52,20 +53,6 @@ pub struct Proof {
 }
 
 impl Proof {
-    /// A proof for unit tests of what reads the journal.
-    #[cfg(test)]
-    pub fn for_test(etag: &str) -> Self {
-        Proof {
-            bucket: "b-1".into(),
-            key: "k".into(),
-            size: 1,
-            crc: Crc::of(crate::config::ChecksumKind::Crc64Nvme, b"x"),
-            etag: etag.into(),
-            version_id: None,
-            request_id: None,
-        }
-    }
-
     pub fn of(bucket: &str, up: &Uploaded) -> Self {
         Proof {
             bucket: bucket.to_string(),
@@ -250,6 +237,51 @@ pub fn parse_since(text: &str, now: SystemTime) -> Result<i64, String> {
         Err(_) => Err(format!(
             "--since {text:?} is neither an RFC 3339 time nor a duration; give e.g. --since 2026-11-29T06:00:00Z or --since 1h"
         )),
+    }
+}
+
+/// Makes the receipts table ([`SCHEMA`]), for the agent's journal.
+pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)
+}
+
+impl Journal {
+    /// Calls `each` with every receipt recorded at or after `since` (unix
+    /// seconds), oldest first, one at a time (see [`each_since`]);
+    /// `None` when the journal has no receipts table yet.
+    pub fn receipts_since<E>(
+        &self,
+        since: i64,
+        each: impl FnMut(Receipt) -> Result<(), E>,
+    ) -> Result<Option<Result<(), E>>, JournalError> {
+        self.with(|conn| {
+            if !present(conn)? {
+                return Ok(None);
+            }
+            each_since(conn, since, each).map(Some)
+        })
+    }
+
+    /// One batch of receipt pruning: at most `limit` receipts older than
+    /// `before` (unix seconds) go; returns how many did.
+    pub fn prune_receipts(&self, before: i64, limit: usize) -> Result<usize, JournalError> {
+        self.with(|conn| prune_batch(conn, before, limit))
+    }
+}
+
+#[cfg(test)]
+impl Proof {
+    /// A proof for unit tests of what reads the journal.
+    pub fn for_test(etag: &str) -> Self {
+        Proof {
+            bucket: "b-1".into(),
+            key: "k".into(),
+            size: 1,
+            crc: Crc::of(crate::config::ChecksumKind::Crc64Nvme, b"x"),
+            etag: etag.into(),
+            version_id: None,
+            request_id: None,
+        }
     }
 }
 

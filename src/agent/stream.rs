@@ -35,6 +35,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{ChecksumKind, MAX_PARTS};
 use crate::files::{self, OpenError};
+use crate::ground::PartDone;
 use crate::ground::now;
 use crate::journal::{Journal, JournalError};
 use crate::s3::ObjectWriter;
@@ -749,6 +750,39 @@ impl<W: ObjectWriter + 'static> Task<W> {
         tracing::info!(path = ?self.path, key = ?self.sent.key, upload_id = %upload_id, "streaming: the file is being written; its full parts are sent as they come");
         self.sent.upload_id = Some(upload_id.clone());
         Ok(upload_id)
+    }
+}
+
+/// Makes the streams table ([`SCHEMA`]), for the agent's journal.
+pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)
+}
+
+impl Journal {
+    /// Records an upload whose `parts` were sent while the file was being
+    /// written as this record's, and takes it off the streams table
+    /// ([`crate::agent::stream`]), in one transaction: a crash leaves it either
+    /// for the next start to abort or on this record to resume, never both.
+    pub fn multipart_adopted(
+        &self,
+        id: i64,
+        upload_id: &str,
+        part_size: u64,
+        checksum: ChecksumKind,
+        parts: &[PartDone],
+    ) -> Result<(), JournalError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            crate::journal::set_upload(&tx, id, upload_id, part_size, checksum)?;
+            for part in parts {
+                crate::journal::insert_part(&tx, id, part)?;
+            }
+            tx.execute(
+                "DELETE FROM streams WHERE upload_id = ?1",
+                params![upload_id],
+            )?;
+            tx.commit()
+        })
     }
 }
 

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{EXIT_OK, StatusArgs, unreadable_journal};
+use crate::agent::Status;
 use crate::denied::{Kind, Summary};
 use crate::ground::now;
 use crate::ground::printable::printable;
-use crate::journal::{Journal, Status};
+use crate::journal::Journal;
 
 pub fn run(args: StatusArgs) -> ExitCode {
     let state = match args.agent.state("the journal lives there") {
