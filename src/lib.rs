@@ -22,24 +22,15 @@
 //! draws the flow.
 
 pub mod agent;
-pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod credentials;
-pub mod denied;
-pub mod events;
-pub mod files;
 pub mod ground;
 pub mod journal;
-pub mod lease;
-pub mod metrics;
-pub mod policy;
+pub mod ops;
 pub mod s3;
-pub mod throttle;
 pub mod upload;
-pub mod walk;
 pub mod watch;
-pub mod writers;
 
 /// The checksums, where they were before the ground was laid (the tests
 /// and benchmarks name them so).

@@ -33,9 +33,9 @@ use std::time::Duration;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
-use crate::files;
 use crate::ground::FileVersion;
-use crate::lease::Lease;
+use crate::watch::files;
+use crate::watch::lease::Lease;
 
 /// What became of a file after its upload.
 #[derive(Debug, PartialEq, Eq)]
@@ -544,7 +544,7 @@ pub fn recover(root: &Path, rel: &Path, private: &str) -> std::io::Result<bool> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::{Leases, Take};
+    use crate::watch::lease::{Leases, Take};
 
     fn uploaded(path: &Path) -> (File, FileVersion) {
         let f = File::open(path).unwrap();

@@ -34,11 +34,11 @@ use std::sync::Arc;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::config::{AfterUpload, Filter, Markers, WatchSettings};
-use crate::files::{self, OpenError};
 use crate::ground::checksum::Crc;
 use crate::ground::{FileVersion, now};
 use crate::journal::{Journal, JournalError, cached};
-use crate::walk::{self, Found, Tree};
+use crate::watch::files::{self, OpenError};
+use crate::watch::walk::{self, Found, Tree};
 
 /// The batch tables, created with the journal's own.
 pub(crate) const SCHEMA: &str = "

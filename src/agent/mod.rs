@@ -7,8 +7,8 @@
 //! journal records the multipart progress, marks it done, and only then
 //! deletes or moves it if so configured ([`crate::agent::after_upload`]). Before
 //! anything is recorded it opens the file beneath its watch, never through
-//! a link ([`crate::files`]), checks it is still the version the watcher
-//! judged finished, and, under the lease rule ([`crate::writers`]), takes a
+//! a link ([`crate::watch::files`]), checks it is still the version the watcher
+//! judged finished, and, under the lease rule ([`crate::watch::writers`]), takes a
 //! read lease that it holds until the file is done: a lease refused or
 //! broken by a writer hands the file back to the watcher at once, the upload
 //! abandoned. Transient failures (network, 5xx,
@@ -43,20 +43,20 @@ use tokio::task::JoinSet;
 use crate::config::Markers;
 use crate::config::{AfterUpload, ConfigError, Settings, WatchSettings};
 use crate::credentials::{CredentialError, CredentialSource, load_sdk_config};
-use crate::denied::{self, Denied, Kind};
-use crate::files::{self, OpenError};
 use crate::ground::PartDone;
 use crate::ground::checksum::Crc;
 use crate::ground::keys::{KeyError, key_for};
 use crate::ground::retry::Backoff;
 use crate::ground::{FileVersion, Resume, now};
 use crate::journal::{AgentLock, GroupCommit, Journal, JournalError, Seen};
-use crate::lease::{Lease, Leases, Take};
-use crate::metrics::{self as m, Health};
+use crate::ops::metrics::{self as m, Health};
 use crate::s3::{ObjectWriter, WriteOnlyBucket};
 use crate::upload::{Checkpoint, Engine, Job, UploadError};
+use crate::watch::denied::{self, Denied, Kind};
+use crate::watch::files::{self, OpenError};
+use crate::watch::lease::{Lease, Leases, Take};
+use crate::watch::writers::{Mode, Support};
 use crate::watch::{Candidate, Growing, Requeue, Rule, Watch, Writers};
-use crate::writers::{Mode, Support};
 use after_upload::Outcome;
 use batches::Gate;
 use signals::{recv, signal, take_stop_signals};
@@ -374,8 +374,9 @@ pub async fn run(mut settings: Settings) -> Result<(), AgentError> {
     }
     // Nothing is tried again while the agent is stopped: status lists
     // nothing as waiting for permission (the next start finds it anew).
-    let cleared = serde_json::to_string(&crate::denied::Summary::default()).unwrap_or_default();
-    if let Err(e) = journal.set_meta(crate::denied::Summary::META, &cleared) {
+    let cleared =
+        serde_json::to_string(&crate::watch::denied::Summary::default()).unwrap_or_default();
+    if let Err(e) = journal.set_meta(crate::watch::denied::Summary::META, &cleared) {
         tracing::warn!(error = %e, "journal: cannot clear the unreadable paths");
     }
     match failure {
@@ -492,7 +493,7 @@ async fn housekeeping(
             let j = journal.clone();
             let written = tokio::task::spawn_blocking(move || {
                 let text = serde_json::to_string(&summary).unwrap_or_default();
-                j.set_meta(crate::denied::Summary::META, &text)
+                j.set_meta(crate::watch::denied::Summary::META, &text)
             })
             .await;
             match written {

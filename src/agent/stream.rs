@@ -34,12 +34,12 @@ use rusqlite::{Connection, params};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{ChecksumKind, MAX_PARTS};
-use crate::files::{self, OpenError};
 use crate::ground::PartDone;
 use crate::ground::now;
 use crate::journal::{Journal, JournalError};
 use crate::s3::ObjectWriter;
 use crate::upload::{Engine, Streamed, StreamedPart};
+use crate::watch::files::{self, OpenError};
 
 /// The uploads of files being written: created before their first part is
 /// sent, removed once the agent has the upload on its file's record (or it
@@ -163,7 +163,7 @@ impl<W: ObjectWriter + 'static> Streams<W> {
     }
 
     fn gauge(running: &HashMap<PathBuf, Follow>) {
-        ::metrics::gauge!(crate::metrics::STREAMS).set(running.len() as f64);
+        ::metrics::gauge!(crate::ops::metrics::STREAMS).set(running.len() as f64);
     }
 
     /// Follows the file `rel` beneath `root` (at `path`), to be sent as
@@ -449,7 +449,7 @@ async fn abandon<W: ObjectWriter>(
     why: &Why,
 ) {
     tracing::info!(path = ?path, upload_id, reason = %why.text, "the upload of a file being written is abandoned; the file is sent afresh once finished");
-    ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => why.label).increment(1);
+    ::metrics::counter!(crate::ops::metrics::STREAMS_ABANDONED, "reason" => why.label).increment(1);
     engine.abort_upload(key, upload_id).await;
     if let Err(e) = forget(journal, upload_id) {
         tracing::warn!(error = %e, "journal: cannot remove the record of a streamed upload (it is aborted at the next start)");
@@ -704,7 +704,7 @@ impl<W: ObjectWriter + 'static> Task<W> {
                 match part {
                     Ok(part) => {
                         tracing::debug!(path = ?self.path, number, "part sent while the file is written");
-                        ::metrics::counter!(crate::metrics::STREAM_PARTS).increment(1);
+                        ::metrics::counter!(crate::ops::metrics::STREAM_PARTS).increment(1);
                         self.sent.parts.push(part);
                         sent_to += part_size;
                     }

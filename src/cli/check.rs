@@ -23,7 +23,7 @@ use crate::credentials::{
 };
 use crate::ground::checksum::Crc;
 use crate::s3::{ObjectWriter, S3Error, WriteOnlyBucket};
-use crate::writers::{Mode, Support};
+use crate::watch::writers::{Mode, Support};
 
 /// Lines of the report and whether any check failed.
 #[derive(Default)]
@@ -123,12 +123,12 @@ fn local_checks(settings: &Settings, r: &mut Report) {
         }
     }
     for (what, path) in configured {
-        if let Some(warning) = crate::files::swappable_by_others(path) {
+        if let Some(warning) = crate::watch::files::swappable_by_others(path) {
             r.warn(&what, warning);
         }
     }
     if !settings.watches.is_empty() {
-        match crate::files::hardlinks_verdict() {
+        match crate::watch::files::hardlinks_verdict() {
             Ok(line) => r.ok("hard links", line),
             Err(warning) => r.warn("hard links", warning),
         }

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, LintArgs, PolicyArgs, report_error};
 use crate::config::Settings;
-use crate::policy::{self, ABORT_AFTER_DAYS, Documents};
+use crate::ops::policy::{self, ABORT_AFTER_DAYS, Documents};
 
 pub fn run(args: PolicyArgs) -> ExitCode {
     let settings = match args.aws.apply().and_then(|raw| Settings::resolve(&raw)) {

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use super::{EXIT_OK, StatusArgs, unreadable_journal};
 use crate::agent::Status;
-use crate::denied::{Kind, Summary};
 use crate::ground::now;
 use crate::ground::printable::printable;
 use crate::journal::Journal;
+use crate::watch::denied::{Kind, Summary};
 
 pub fn run(args: StatusArgs) -> ExitCode {
     let state = match args.agent.state("the journal lives there") {
@@ -230,7 +230,7 @@ fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::denied::Item;
+    use crate::watch::denied::Item;
 
     #[test]
     fn unreadable_paths_are_listed_with_the_fix_and_nothing_when_none() {

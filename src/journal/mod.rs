@@ -31,8 +31,8 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::config::ChecksumKind;
 use crate::ground::PartDone;
+use crate::ground::checksum::ChecksumKind;
 use crate::ground::checksum::Crc;
 pub use crate::ground::{FileVersion, Resume, UNKNOWN_CTIME, now};
 

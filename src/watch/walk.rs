@@ -1,11 +1,11 @@
 //! Walking the watched trees: every regular file below a folder, found
 //! without ever going through a symbolic link, each folder watched
-//! ([`crate::events`]) before it is listed.
+//! ([`crate::watch::events`]) before it is listed.
 //!
 //! A walk starts at a watched folder (the configuration's path, taken as it
 //! is) or at a folder below one. Every folder below is opened beneath the
 //! watched folder with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
-//! ([`crate::files`]), watched by that descriptor, then listed from it: a
+//! ([`crate::watch::files`]), watched by that descriptor, then listed from it: a
 //! folder swapped for a link at any moment is never listed, never watched,
 //! and nothing outside the tree is ever named in what the walk reports. A
 //! file made after its folder was listed was made after its folder was
@@ -29,8 +29,8 @@ use rustix::fs::{AtFlags, FileType};
 use tokio::sync::mpsc;
 
 use crate::config::Filter;
-use crate::events::{Events, WatchError};
-use crate::files::{self, OpenError};
+use crate::watch::events::{Events, WatchError};
+use crate::watch::files::{self, OpenError};
 
 /// What a walk reports.
 #[derive(Debug)]
@@ -51,7 +51,7 @@ pub(crate) struct Unreadable {
     pub path: PathBuf,
     pub why: String,
     /// Refused by its permissions (`EACCES`, `EPERM`), which producers
-    /// often set last: tried again soon ([`crate::denied`]). Otherwise a
+    /// often set last: tried again soon ([`crate::watch::denied`]). Otherwise a
     /// fault (the inotify limit, an I/O error) left to the next rescan.
     pub refused: bool,
 }
@@ -68,7 +68,7 @@ impl Found {
 
 /// Whether an open or listing error is a refusal by permissions.
 fn refused(e: &OpenError) -> bool {
-    matches!(e, OpenError::Io(io) if crate::denied::is_refusal(io))
+    matches!(e, OpenError::Io(io) if crate::watch::denied::is_refusal(io))
 }
 
 /// One watched folder: its configured path and its filter.

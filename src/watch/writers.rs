@@ -1,7 +1,7 @@
 //! Is anyone still writing this file? Which rule answers that for each
 //! watch, and why.
 //!
-//! The strong rule asks the kernel: a read lease ([`crate::lease`]) is
+//! The strong rule asks the kernel: a read lease ([`crate::watch::lease`]) is
 //! refused while any process, of any user and in any PID namespace, has the
 //! file open for writing. It needs `CAP_LEASE` (or the agent's own files),
 //! a local filesystem and `fs.leases-enable`. Where no lease can be had the

@@ -1,8 +1,8 @@
 //! Watching: which files in the watched folders are finished and ready to
 //! send.
 //!
-//! Sources of news are the kernel's events ([`crate::events`]: one inotify
-//! watch per folder, added by descriptor) and walks ([`crate::walk`]: every
+//! Sources of news are the kernel's events ([`crate::watch::events`]: one inotify
+//! watch per folder, added by descriptor) and walks ([`crate::watch::walk`]: every
 //! folder opened beneath its watched folder, watched, then listed; no link
 //! followed anywhere): a walk at start-up, one of every folder that
 //! appears, a periodic one and one after the event queue overflowed. What a
@@ -13,7 +13,7 @@
 //! open); under the weak rule a file seen being written only once its
 //! writer closed it or it was renamed in, and a file found by a scan only
 //! after a longer quiet time with no writer in `/proc` (see
-//! [`crate::writers`]). Each [`Candidate`] carries the version that was
+//! [`crate::watch::writers`]). Each [`Candidate`] carries the version that was
 //! judged finished, and a file handed back keeps what was known of its
 //! writers. Temporary and hidden files never become ready. This module never
 //! opens a file for reading, never talks to the journal and never uploads:
@@ -26,6 +26,13 @@
 //! (news of more is dropped and a rescan finds those files later, exactly
 //! as after a kernel queue overflow). It never holds a list of all files.
 
+pub mod denied;
+pub mod events;
+pub mod files;
+pub mod lease;
+pub mod walk;
+pub mod writers;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
@@ -36,13 +43,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::config::{Filter, WatchSettings};
-use crate::denied::{self, Denied, Kind};
-use crate::events::{Change, Events, Intake};
-use crate::files::{self, OpenError};
 use crate::ground::FileVersion;
-use crate::walk::{self, Found, Tree, Unreadable};
-pub use crate::writers::{Rule, Writers};
-use crate::writers::{Support, open_for_writing, weak_scan_quiet};
+use denied::{Denied, Kind};
+use events::{Change, Events, Intake};
+use files::OpenError;
+use walk::{Found, Tree, Unreadable};
+pub use writers::{Rule, Writers};
+use writers::{Support, open_for_writing, weak_scan_quiet};
 
 /// How often the watched folders themselves are checked for having been
 /// removed or recreated.
@@ -90,7 +97,7 @@ pub struct Requeue {
     /// What the agent learned of its writers (or the candidate's knowledge,
     /// unchanged). News the watcher had since the hand-over wins.
     pub writers: Writers,
-    /// The agent's user may not open it yet ([`crate::denied`]): any news
+    /// The agent's user may not open it yet ([`crate::watch::denied`]): any news
     /// of it (a chmod, say) ends the wait at once.
     pub refused: bool,
 }
@@ -112,7 +119,7 @@ struct Pending {
     /// When the agent was last told it is growing (`stream = true`).
     growing_told: Option<Instant>,
     /// Waiting because the agent's user may not read it yet: news of it
-    /// ends the wait (see [`crate::denied`]).
+    /// ends the wait (see [`crate::watch::denied`]).
     refused: bool,
 }
 
@@ -1303,7 +1310,7 @@ mod tests {
         assert!(!f.accepts(Path::new("a.json")));
     }
 
-    use crate::writers::Mode;
+    use writers::Mode;
 
     fn watcher_with(dir: &Path, mode: Mode) -> (Watch, mpsc::Receiver<Candidate>) {
         let mut w = watch(&[], &[]);

@@ -310,7 +310,7 @@ mod tests {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "--exact",
-            "files::tests::open_beneath_at_the_descriptor_limit",
+            "watch::files::tests::open_beneath_at_the_descriptor_limit",
             "--nocapture",
             "--ignored",
         ])

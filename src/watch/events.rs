@@ -2,7 +2,7 @@
 //! folder, the table of which watch is which folder, and the reader thread
 //! that turns the kernel's events into [`Intake`] items for the watcher.
 //!
-//! A watch is added on a folder the walk ([`crate::walk`]) has already
+//! A watch is added on a folder the walk ([`crate::watch::walk`]) has already
 //! opened beneath its watched folder, by its descriptor
 //! (`/proc/self/fd/N`, `IN_ONLYDIR`): never by a path a producer could have
 //! swapped for a link meanwhile, so a watch never lands on a folder outside
@@ -79,7 +79,7 @@ pub(crate) enum WatchError {
     /// It is gone (or no longer a folder): nothing to say.
     Vanished,
     /// The agent's user may not read it (yet): tried again soon
-    /// ([`crate::denied`]).
+    /// ([`crate::watch::denied`]).
     Refused(String),
     /// Anything else, in words that name the fix.
     Other(String),

@@ -12,6 +12,9 @@
 //! (its callers do), and never completes an upload whose file changed while
 //! it was being read.
 
+pub mod budget;
+pub mod throttle;
+
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -21,7 +24,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use crate::budget::{Budget, Buffer};
 use crate::config::{
     ChecksumKind, MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, UploadSettings,
 };
@@ -30,7 +32,8 @@ use crate::ground::retry::Backoff;
 pub use crate::ground::{FileVersion, UNKNOWN_CTIME};
 use crate::ground::{PartDone, Resume};
 use crate::s3::{ObjectWriter, S3Error};
-use crate::throttle::Throttle;
+use budget::{Budget, Buffer};
+use throttle::Throttle;
 
 /// One file to send, and where.
 #[derive(Debug, Clone)]
@@ -115,7 +118,7 @@ pub struct StreamedPart {
 /// A part of a file being written, read and hashed, holding its share of
 /// the budget until it is sent or dropped.
 pub struct ReadPart {
-    _admission: crate::budget::Admission,
+    _admission: budget::Admission,
     number: i32,
     body: Bytes,
     crc: Crc,
@@ -198,9 +201,8 @@ pub fn part_size_for(file_size: u64, configured: u64) -> u64 {
 /// A request's wait for its share of the budget.
 type Admitting<'a> = std::pin::Pin<
     Box<
-        dyn std::future::Future<
-                Output = Result<crate::budget::Admission, tokio::sync::AcquireError>,
-            > + Send
+        dyn std::future::Future<Output = Result<budget::Admission, tokio::sync::AcquireError>>
+            + Send
             + 'a,
     >,
 >;
@@ -633,7 +635,7 @@ impl<W: ObjectWriter> Engine<W> {
         };
         if let Some(why) = differs {
             tracing::info!(path = ?job.path, key = ?job.key, upload_id = %sent.upload_id, reason = %why, "the parts sent while the file was written are not its bytes now; that upload is abandoned and the file is sent afresh");
-            ::metrics::counter!(crate::metrics::STREAMS_ABANDONED, "reason" => "differs")
+            ::metrics::counter!(crate::ops::metrics::STREAMS_ABANDONED, "reason" => "differs")
                 .increment(1);
             self.abort_upload(&job.key, &sent.upload_id).await;
             return self.upload_with(job, progress, checkpoint).await;
