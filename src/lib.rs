@@ -1,25 +1,32 @@
 //! putonly ships files into an S3 bucket that belongs to someone else, with
 //! write-only permissions.
 //!
-//! The pipeline, one module a step:
-//! [`config`] (what to do) → [`credentials`] (who is asking, renewed in the
-//! background) → [`keys`] (where each file goes, and whether it may) →
-//! [`upload`] (how a file becomes an object, within the [`budget`], through
-//! [`throttle`] and [`retry`]) → [`s3`] (the only code that talks to the bucket; it can only
-//! write) → [`cli`] (what the user sees). [`checksum`] computes the CRCs the
-//! server verifies. The agent adds [`events`] (the kernel's news, one
-//! inotify watch a folder) and [`walk`] (every file below a folder, no
-//! link followed) feeding [`watch`] (which files are finished),
-//! [`writers`] (which rule tells that, per watch) with [`lease`] (the
-//! kernel's answer), [`denied`] (what the agent may not read yet, tried
-//! again soon), [`files`] (opening beneath a watch, never through a
-//! link), [`journal`] (its only memory), [`agent`] (the loop, stopped
-//! through [`signals`]),
-//! [`batches`] (a folder's marker sent after the rest of its batch),
-//! [`after_upload`] (delete or move, only what was sent) and [`metrics`];
-//! [`printable`] escapes producers' names wherever people read them;
-//! [`policy`] generates and lints the IAM documents. `docs/ARCHITECTURE.md`
-//! draws the flow.
+//! The crate is the pipeline, one folder a stage, each naming only the
+//! stages above it in this list (`scripts/layers.py` checks it in CI: no
+//! circle, no file over 1,000 lines of code):
+//!
+//! 1. [`ground`]: the words every stage shares (a file's version, the
+//!    checksums, a part the server accepted, key rules, names escaped for
+//!    people, backoff, the clock). Names nothing.
+//! 2. [`config`]: what to do; the TOML file and the flags checked into one
+//!    [`config::Settings`], with the file-name patterns compiled.
+//! 3. [`ops`]: what the people who run it see ([`ops::metrics`]) and the
+//!    IAM documents they hand over ([`ops::policy`]).
+//! 4. [`credentials`]: who is asking, renewed in the background.
+//! 5. [`s3`]: the only code that talks to the bucket; it can only write.
+//! 6. [`upload`]: how a file becomes an object, within a memory budget,
+//!    at a paced rate, retried.
+//! 7. [`watch`]: which files are finished: the kernel's events, walks, the
+//!    settle rules, leases, opening beneath a watched folder, what may not
+//!    be read yet.
+//! 8. [`journal`]: the agent's only memory; a store that knows no feature.
+//! 9. [`agent`]: the job: the loop, signals, housekeeping, and its features
+//!    (batches, streaming, receipts, after-upload actions), which own their
+//!    tables and compose the journal's transactions.
+//! 10. [`cli`]: what the user sees.
+//!
+//! `docs/ARCHITECTURE.md` draws the flow from a file appearing to the
+//! journal marking it done; `CONTRIBUTING.md` says where a new feature goes.
 
 pub mod agent;
 pub mod cli;

@@ -52,7 +52,7 @@ impl Journal {
     }
 
     /// Record `id` holds the same bytes as record `twin`, the one last sent
-    /// to its key (see [`journal::done_unchanged_in`]): done as `twin` was,
+    /// to its key (see `journal::done_unchanged_in`): done as `twin` was,
     /// without a write, its batch settled. Whether the file is to be kept,
     /// or `None` (nothing changed) when that no longer holds.
     pub fn done_unchanged(&self, id: i64, twin: i64) -> Result<Option<bool>, JournalError> {

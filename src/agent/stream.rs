@@ -7,7 +7,7 @@
 //! one task per growing file follows it through a descriptor of its own,
 //! sends each full part once the file holds it, and keeps the upload id in
 //! the journal's `streams` table, so that an upload a crash leaves behind
-//! is aborted at the next start ([`Streams::recover`]). It never completes
+//! is aborted at the next start ([`Streams::left_over`], [`Streams::abort_left_over`]). It never completes
 //! an upload and never decides that a file is finished: the agent does, by
 //! the same rule as for any file, then takes the parts sent
 //! ([`Streams::take`]) and hands them to

@@ -17,8 +17,8 @@
 //! `meta`) and their migration, the file records' transitions, and the
 //! group commit. A feature that keeps state (the agent's batches, streams,
 //! receipts) brings its own tables and SQL: it hands its table maker to
-//! [`Journal::open_with`] ([`Schema`]), runs its writes inside the journal's
-//! transactions ([`Step`], [`Journal::with`]) and adds its own methods to
+//! `Journal::open_with` (a `Schema`), runs its writes inside the journal's
+//! transactions (a `Step`, or `Journal::with`) and adds its own methods to
 //! [`Journal`] from its own module. This module never names one, never
 //! talks to the network, and never reads or changes the files it records.
 
@@ -195,7 +195,7 @@ impl Journal {
     }
 
     /// Sizes the write-ahead log again from the room on its disk (see
-    /// [`wal_pages`]): the agent calls it every few seconds, so a disk that
+    /// `wal_pages`): the agent calls it every few seconds, so a disk that
     /// fills while it runs, or gets room back, is followed.
     pub fn retune(&self) -> Result<(), JournalError> {
         let pages = wal_pages(room(&self.path));

@@ -190,14 +190,14 @@ fn describe() {
 }
 
 /// Connections served at once, at most; a quarter of the descriptor limit
-/// when that is lower (never under [`MIN_CONNECTIONS`]).
+/// when that is lower (never under `MIN_CONNECTIONS`).
 pub const MAX_CONNECTIONS: usize = 64;
 const MIN_CONNECTIONS: usize = 4;
 /// A request's head must arrive within this; it is also how long a
 /// keep-alive connection may wait for its next request.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// No connection is kept longer (a response in progress gets
-/// [`LIFETIME_GRACE`] more).
+/// `LIFETIME_GRACE` more).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 const LIFETIME_GRACE: Duration = Duration::from_secs(1);
 /// The largest request head, and the most a connection buffers.

@@ -153,7 +153,7 @@ pub struct Item {
 pub struct Summary {
     pub folders: u64,
     pub files: u64,
-    /// The [`SHOWN`] oldest, folders first.
+    /// The `SHOWN` oldest, folders first.
     pub oldest: Vec<Item>,
 }
 

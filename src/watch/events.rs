@@ -1,6 +1,6 @@
 //! The kernel's news of files in the watched trees: one inotify watch per
 //! folder, the table of which watch is which folder, and the reader thread
-//! that turns the kernel's events into [`Intake`] items for the watcher.
+//! that turns the kernel's events into `Intake` items for the watcher.
 //!
 //! A watch is added on a folder the walk ([`crate::watch::walk`]) has already
 //! opened beneath its watched folder, by its descriptor

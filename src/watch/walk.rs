@@ -10,9 +10,9 @@
 //! and nothing outside the tree is ever named in what the walk reports. A
 //! file made after its folder was listed was made after its folder was
 //! watched, so an event tells of it. Folders the agent cannot open or watch
-//! are reported once per walk ([`Found::Unreadable`], saying whether their
+//! are reported once per walk (`Found::Unreadable`, saying whether their
 //! permissions refused the agent), and every folder listed whole is
-//! reported too ([`Found::Listed`]), so that one refused before is known
+//! reported too (`Found::Listed`), so that one refused before is known
 //! readable again; their siblings are walked. The walk runs off the runtime and waits while its small channel
 //! is full, so it goes only as fast as the watcher takes what it finds; it
 //! holds the names of the folders still to list, depth first, never a list

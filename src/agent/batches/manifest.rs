@@ -50,7 +50,7 @@ pub fn manifest_sent(journal: &Journal, marker_id: i64) -> Result<bool, JournalE
 
 /// The manifest of this marker's batch was sent: not again for it, and
 /// the files it listed (and older versions of them) are not listed again
-/// by a later manifest of its folder (see [`add_history`]).
+/// by a later manifest of its folder (see `add_history`).
 pub fn record_manifest_sent(journal: &Journal, marker_id: i64) -> Result<(), JournalError> {
     journal.with(|c| {
         let tx = c.transaction()?;

@@ -25,7 +25,6 @@
 //! follow a link; and never talk to the network: the agent sends the
 //! manifest and the marker through the engine.
 
-
 mod listing;
 mod manifest;
 mod status;

@@ -19,7 +19,7 @@ pub struct HeldMarker {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HeldFile {
     pub path: String,
-    /// "failed: ...", "pending", "pending: <last error>", or [`NOT_TAKEN`].
+    /// "failed: ...", "pending", `"pending: <last error>"`, or [`NOT_TAKEN`].
     pub state: String,
 }
 

@@ -619,8 +619,7 @@ fn a_recheck_costs_the_same_whatever_the_batch_size() {
         .unwrap();
         have = n;
         let t = Instant::now();
-        let c =
-            blocking(|| check(&f.j, &f.w, &f.m, 0, id, Path::new("d/_SUCCESS"), v)).unwrap();
+        let c = blocking(|| check(&f.j, &f.w, &f.m, 0, id, Path::new("d/_SUCCESS"), v)).unwrap();
         let took = t.elapsed();
         println!("waiting {n}: recheck {took:?} ({:?})", c.gate);
         assert_eq!(waiting(&c), n as u64);
@@ -675,8 +674,7 @@ fn an_unreadable_folder_in_the_batch_holds_the_marker() {
     }
     let m = f.observe("d/_SUCCESS");
     let v = f.version("d/_SUCCESS");
-    let err =
-        blocking(|| check(&f.j, &f.w, &f.m, 0, m, Path::new("d/_SUCCESS"), v)).unwrap_err();
+    let err = blocking(|| check(&f.j, &f.w, &f.m, 0, m, Path::new("d/_SUCCESS"), v)).unwrap_err();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert!(err.to_string().contains("cannot list its batch"), "{err}");
     assert_eq!(waiting(&f.check(m, "d/_SUCCESS")), 1);
