@@ -201,13 +201,14 @@ impl Budget {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    #[cfg(test)]
+#[cfg(test)]
+impl Budget {
     pub fn pooled(&self) -> usize {
         self.lock().idle.values().map(Vec::len).sum()
     }
 
-    #[cfg(test)]
     fn pooled_bytes(&self) -> u64 {
         self.lock().bytes
     }
