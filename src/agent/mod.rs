@@ -20,6 +20,15 @@
 //! the same way, but with an error: it never exits 0 after one. The agent
 //! never reads the bucket and never deletes or moves a file whose upload is
 //! not recorded as done.
+//!
+//! The stage holds the loop and its start (this file), one file's way
+//! (`worker`), what follows an upload (`outcome`), housekeeping and
+//! maintenance (`upkeep`), and the features that ride on it, each owning
+//! its tables and SQL in the journal: ordered batches ([`batches`]),
+//! streaming ([`stream`]), receipts ([`receipts`]), the after-upload action
+//! ([`after_upload`]), with [`signals`]. `store` composes the journal's
+//! transactions with them (the journal knows none), `status` what
+//! `putonly status` shows.
 
 pub mod after_upload;
 pub mod batches;

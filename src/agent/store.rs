@@ -58,10 +58,11 @@ impl Journal {
     pub fn done_unchanged(&self, id: i64, twin: i64) -> Result<Option<bool>, JournalError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            let Some(keep) = journal::done_unchanged_in(&tx, id, twin, now())? else {
+            if !journal::done_unchanged_in(&tx, id, twin, now())? {
                 return Ok(None);
-            };
+            }
             batches::on_done(&tx, id)?;
+            let keep = journal::keeps_file(&tx, id)?;
             tx.commit()?;
             Ok(Some(keep))
         })

@@ -9,7 +9,12 @@
 //! machine or `aws.allow_insecure_http` says so ([`check_endpoint`]). The
 //! external id is a [`Secret`]: no `Debug` output shows it. This module
 //! never touches the network or the credentials themselves (a profile is
-//! only a name here).
+//! only a name here), and names only the ground.
+//!
+//! The file as written is in `raw`, the checked types in `settings`, their
+//! resolution in `resolve` and `watches`, values with units and endpoint
+//! rules in `values`, and what is compiled from the settings (the watches'
+//! globs, the batch markers) in `patterns`.
 
 use std::collections::BTreeMap;
 use std::fmt;

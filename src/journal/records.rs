@@ -351,20 +351,30 @@ pub(crate) fn done_in(
     Ok(())
 }
 
+/// Whether record `id`'s file is to be kept whatever its watch's
+/// after-upload action (its writer was never seen to close it, or its key
+/// already held an object).
+pub(crate) fn keeps_file(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let keep: Option<i64> =
+        conn.query_row("SELECT keep_file FROM files WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?;
+    Ok(keep.is_some_and(|k| k != 0))
+}
+
 /// Inside a transaction: record `id` holds the same bytes as record
 /// `twin`, whose object is in the bucket (the agent compared their CRCs;
-/// only the ctime differs): `id` is done as `twin` was, without a write,
-/// and `twin` superseded by it. Returns whether the file is to be kept (as
-/// `twin`'s was: no after-upload action), or `None`, changing nothing,
-/// when that no longer holds: `twin` is not the record last sent to its
-/// key any more (another version was sent, or it was pruned), or `id` is
-/// no longer waiting to be sent.
+/// only the ctime differs): `id` is done as `twin` was (its ETag, CRC and
+/// whether its file is kept), without a write, and `twin` superseded by
+/// it. Returns `false`, changing nothing, when that no longer holds:
+/// `twin` is not the record last sent to its key any more (another version
+/// was sent, or it was pruned), or `id` is no longer waiting to be sent.
 pub(crate) fn done_unchanged_in(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
     twin: i64,
     at: i64,
-) -> rusqlite::Result<Option<bool>> {
+) -> rusqlite::Result<bool> {
     let done = tx.execute(
         "UPDATE files SET state = 'done', done_at = ?3, updated_at = ?3, upload_id = NULL,
                 last_error = NULL, etag = s.etag, checksum = s.checksum,
@@ -378,17 +388,13 @@ pub(crate) fn done_unchanged_in(
         params![id, twin, at],
     )?;
     if done == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     tx.execute(
         "UPDATE files SET state = 'superseded', updated_at = ?2 WHERE id = ?1",
         params![twin, at],
     )?;
-    let keep: Option<i64> =
-        tx.query_row("SELECT keep_file FROM files WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })?;
-    Ok(Some(keep.is_some_and(|k| k != 0)))
+    Ok(true)
 }
 
 pub(super) fn lossy(b: &[u8]) -> String {

@@ -10,7 +10,10 @@
 //! whole object carry a CRC the server verifies. The engine never talks to
 //! S3 except through an [`ObjectWriter`], never decides which files to send
 //! (its callers do), and never completes an upload whose file changed while
-//! it was being read.
+//! it was being read. The stage holds the engine (this file), the memory
+//! [`budget`] and the bandwidth [`throttle`]; it names the ground, the
+//! settings, the metrics and the bucket, never the watcher or the journal
+//! (a [`Checkpoint`] is how a caller keeps its progress).
 
 pub mod budget;
 pub mod throttle;
