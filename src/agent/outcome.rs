@@ -283,11 +283,20 @@ impl Ctx {
         if action == AfterUpload::Keep {
             return;
         }
-        if cand.rule == Rule::Weak && cand.writers == Writers::Unclosed {
-            // Taken without a close its writer was seen to make: sent, but
-            // never deleted or moved (the record says so from now on), in
-            // case that writer is still at it.
-            tracing::info!(path = ?cand.path, "uploaded; left in place for good (after_upload skipped): its writer was never seen to close it");
+        // Taken without a close its writer was seen to make, or of unknown
+        // history while /proc cannot show every writer (the agent's user
+        // lacks CAP_SYS_PTRACE, or runs in its own PID namespace): sent,
+        // but never deleted or moved (the record says so from now on), in
+        // case a writer is still at it.
+        let unseen = match (cand.rule, cand.writers) {
+            (Rule::Weak, Writers::Unclosed) => Some("its writer was never seen to close it"),
+            (Rule::Weak, Writers::Unknown) if !self.support.proc_sees_all => Some(
+                "found by a scan, and /proc cannot show every writer from here; grant CAP_LEASE to have such files deleted or moved",
+            ),
+            _ => None,
+        };
+        if let Some(why) = unseen {
+            tracing::info!(path = ?cand.path, why, "uploaded; left in place for good (after_upload skipped)");
             let j = self.journal.clone();
             let kept = tokio::task::spawn_blocking(move || j.keep_file(id)).await;
             if let Ok(r) = kept {

@@ -77,6 +77,11 @@ pub struct Support {
     fixed: Option<Mode>,
     /// What the `/proc` check can see, for messages.
     pub proc_view: String,
+    /// Whether the `/proc` check sees every process of the host. When it
+    /// does not, a file of unknown history judged by the weak rule may
+    /// still have a writer it cannot see: it is sent, but never deleted or
+    /// moved after its upload.
+    pub proc_sees_all: bool,
 }
 
 /// How long a scanned file must be quiet under the weak rule: well past
@@ -105,6 +110,7 @@ impl Support {
             roots,
             devices: Mutex::new(devices),
             proc_view: proc_view(&caps),
+            proc_sees_all: proc_sees_all(&caps),
             caps,
             fixed: None,
         }
@@ -117,6 +123,7 @@ impl Support {
             roots: Vec::new(),
             devices: Mutex::new(HashMap::new()),
             proc_view: proc_view(&caps),
+            proc_sees_all: proc_sees_all(&caps),
             caps,
             fixed: Some(mode),
         }
@@ -231,9 +238,14 @@ impl Support {
         let (mode, why) = self.mode(watch);
         let weak = format!(
             "files seen being written are taken only after their writer closes them or they are renamed in; \
-             files found by a scan after {} quiet and a /proc check, which {}",
+             files found by a scan after {} quiet and a /proc check, which {}{}",
             humantime::format_duration(weak_scan_quiet(settle)),
-            self.proc_view
+            self.proc_view,
+            if self.proc_sees_all {
+                ""
+            } else {
+                " (so such a file is sent but never deleted or moved after its upload)"
+            }
         );
         match mode {
             Mode::AnyFile => format!(
@@ -355,8 +367,9 @@ fn probe_statfs(
     }
 }
 
-/// What the `/proc` writer check can see from here.
-fn proc_view(caps: &Capabilities) -> String {
+/// What the `/proc` writer check cannot see from here; empty when it sees
+/// every process.
+fn proc_limits(caps: &Capabilities) -> Vec<String> {
     const CAP_SYS_PTRACE: u32 = 19;
     let mut limits = Vec::new();
     // Another user's /proc/PID/fdinfo needs CAP_SYS_PTRACE, even for uid 0.
@@ -366,6 +379,17 @@ fn proc_view(caps: &Capabilities) -> String {
     if !in_initial_pid_namespace() {
         limits.push("only processes of its own PID namespace".to_string());
     }
+    limits
+}
+
+/// Whether the `/proc` writer check sees every process.
+fn proc_sees_all(caps: &Capabilities) -> bool {
+    proc_limits(caps).is_empty()
+}
+
+/// What the `/proc` writer check can see from here, for messages.
+fn proc_view(caps: &Capabilities) -> String {
+    let limits = proc_limits(caps);
     if limits.is_empty() {
         "sees every process".to_string()
     } else {
@@ -481,6 +505,7 @@ mod tests {
             },
             fixed: None,
             proc_view: String::new(),
+            proc_sees_all: true,
         };
         assert_eq!(s.rule(dir.path(), &mine), Rule::Lease);
         // Refused at run time: EACCES narrows to own files (another user's
