@@ -267,6 +267,9 @@ impl WriteOnlyBucket {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(RetryConfig::disabled())
+            // Never a CreateSession (a GET on the bucket) before a write;
+            // the settings refuse directory bucket names too.
+            .disable_s3_express_session_auth(true)
             // Each request gets its own deadline (see Deadlines), answer
             // body included; the SDK only bounds connecting.
             .timeout_config(
@@ -779,5 +782,60 @@ mod tests {
         // Other 409s S3 documents as "try again" are transient too.
         let e = classify("PutObject", "foo/a", put_error(409, "OperationAborted"));
         assert!(e.is_transient(), "{e}");
+    }
+
+    /// A directory bucket's name (which the settings refuse) still gets
+    /// no CreateSession: the first request on the wire is the PutObject.
+    #[tokio::test]
+    async fn a_directory_bucket_name_gets_no_create_session() {
+        use aws_sdk_s3::config::{Credentials, Region, SharedCredentialsProvider};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let _ = tx.send(String::from_utf8_lossy(&got[..end]).into_owned());
+                            let _ = c
+                                .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let sdk = SdkConfig::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(url)
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::for_tests()))
+            .build();
+        let raw = crate::config::RawConfig::parse(
+            "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n",
+        )
+        .unwrap();
+        let mut settings = crate::config::Settings::resolve(&raw).unwrap();
+        settings.bucket.name = "mybucket--use1-az4--x-s3".into();
+        let creds = CredentialSource::start(&sdk, None).await.unwrap();
+        let b = WriteOnlyBucket::new(&sdk, creds, &settings.bucket, &settings.upload);
+        let body = Bytes::from_static(b"hello");
+        let crc = Crc::of(ChecksumKind::Crc64Nvme, &body);
+        let _ = b.put_object("foo/x", body, crc).await;
+        let first = heads.recv().await.unwrap();
+        assert!(
+            first.starts_with("PUT /mybucket--use1-az4--x-s3/foo/x"),
+            "the first request was not the PutObject: {first}"
+        );
     }
 }

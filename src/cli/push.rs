@@ -165,7 +165,9 @@ fn choose_prefix(args: &PushArgs, settings: &Settings) -> Result<String, String>
     match &args.prefix {
         Some(p) => Ok(folder_prefix(p)),
         None => match settings.bucket.guard.prefixes() {
-            [only] => Ok(only.clone()),
+            // Files go into it as into a folder, as with --prefix: an
+            // allowed prefix "foo" would otherwise make "fooreport.csv".
+            [only] => Ok(folder_prefix(only)),
             many => Err(format!(
                 "choose where the files go with --prefix (allowed: {})",
                 many.join(", ")
@@ -546,5 +548,44 @@ impl Output {
         } else {
             println!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Line {
+        #[command(flatten)]
+        push: PushArgs,
+    }
+
+    fn prefix_for(allowed: &str, line: &[&str]) -> Result<String, String> {
+        let text = format!("[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = {allowed}\n");
+        let raw = crate::config::RawConfig::parse(&text)?;
+        let settings = Settings::resolve(&raw).map_err(|e| e.to_string())?;
+        let args = Line::try_parse_from(std::iter::once("push").chain(line.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        choose_prefix(&args.push, &settings)
+    }
+
+    #[test]
+    fn files_go_into_the_prefix_as_into_a_folder() {
+        // The only allowed prefix, given without its slash: "foo/report.csv",
+        // never "fooreport.csv".
+        assert_eq!(prefix_for("[\"foo\"]", &["a.csv"]).unwrap(), "foo/");
+        assert_eq!(prefix_for("[\"foo/\"]", &["a.csv"]).unwrap(), "foo/");
+        assert_eq!(
+            prefix_for(
+                "[\"foo/\", \"fighters/\"]",
+                &["--prefix", "fighters", "a.csv"]
+            )
+            .unwrap(),
+            "fighters/"
+        );
+        let err = prefix_for("[\"foo/\", \"fighters/\"]", &["a.csv"]).unwrap_err();
+        assert!(err.contains("--prefix"), "{err}");
     }
 }

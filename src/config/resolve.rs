@@ -280,6 +280,15 @@ pub(super) fn resolve_bucket(b: &RawBucket) -> Result<BucketSettings, ConfigErro
             "use 3 to 63 lowercase letters, digits, dots and hyphens",
         ));
     }
+    if name.ends_with("--x-s3") {
+        // The SDK opens every request to a directory bucket with a
+        // CreateSession, a GET on the bucket: promise 1 forbids it.
+        return Err(ConfigError::invalid(
+            "bucket.name",
+            format!("{name:?} is a directory bucket (S3 Express One Zone)"),
+            "putonly writes only to general purpose buckets: every request to a directory bucket needs a CreateSession (GET ?session on the bucket, s3express:CreateSession), which putonly never sends",
+        ));
+    }
     let prefixes = b.allowed_prefixes.clone().unwrap_or_default();
     let guard = PrefixGuard::new(prefixes).map_err(|e| match e {
         PrefixError::None => ConfigError::invalid(

@@ -106,6 +106,13 @@ fn rejected_forms_name_the_setting() {
     assert!(err.starts_with("bucket.name"), "{err}");
     let err = resolve("[bucket]\nname = \"b-1\"\nallowed_prefixes = [\"/foo/\"]\n").unwrap_err();
     assert!(err.starts_with("bucket.allowed_prefixes"), "{err}");
+    // A directory bucket: every request would open with a CreateSession,
+    // a GET on the bucket.
+    let err =
+        resolve("[bucket]\nname = \"mybucket--use1-az4--x-s3\"\nallowed_prefixes = [\"foo/\"]\n")
+            .unwrap_err();
+    assert!(err.starts_with("bucket.name"), "{err}");
+    assert!(err.contains("directory bucket"), "{err}");
     let err = resolve(&format!("{base}acl = \"everyone\"\n")).unwrap_err();
     assert!(err.starts_with("bucket.acl"), "{err}");
     let err = resolve(&format!("{base}sse = \"rot13\"\n")).unwrap_err();
@@ -189,6 +196,10 @@ fn rejected_watch_forms_name_the_setting() {
             "watch[0].prefix",
         ),
         ("path = \"srv/out\"\nprefix = \"foo/\"\n", "watch[0].path"),
+        (
+            "path = \"/srv/out\"\nprefix = \"foo//bar\"\n",
+            "watch[0].prefix: \"foo//bar/\" cannot begin a key",
+        ),
         ("path = \"/\"\nprefix = \"foo/\"\n", "watch[0].path"),
         (
             "path = \"/srv/out\"\nprefix = \"foo/\"\nafter_upload = \"shred\"\n",

@@ -41,6 +41,14 @@ pub(super) fn resolve_watch(
             "use one of the allowed prefixes or a folder below one",
         ));
     }
+    // Every key below it must pass the guard ("foo//bar/" would not).
+    if let Err(e) = guard.check(&format!("{prefix}x")) {
+        return Err(ConfigError::invalid(
+            &name("prefix"),
+            format!("{prefix:?} cannot begin a key: {e}"),
+            "remove the empty segment (\"//\") from the prefix",
+        ));
+    }
     let check_globs = |key: &str, globs: &[String]| -> Result<(), ConfigError> {
         for g in globs {
             globset::Glob::new(g).map_err(|e| {
