@@ -200,6 +200,7 @@ pub(super) fn observe_in(
             params![id, v.ctime_ns],
         )?;
     }
+    let row_id = row.as_ref().map(|r| r.0);
     let seen = match row {
         Some((id, state, .., keep)) if state == "done" => Seen::Done { id, keep },
         Some((_, state, _, retry_at, err, ..))
@@ -264,10 +265,13 @@ pub(super) fn observe_in(
             }
         }
     };
-    // Older unfinished versions of this path will never be completed.
+    // Older unfinished versions of this path will never be completed. A
+    // failed record waiting for its retry time is this version: it stays
+    // failed (shown by status, tried again at its time).
     let current = match &seen {
         Seen::Upload { id, .. } | Seen::Touched { id, .. } => *id,
-        _ => -1,
+        Seen::Failed { .. } => row_id.unwrap_or(-1),
+        Seen::Done { .. } => -1,
     };
     let stale = supersede_unfinished(tx, p, current, i64::MAX, t, None)?;
     Ok((seen, stale))

@@ -372,6 +372,25 @@ fn failures_wait_for_their_retry_time() {
     assert_eq!(s.last_errors.len(), 1);
 }
 
+/// A failed file seen again and again before its retry time (each rescan
+/// hands every quiet file over) stays failed, in status, until that time.
+#[test]
+fn a_failed_file_seen_again_stays_failed_until_its_retry_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    let (Seen::Upload { id, .. }, _) = j.observe("w", Path::new("/d"), v(1, 1), "foo/d").unwrap()
+    else {
+        panic!()
+    };
+    j.failed(id, "AccessDenied", now() + 3600).unwrap();
+    for look in 0..3 {
+        let seen = j.observe("w", Path::new("/d"), v(1, 1), "foo/d").unwrap().0;
+        assert!(matches!(seen, Seen::Failed { .. }), "look {look}: {seen:?}");
+        let s = j.status().unwrap();
+        assert_eq!((s.failed, s.last_errors.len()), (1, 1), "look {look}");
+    }
+}
+
 #[test]
 fn a_journal_from_before_ctime_is_migrated_and_sends_nothing_again() {
     let dir = tempfile::tempdir().unwrap();
