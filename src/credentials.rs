@@ -367,7 +367,11 @@ impl CredentialSource {
 #[derive(Clone, Debug)]
 struct Session {
     credentials: Credentials,
+    /// When they expire, on this machine's clock (see [`local_expiry`]).
     expires: SystemTime,
+    /// The expiry STS reported disagreed with the lifetime asked for by
+    /// this much: this machine's clock is off by about that.
+    clock_off: Option<String>,
     generation: u64,
     /// The assumed-role identity STS reported.
     assumed_arn: String,
@@ -521,8 +525,19 @@ impl RoleSession {
         }
     }
 
+    /// What STS said of this machine's clock at the last AssumeRole: about
+    /// how far off it is, when the expiry it reported disagrees with the
+    /// lifetime asked for.
+    pub fn clock_off(&self) -> Option<String> {
+        self.current
+            .borrow()
+            .as_ref()
+            .and_then(|s| s.clock_off.clone())
+    }
+
     async fn assume(&self) -> Result<Session, CredentialError> {
         let arn = &self.settings.arn;
+        let asked = SystemTime::now();
         let mut req = self
             .sts
             .assume_role()
@@ -536,8 +551,16 @@ impl RoleSession {
         let c = out
             .credentials()
             .ok_or_else(|| CredentialError::Empty { arn: arn.clone() })?;
-        let expires = SystemTime::try_from(*c.expiration())
+        let reported = SystemTime::try_from(*c.expiration())
             .map_err(|_| CredentialError::Empty { arn: arn.clone() })?;
+        let (expires, clock_off) = local_expiry(asked, reported, self.settings.duration);
+        if let Some(off) = &clock_off {
+            tracing::warn!(
+                clock = %off,
+                reported_expiry = %humantime::format_rfc3339_seconds(reported),
+                "the expiry STS reported does not fit the lifetime asked for (role.duration): this machine's clock is off; the credentials are renewed by the lifetime asked for, counted on this machine's clock. Set the clock right (NTP: systemd-timesyncd, chrony)"
+            );
+        }
         Ok(Session {
             credentials: Credentials::new(
                 c.access_key_id(),
@@ -547,12 +570,59 @@ impl RoleSession {
                 "putonly-assume-role",
             ),
             expires,
+            clock_off,
             generation: 0,
             assumed_arn: out
                 .assumed_role_user()
                 .map(|u| u.arn().to_string())
                 .unwrap_or_default(),
         })
+    }
+}
+
+/// How far the expiry STS reports may stray from the lifetime asked for
+/// before this machine's clock is called off.
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// When credentials asked for at `asked` (this machine's clock) for
+/// `requested` expire on this machine's clock, given the expiry STS
+/// reported on its own. STS grants exactly the lifetime asked for (or
+/// refuses), so a reported expiry that does not fit it tells of a clock
+/// off here: ahead by an hour, every credential would look expired on
+/// arrival and be asked for again and again; behind, used past its end.
+/// Then the lifetime asked for is counted from `asked`, and how far off
+/// the clock seems is returned for the log and `putonly check`.
+fn local_expiry(
+    asked: SystemTime,
+    reported: SystemTime,
+    requested: Duration,
+) -> (SystemTime, Option<String>) {
+    let fits = |lifetime: Duration| lifetime.abs_diff(requested) <= CLOCK_TOLERANCE;
+    match reported.duration_since(asked) {
+        Ok(lifetime) if fits(lifetime) => (reported, None),
+        Ok(lifetime) if lifetime > requested => (
+            asked + requested,
+            Some(format!(
+                "about {} behind",
+                humantime::format_duration(Duration::from_secs((lifetime - requested).as_secs()))
+            )),
+        ),
+        Ok(lifetime) => (
+            asked + requested,
+            Some(format!(
+                "about {} ahead",
+                humantime::format_duration(Duration::from_secs((requested - lifetime).as_secs()))
+            )),
+        ),
+        Err(past) => (
+            asked + requested,
+            Some(format!(
+                "about {} ahead",
+                humantime::format_duration(Duration::from_secs(
+                    (past.duration() + requested).as_secs()
+                ))
+            )),
+        ),
     }
 }
 
@@ -695,4 +765,130 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_expiry_is_counted_on_this_machines_clock() {
+        let asked = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // Clocks agree (within the tolerance): STS's expiry stands.
+        let r = asked + HOUR - Duration::from_secs(2);
+        assert_eq!(local_expiry(asked, r, HOUR), (r, None));
+        // This clock 2 h ahead: the expiry reported is an hour in the past.
+        let (e, off) = local_expiry(asked, asked - HOUR, HOUR);
+        assert_eq!(e, asked + HOUR);
+        assert_eq!(off.as_deref(), Some("about 2h ahead"));
+        // 30 min ahead: half the lifetime is left by this clock.
+        let (e, off) = local_expiry(asked, asked + HOUR / 2, HOUR);
+        assert_eq!((e, off.as_deref()), (asked + HOUR, Some("about 30m ahead")));
+        // 3 h behind: used past its real end unless counted here.
+        let (e, off) = local_expiry(asked, asked + 4 * HOUR, HOUR);
+        assert_eq!((e, off.as_deref()), (asked + HOUR, Some("about 3h behind")));
+    }
+
+    /// A fake STS whose clock is `offset` behind this machine's: it grants
+    /// one hour, dated by its own clock. Returns its URL and a count of
+    /// the AssumeRole calls it answered.
+    async fn sts_behind(offset: Duration) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n) = c.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if got.len() < end + 4 + len {
+                            continue;
+                        }
+                        got.drain(..end + 4 + len);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let theirs = SystemTime::now() - offset;
+                        let exp = humantime::format_rfc3339_seconds(theirs + HOUR);
+                        let body = format!(
+                            "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+                             <Credentials><AccessKeyId>ASIAX</AccessKeyId><SecretAccessKey>s</SecretAccessKey>\
+                             <SessionToken>t</SessionToken><Expiration>{exp}</Expiration></Credentials>\
+                             <AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/r/putonly</Arn>\
+                             <AssumedRoleId>AROAX:putonly</AssumedRoleId></AssumedRoleUser></AssumeRoleResult>\
+                             <ResponseMetadata><RequestId>r</RequestId></ResponseMetadata></AssumeRoleResponse>"
+                        );
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if c.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, calls)
+    }
+
+    async fn session_with(url: &str) -> CredentialSource {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(aws_types::region::Region::new("us-east-1"))
+            .endpoint_url(url)
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::for_tests()))
+            .build();
+        let text = "[role]\narn = \"arn:aws:iam::123456789012:role/r\"\nduration = \"1h\"\n\
+                    [bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n";
+        let raw = crate::config::RawConfig::parse(text).unwrap();
+        let settings = crate::config::Settings::resolve(&raw).unwrap();
+        CredentialSource::start(&sdk, settings.role.as_ref())
+            .await
+            .unwrap()
+    }
+
+    /// This machine's clock two hours ahead of STS: the credentials are
+    /// used for the hour asked for, not asked for again every second, and
+    /// the clock is named.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clock_hours_ahead_does_not_loop_on_assume_role() {
+        let (url, calls) = sts_behind(2 * HOUR).await;
+        let source = session_with(&url).await;
+        let role = source.role().unwrap().clone();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "AssumeRole was asked again"
+        );
+        role.ready(Duration::from_secs(2)).await.unwrap();
+        assert_eq!(role.clock_off().as_deref(), Some("about 2h ahead"));
+        let left = role
+            .expiry()
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(left > HOUR - Duration::from_secs(60), "{left:?}");
+        // Clocks that agree: nothing said.
+        let (url, _) = sts_behind(Duration::ZERO).await;
+        assert_eq!(session_with(&url).await.role().unwrap().clock_off(), None);
+    }
 }

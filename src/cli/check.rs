@@ -254,6 +254,15 @@ async fn remote_checks(settings: &Settings, probe: bool, r: &mut Report) {
                     )
                 ),
             );
+            if let Some(off) = session.clock_off() {
+                r.warn(
+                    "clock",
+                    format!(
+                        "this machine's clock is {off} of STS's (the expiry STS reported does not fit role.duration); \
+                         putonly counts the lifetime on this clock, but signatures and logs suffer: set the clock right (NTP: systemd-timesyncd, chrony)"
+                    ),
+                );
+            }
         }
         _ => r.ok(
             "role",
