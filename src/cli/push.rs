@@ -7,6 +7,7 @@
 //! for. This module never talks to S3 except through the engine.
 
 use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,10 +33,18 @@ struct Skipped {
     reason: String,
 }
 
+/// A file to send, and for one found inside a named folder, the (device,
+/// inode) the walk saw there: the file opened for it must be that one
+/// (not a link or another file swapped in since).
+struct Planned {
+    job: Job,
+    walked: Option<(u64, u64)>,
+}
+
 /// What planning made of the named paths.
 #[derive(Default)]
 struct Plan {
-    jobs: Vec<Job>,
+    jobs: Vec<Planned>,
     /// Could not be sent: each is a failure.
     failed: Vec<Skipped>,
     /// Left out by rule (links inside a named folder): reported, not failures.
@@ -185,14 +194,17 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
     let mut failed = Vec::new();
     let mut skipped = Vec::new();
     let guard = &settings.bucket.guard;
-    let mut add = |path: PathBuf, key: Result<String, String>| match key
+    let mut add = |path: PathBuf, key: Result<String, String>, walked| match key
         .and_then(|k| guard.check(&k).map(|()| k).map_err(|e| e.to_string()))
     {
-        Ok(key) => jobs.push(Job {
-            path,
-            key,
-            expected: None,
-            opened: None,
+        Ok(key) => jobs.push(Planned {
+            job: Job {
+                path,
+                key,
+                expected: None,
+                opened: None,
+            },
+            walked,
         }),
         Err(reason) => failed.push(Skipped {
             path,
@@ -203,7 +215,7 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
         let meta = match std::fs::metadata(root) {
             Ok(m) => m,
             Err(e) => {
-                add(root.clone(), Err(format!("cannot read: {e}")));
+                add(root.clone(), Err(format!("cannot read: {e}")), None);
                 continue;
             }
         };
@@ -215,7 +227,7 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
                     None => Err("it names no file".to_string()),
                 },
             };
-            add(root.clone(), key);
+            add(root.clone(), key, None);
         } else if meta.is_dir() {
             for entry in walkdir::WalkDir::new(root)
                 .follow_links(args.follow_links)
@@ -224,13 +236,18 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
                 match entry {
                     Err(e) => {
                         let path = e.path().unwrap_or(root).to_path_buf();
-                        add(path, Err(format!("cannot read: {e}")));
+                        add(path, Err(format!("cannot read: {e}")), None);
                     }
                     Ok(entry) if entry.file_type().is_dir() => {}
                     Ok(entry) if entry.file_type().is_file() => {
                         let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
                         let key = key_for(prefix, rel).map_err(|e| e.to_string());
-                        add(entry.path().to_path_buf(), key);
+                        // Without --follow-links the entry is the file
+                        // itself, never a link's target.
+                        let walked = (!args.follow_links)
+                            .then(|| entry.metadata().ok().map(|m| (m.dev(), m.ino())))
+                            .flatten();
+                        add(entry.path().to_path_buf(), key, walked);
                     }
                     Ok(entry) if entry.path_is_symlink() => skipped.push(Skipped {
                         path: entry.into_path(),
@@ -245,7 +262,11 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
                 }
             }
         } else {
-            add(root.clone(), Err("not a regular file or folder".into()));
+            add(
+                root.clone(),
+                Err("not a regular file or folder".into()),
+                None,
+            );
         }
     }
     Plan {
@@ -259,7 +280,7 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
 type SendResult = (Vec<Uploaded>, Vec<Skipped>, Vec<Skipped>);
 
 async fn send(
-    jobs: Vec<Job>,
+    jobs: Vec<Planned>,
     settings: &Settings,
     out: Arc<Output>,
 ) -> Result<SendResult, Box<dyn std::error::Error>> {
@@ -272,7 +293,7 @@ async fn send(
         &settings.upload,
     ));
     let engine = Engine::new(bucket, settings.upload.clone());
-    out.begin(&jobs);
+    out.begin(jobs.iter().map(|p| &p.job));
     // The engine bounds memory by bytes in flight, so many small files go
     // at once; a file waiting its turn holds only its open descriptor.
     let files_at_once = settings.upload.requests_in_flight;
@@ -285,7 +306,9 @@ async fn send(
     let mut results: Vec<(Job, Result<Uploaded, UploadError>)> = Vec::new();
     loop {
         while tasks.len() < files_at_once {
-            let Some(job) = pending.next() else { break };
+            let Some(Planned { mut job, walked }) = pending.next() else {
+                break;
+            };
             let (engine, out) = (engine.clone(), out.clone());
             // Boxed: the upload's future is large, and tokio copies a
             // task's future whole when it is spawned and at each change of
@@ -293,7 +316,13 @@ async fn send(
             tasks.spawn(Box::pin(async move {
                 let progress = out.progress_for(&job);
                 let t = Instant::now();
-                let r = engine.upload(&job, progress).await;
+                let r = match walked.map(|w| open_walked(&job.path, w)) {
+                    Some(Err(e)) => Err(e),
+                    opened => {
+                        job.opened = opened.and_then(Result::ok);
+                        engine.upload(&job, progress).await
+                    }
+                };
                 out.file_done(&job, &r, t.elapsed());
                 (job, r)
             }));
@@ -323,6 +352,40 @@ async fn send(
     Ok((ok, exists, bad))
 }
 
+/// Opens a file found inside a named folder, without following a link at
+/// its name, and checks it is the file the walk saw: a link or another file
+/// put in its place since (by anyone who may write in that folder, or
+/// above it) is refused, not sent.
+fn open_walked(path: &Path, walked: (u64, u64)) -> Result<Arc<std::fs::File>, UploadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let replaced = || UploadError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(
+            "replaced by a link or another file since its folder was listed; not sent",
+        ),
+    };
+    // O_NONBLOCK: a FIFO put in its place must not hold the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => replaced(),
+            _ => UploadError::Read {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| UploadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if (meta.dev(), meta.ino()) != walked {
+        return Err(replaced());
+    }
+    Ok(Arc::new(file))
+}
+
 /// How results are shown: bars on a terminal, plain lines, or JSON lines.
 struct Output {
     bucket: String,
@@ -343,10 +406,10 @@ impl Output {
         }
     }
 
-    fn begin(&self, jobs: &[Job]) {
+    fn begin<'a>(&self, jobs: impl ExactSizeIterator<Item = &'a Job> + Clone) {
         let Some(bars) = &self.bars else { return };
         let bytes: u64 = jobs
-            .iter()
+            .clone()
             .filter_map(|j| std::fs::metadata(&j.path).ok())
             .map(|m| m.len())
             .sum();
@@ -587,5 +650,26 @@ mod tests {
         );
         let err = prefix_for("[\"foo/\", \"fighters/\"]", &["a.csv"]).unwrap_err();
         assert!(err.contains("--prefix"), "{err}");
+    }
+
+    /// A file swapped for a link or another file between the folder's walk
+    /// and its upload is refused; the file the walk saw is opened.
+    #[test]
+    fn a_file_replaced_since_the_walk_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, secret) = (dir.path().join("a.csv"), dir.path().join("secret"));
+        std::fs::write(&a, b"rows").unwrap();
+        std::fs::write(&secret, b"not for the bucket").unwrap();
+        let m = std::fs::metadata(&a).unwrap();
+        let walked = (m.dev(), m.ino());
+        assert!(open_walked(&a, walked).is_ok());
+        std::fs::remove_file(&a).unwrap();
+        std::os::unix::fs::symlink(&secret, &a).unwrap();
+        let err = open_walked(&a, walked).unwrap_err().to_string();
+        assert!(err.contains("replaced by a link or another file"), "{err}");
+        std::fs::remove_file(&a).unwrap();
+        std::fs::hard_link(&secret, &a).unwrap();
+        let err = open_walked(&a, walked).unwrap_err().to_string();
+        assert!(err.contains("replaced by a link or another file"), "{err}");
     }
 }
