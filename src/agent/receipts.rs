@@ -174,24 +174,28 @@ pub fn present(conn: &Connection) -> rusqlite::Result<bool> {
     )
 }
 
-/// Calls `each` with every receipt recorded at or after `since` (unix
-/// seconds), oldest first, one at a time; stops at the first error it
-/// returns (a closed pipe), which is handed back.
-pub fn each_since<E>(
+/// Receipts listed per read: each page is read whole and its statement
+/// ended before any is handed on, so a reader that pauses (`putonly
+/// receipts | less`) holds no read snapshot, which would keep the agent's
+/// write-ahead log from being reset and let it grow without bound.
+const PAGE: i64 = 512;
+
+/// The receipts that follow `after` ((recorded at, id), in that order), at
+/// most [`PAGE`] of them, each with its position to carry on from.
+fn page_after(
     conn: &Connection,
-    since: i64,
-    mut each: impl FnMut(Receipt) -> Result<(), E>,
-) -> rusqlite::Result<Result<(), E>> {
-    let mut q = conn.prepare(
-        "SELECT at, path, bucket, key, size, checksum_algorithm, checksum, etag, version_id, request_id
-         FROM receipts WHERE at >= ?1 ORDER BY at, id",
+    after: (i64, i64),
+) -> rusqlite::Result<Vec<((i64, i64), Receipt)>> {
+    let mut q = conn.prepare_cached(
+        "SELECT at, path, bucket, key, size, checksum_algorithm, checksum, etag, version_id, request_id, id
+         FROM receipts WHERE (at, id) > (?1, ?2) ORDER BY at, id LIMIT ?3",
     )?;
-    let mut rows = q.query([since])?;
-    while let Some(r) = rows.next()? {
+    let rows = q.query_map(params![after.0, after.1, PAGE], |r| {
         let value: String = r.get(6)?;
         let algorithm: String = r.get(5)?;
+        let at: i64 = r.get(0)?;
         let receipt = Receipt {
-            time: rfc3339(r.get(0)?),
+            time: rfc3339(at),
             path: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(1)?).into_owned(),
             bucket: r.get(2)?,
             key: r.get(3)?,
@@ -203,11 +207,9 @@ pub fn each_since<E>(
             version_id: r.get(8)?,
             request_id: r.get(9)?,
         };
-        if let Err(e) = each(receipt) {
-            return Ok(Err(e));
-        }
-    }
-    Ok(Ok(()))
+        Ok(((at, r.get(10)?), receipt))
+    })?;
+    rows.collect()
 }
 
 /// Deletes at most `limit` receipts recorded before `before` (unix
@@ -247,19 +249,31 @@ pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
 
 impl Journal {
     /// Calls `each` with every receipt recorded at or after `since` (unix
-    /// seconds), oldest first, one at a time (see [`each_since`]);
+    /// seconds), oldest first, one at a time (see [`PAGE`]);
     /// `None` when the journal has no receipts table yet.
     pub fn receipts_since<E>(
         &self,
         since: i64,
-        each: impl FnMut(Receipt) -> Result<(), E>,
+        mut each: impl FnMut(Receipt) -> Result<(), E>,
     ) -> Result<Option<Result<(), E>>, JournalError> {
-        self.with(|conn| {
-            if !present(conn)? {
-                return Ok(None);
+        if !self.with(|conn| present(conn))? {
+            return Ok(None);
+        }
+        let mut after = (since, i64::MIN);
+        loop {
+            // Read whole, the statement ended: no snapshot is held while
+            // `each` writes (see PAGE).
+            let page = self.with(|conn| page_after(conn, after))?;
+            let Some((last, _)) = page.last() else {
+                return Ok(Some(Ok(())));
+            };
+            after = *last;
+            for (_, receipt) in page {
+                if let Err(e) = each(receipt) {
+                    return Ok(Some(Err(e)));
+                }
             }
-            each_since(conn, since, each).map(Some)
-        })
+        }
     }
 
     /// One batch of receipt pruning: at most `limit` receipts older than

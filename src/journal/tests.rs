@@ -759,3 +759,42 @@ fn prune_removes_old_done_and_failed_records_of_files_gone() {
     );
     assert!(j.pending_after(pending, 10).unwrap().is_empty());
 }
+
+/// Receipts come page by page, each once and in order, and a reader that
+/// pauses over one holds no read snapshot: the agent's write-ahead log can
+/// still be reset meanwhile.
+#[test]
+fn a_paused_receipts_reader_holds_no_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    let n = 1100;
+    for i in 0..n {
+        let path = format!("/r{i}");
+        let key = format!("foo/r{i}");
+        let id = record(&j, &path, v(1, i), &key);
+        j.done(id, &proof(&key, "e")).unwrap();
+    }
+    let other = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+    let mut keys = Vec::new();
+    j.receipts_since(0, |r| {
+        if keys.len() % 500 == 0 {
+            // (busy, log frames, checkpointed): busy 0, the log reset.
+            let busy: i64 = other
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(
+                busy,
+                0,
+                "a read snapshot was held at receipt {}",
+                keys.len()
+            );
+        }
+        keys.push(r.key);
+        Ok::<(), ()>(())
+    })
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    let want: Vec<String> = (0..n).map(|i| format!("foo/r{i}")).collect();
+    assert_eq!(keys, want);
+}
