@@ -298,6 +298,15 @@ impl Events {
         Ok(())
     }
 
+    /// Drops the watches of `folder` and of every folder below it: a
+    /// watched folder moved away or replaced, whose old tree's watches
+    /// would go on reporting the moved tree's files under the old names.
+    pub(crate) fn unwatch_tree(&self, folder: &Path) {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.remove(&mut watches, folder);
+    }
+
     /// Whether the folder at `path` has a watch.
     pub(crate) fn is_watched(&self, path: &Path) -> bool {
         self.table

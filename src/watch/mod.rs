@@ -464,7 +464,7 @@ impl Watch {
         };
         let mut present = HashMap::new();
         let roots = self.roots();
-        check_roots(&roots, &mut present);
+        check_roots(&roots, &mut present, None);
         let mut roots_checked = Instant::now();
         let mut rewalked: HashMap<PathBuf, Instant> = HashMap::new();
         // The first walk watches every folder, each before it is listed.
@@ -524,7 +524,7 @@ impl Watch {
                     // A watched folder removed and made again is watched anew.
                     if roots_checked.elapsed() >= ROOT_CHECK_INTERVAL {
                         roots_checked = Instant::now();
-                        let mut again = check_roots(&roots, &mut present);
+                        let mut again = check_roots(&roots, &mut present, st.scans.events.as_deref());
                         // A watched folder made again with the same inode
                         // number (ext4 reuses them) lost its watch unseen.
                         if let Some(events) = &st.scans.events {
@@ -551,7 +551,7 @@ impl Watch {
                     tracing::debug!("periodic rescan");
                     self.unstick(&mut st, Instant::now());
                     roots_checked = Instant::now();
-                    check_roots(&roots, &mut present);
+                    check_roots(&roots, &mut present, st.scans.events.as_deref());
                     // Every folder is watched again on the way (a no-op for
                     // those watched), unreadable ones tried again.
                     st.scans.request(roots.clone());
@@ -688,9 +688,13 @@ fn watch_now(events: &Events, root: &Path, rel: &Path, path: &Path) {
 /// Checks that each watched folder is there, and the same folder it was
 /// (a folder removed and made again is a new one). Returns those that are
 /// new or back: they need a walk, which watches them anew.
+/// A folder gone or replaced loses the watches of its old tree first (moved
+/// away, that tree lives on elsewhere: its files must not be reported under
+/// the watched folder's names, nor hold watches forever).
 fn check_roots(
     roots: &[PathBuf],
     present: &mut HashMap<PathBuf, Option<(u64, u64)>>,
+    events: Option<&Events>,
 ) -> Vec<PathBuf> {
     let mut again = Vec::new();
     for root in roots {
@@ -702,9 +706,17 @@ fn check_roots(
         match (known, id) {
             (Some(Some(_)), None) => {
                 tracing::warn!(folder = ?root, "watched folder is gone; watching for it to come back");
+                if let Some(events) = events {
+                    events.unwatch_tree(root);
+                }
             }
             (Some(before), Some(now)) if before != Some(now) => {
                 tracing::info!(folder = ?root, "watched folder is back; watching and scanning it");
+                if let Some(events) = events
+                    && before.is_some()
+                {
+                    events.unwatch_tree(root);
+                }
                 again.push(root.clone());
             }
             _ => {}

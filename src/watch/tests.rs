@@ -549,3 +549,56 @@ async fn under_the_lease_rule_quiet_files_go_to_the_agent_which_asks_the_kernel(
     drop(slow);
     task.abort();
 }
+
+/// A watched folder moved away (rotated: `mv out out.old; mkdir out`)
+/// loses its old tree's watches at the next check of the roots: the old
+/// tree's files are not reported under the watched folder's names, and
+/// its watches do not stay forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watched_folder_moved_away_takes_its_watches_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    std::fs::create_dir_all(root.join("2024-01-01/deep")).unwrap();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let events = Events::start(tx).unwrap();
+    let w = crate::config::WatchSettings {
+        path: root.clone(),
+        prefix: "foo/".into(),
+        include: vec![],
+        exclude: vec![".*".into()],
+        settle: Duration::from_millis(100),
+        after_upload: crate::config::AfterUpload::Keep,
+        marker: vec![],
+        manifest: false,
+        stream: false,
+    };
+    let trees = Arc::new(vec![walk::Tree {
+        root: root.clone(),
+        filter: crate::config::Filter::new(&w),
+    }]);
+    let walk_all = || async {
+        let mut f = walk::spawn(vec![root.clone()], trees.clone(), Some(events.clone()));
+        while f.recv().await.is_some() {}
+    };
+    walk_all().await;
+    assert_eq!(events.watched(), 3);
+    let mut present = HashMap::new();
+    assert!(check_roots(std::slice::from_ref(&root), &mut present, Some(&events)).is_empty());
+
+    std::fs::rename(&root, dir.path().join("out.old")).unwrap();
+    std::fs::create_dir_all(root.join("2024-01-02")).unwrap();
+    let again = check_roots(std::slice::from_ref(&root), &mut present, Some(&events));
+    assert_eq!(again, vec![root.clone()], "the new folder is walked");
+    walk_all().await;
+    assert_eq!(events.watched(), 2, "out and out/2024-01-02 only");
+
+    while rx.try_recv().is_ok() {}
+    std::fs::write(dir.path().join("out.old/2024-01-01/deep/x.csv"), b"x").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(item) = rx.try_recv() {
+        assert!(
+            !format!("{item:?}").contains("x.csv"),
+            "a file of the moved-away tree was reported: {item:?}"
+        );
+    }
+}
