@@ -182,15 +182,19 @@ const PAGE: i64 = 512;
 
 /// The receipts that follow `after` ((recorded at, id), in that order), at
 /// most [`PAGE`] of them, each with its position to carry on from.
+///
+/// Receipts recorded after the listing began (id above `upto`) are left
+/// out, so that a listing ends however fast the agent sends.
 fn page_after(
     conn: &Connection,
     after: (i64, i64),
+    upto: i64,
 ) -> rusqlite::Result<Vec<((i64, i64), Receipt)>> {
     let mut q = conn.prepare_cached(
         "SELECT at, path, bucket, key, size, checksum_algorithm, checksum, etag, version_id, request_id, id
-         FROM receipts WHERE (at, id) > (?1, ?2) ORDER BY at, id LIMIT ?3",
+         FROM receipts WHERE (at, id) > (?1, ?2) AND id <= ?4 ORDER BY at, id LIMIT ?3",
     )?;
-    let rows = q.query_map(params![after.0, after.1, PAGE], |r| {
+    let rows = q.query_map(params![after.0, after.1, PAGE, upto], |r| {
         let value: String = r.get(6)?;
         let algorithm: String = r.get(5)?;
         let at: i64 = r.get(0)?;
@@ -249,7 +253,8 @@ pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
 
 impl Journal {
     /// Calls `each` with every receipt recorded at or after `since` (unix
-    /// seconds), oldest first, one at a time (see [`PAGE`]);
+    /// seconds), oldest first, one at a time (a page at a time, no read snapshot held
+    /// while `each` runs);
     /// `None` when the journal has no receipts table yet.
     pub fn receipts_since<E>(
         &self,
@@ -259,11 +264,16 @@ impl Journal {
         if !self.with(|conn| present(conn))? {
             return Ok(None);
         }
+        let upto: i64 = self.with(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM receipts", [], |r| {
+                r.get(0)
+            })
+        })?;
         let mut after = (since, i64::MIN);
         loop {
             // Read whole, the statement ended: no snapshot is held while
             // `each` writes (see PAGE).
-            let page = self.with(|conn| page_after(conn, after))?;
+            let page = self.with(|conn| page_after(conn, after, upto))?;
             let Some((last, _)) = page.last() else {
                 return Ok(Some(Ok(())));
             };
