@@ -698,10 +698,21 @@ fn check_roots(
 ) -> Vec<PathBuf> {
     let mut again = Vec::new();
     for root in roots {
-        let id = std::fs::metadata(root)
-            .ok()
-            .filter(|m| m.is_dir())
-            .map(|m| (m.dev(), m.ino()));
+        let id = match std::fs::metadata(root) {
+            Ok(m) if m.is_dir() => Some((m.dev(), m.ino())),
+            Ok(_) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                None
+            }
+            // Refused for now, or an error of the filesystem (EACCES after
+            // a parent's chmod, EIO on NFS): not gone; its watches stay.
+            Err(_) => continue,
+        };
         let known = present.insert(root.clone(), id);
         match (known, id) {
             (Some(Some(_)), None) => {
