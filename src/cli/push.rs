@@ -241,12 +241,21 @@ fn plan(args: &PushArgs, prefix: &str, settings: &Settings) -> Plan {
                     Ok(entry) if entry.file_type().is_dir() => {}
                     Ok(entry) if entry.file_type().is_file() => {
                         let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
-                        let key = key_for(prefix, rel).map_err(|e| e.to_string());
+                        let mut key = key_for(prefix, rel).map_err(|e| e.to_string());
                         // Without --follow-links the entry is the file
-                        // itself, never a link's target.
-                        let walked = (!args.follow_links)
-                            .then(|| entry.metadata().ok().map(|m| (m.dev(), m.ino())))
-                            .flatten();
+                        // itself, never a link's target; it cannot be told,
+                        // it is not sent.
+                        let walked = if args.follow_links {
+                            None
+                        } else {
+                            match entry.metadata() {
+                                Ok(m) => Some((m.dev(), m.ino())),
+                                Err(e) => {
+                                    key = Err(format!("cannot read: {e}"));
+                                    None
+                                }
+                            }
+                        };
                         add(entry.path().to_path_buf(), key, walked);
                     }
                     Ok(entry) if entry.path_is_symlink() => skipped.push(Skipped {
@@ -316,7 +325,25 @@ async fn send(
             tasks.spawn(Box::pin(async move {
                 let progress = out.progress_for(&job);
                 let t = Instant::now();
-                let r = match walked.map(|w| open_walked(&job.path, w)) {
+                let opened = match walked {
+                    None => None,
+                    Some(w) => {
+                        let path = job.path.clone();
+                        // Off the runtime: an open can hang on a network
+                        // filesystem.
+                        Some(
+                            tokio::task::spawn_blocking(move || open_walked(&path, w))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    Err(UploadError::Read {
+                                        path: job.path.clone(),
+                                        source: std::io::Error::other(e.to_string()),
+                                    })
+                                }),
+                        )
+                    }
+                };
+                let r = match opened {
                     Some(Err(e)) => Err(e),
                     opened => {
                         job.opened = opened.and_then(Result::ok);
@@ -356,31 +383,50 @@ async fn send(
 /// its name, and checks it is the file the walk saw: a link or another file
 /// put in its place since (by anyone who may write in that folder, or
 /// above it) is refused, not sent.
+///
+/// The name is first opened as a handle that reads nothing (`O_PATH`), and
+/// only a regular file with the walk's (device, inode) is then opened for
+/// reading, through that handle: a device put in its place (a folder above
+/// swapped for a link to `/dev`) is never opened.
 fn open_walked(path: &Path, walked: (u64, u64)) -> Result<Arc<std::fs::File>, UploadError> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let replaced = || UploadError::Read {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(
-            "replaced by a link or another file since its folder was listed; not sent",
-        ),
-    };
-    // O_NONBLOCK: a FIFO put in its place must not hold the open.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => replaced(),
-            _ => UploadError::Read {
-                path: path.to_path_buf(),
-                source: e,
-            },
-        })?;
-    let meta = file.metadata().map_err(|source| UploadError::Read {
+    let read_err = |source| UploadError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    if (meta.dev(), meta.ino()) != walked {
+    };
+    let replaced = || {
+        read_err(std::io::Error::other(
+            "replaced by a link or another file since its folder was listed; not sent",
+        ))
+    };
+    let is_walked = |m: &std::fs::Metadata| m.is_file() && (m.dev(), m.ino()) == walked;
+    let handle = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map(std::fs::File::from)
+    .map_err(|e| read_err(e.into()))?;
+    if !is_walked(&handle.metadata().map_err(read_err)?) {
+        return Err(replaced());
+    }
+    // O_NONBLOCK: no FIFO may hold the open (none can be here; cheap).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .or_else(|e| match e.kind() {
+            // No /proc (some containers): by name, no link followed, and
+            // checked again below.
+            std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path),
+            _ => Err(e),
+        })
+        .map_err(read_err)?;
+    if !is_walked(&file.metadata().map_err(read_err)?) {
         return Err(replaced());
     }
     Ok(Arc::new(file))
@@ -671,5 +717,33 @@ mod tests {
         std::fs::hard_link(&secret, &a).unwrap();
         let err = open_walked(&a, walked).unwrap_err().to_string();
         assert!(err.contains("replaced by a link or another file"), "{err}");
+    }
+
+    /// A file found in a named folder is planned with the (device, inode)
+    /// the walk saw, unless links are followed.
+    #[test]
+    fn files_in_a_named_folder_are_planned_with_their_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.csv"), b"rows").unwrap();
+        let m = std::fs::metadata(dir.path().join("a.csv")).unwrap();
+        let folder = dir.path().to_str().unwrap();
+        let planned = |line: &[&str]| {
+            let text = "[bucket]\nname = \"account-b-bucket\"\nallowed_prefixes = [\"foo/\"]\n";
+            let settings =
+                Settings::resolve(&crate::config::RawConfig::parse(text).unwrap()).unwrap();
+            let args =
+                Line::try_parse_from(std::iter::once("push").chain(line.iter().copied())).unwrap();
+            let p = plan(&args.push, "foo/", &settings);
+            assert_eq!(p.jobs.len(), 1);
+            (p.jobs[0].job.key.clone(), p.jobs[0].walked)
+        };
+        assert_eq!(
+            planned(&[folder]),
+            ("foo/a.csv".to_string(), Some((m.dev(), m.ino())))
+        );
+        assert_eq!(
+            planned(&["--follow-links", folder]),
+            ("foo/a.csv".to_string(), None)
+        );
     }
 }
