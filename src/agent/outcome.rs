@@ -291,7 +291,7 @@ impl Ctx {
         let unseen = match (cand.rule, cand.writers) {
             (Rule::Weak, Writers::Unclosed) => Some("its writer was never seen to close it"),
             (Rule::Weak, Writers::Unknown) if !self.support.proc_sees_all => Some(
-                "found by a scan, and /proc cannot show every writer from here; grant CAP_LEASE to have such files deleted or moved",
+                "of unknown history (found by a scan), and /proc cannot show every writer from here; with CAP_LEASE on a local filesystem (or CAP_SYS_PTRACE in the host's PID namespace) such files are deleted or moved",
             ),
             _ => None,
         };

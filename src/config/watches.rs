@@ -43,10 +43,14 @@ pub(super) fn resolve_watch(
     }
     // Every key below it must pass the guard ("foo//bar/" would not).
     if let Err(e) = guard.check(&format!("{prefix}x")) {
+        let fix = match e {
+            crate::ground::keys::KeyError::TooLong { .. } => "shorten the prefix",
+            _ => "remove the empty segment (\"//\") from the prefix",
+        };
         return Err(ConfigError::invalid(
             &name("prefix"),
             format!("{prefix:?} cannot begin a key: {e}"),
-            "remove the empty segment (\"//\") from the prefix",
+            fix,
         ));
     }
     let check_globs = |key: &str, globs: &[String]| -> Result<(), ConfigError> {
